@@ -1,0 +1,1 @@
+"""gptfast: fast GPT-2 generation."""

@@ -1,0 +1,127 @@
+"""What every op shares: backend choice, the comparison helper, benchmark cases.
+
+Backend choice (DESIGN.md, "Dispatch"): CUDA tensors go to the Triton kernel, CPU tensors to the
+eager reference. `GPTFAST_KERNELS=triton` sends every op that has a kernel through it (with
+`TRITON_INTERPRET=1` this runs the kernels on the CPU), `GPTFAST_KERNELS=reference` sends
+everything to the references.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def kernel_backend() -> str:
+    """The backend forced by `GPTFAST_KERNELS` ("triton", "reference"), or "auto"."""
+    value = os.environ.get("GPTFAST_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"GPTFAST_KERNELS must be one of {_BACKENDS}, got {value!r}")
+    return value
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (`TRITON_INTERPRET=1`)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op called on `tensors` should run its Triton kernel."""
+    backend = kernel_backend()
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    return all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+
+
+def dispatch(fast: Callable, ref: Callable) -> Callable:
+    """An op that calls `fast` (the Triton launcher) or `ref` (eager) per `use_triton`.
+
+    The choice looks at the tensor positional arguments; both must share one signature.
+    """
+
+    @functools.wraps(fast)
+    def op(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        return fast(*args, **kwargs) if use_triton(*tensors) else ref(*args, **kwargs)
+
+    op.fast = fast
+    op.ref = ref
+    return op
+
+
+# Tolerances per dtype for comparing an op against its fp32 reference (DESIGN.md correctness policy).
+TOLERANCES = {
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=2e-3, rtol=1e-2),
+    torch.bfloat16: dict(atol=1e-2, rtol=5e-2),
+}
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> str | None:
+    """None when `actual` matches `expected` elementwise within `atol + rtol * |expected|`,
+    otherwise a report: shapes, max abs error, max relative error and the first mismatches.
+
+    NaN in one and not the other is a mismatch; NaN in both at one place is a match.
+    """
+    label = f"{name}: " if name else ""
+    if actual.shape != expected.shape:
+        return f"{label}shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    both_nan = torch.isnan(a) & torch.isnan(e)
+    same_inf = torch.isinf(a) & torch.isinf(e) & (a == e)
+    diff = (a - e).abs()
+    bad = ~(both_nan | same_inf) & ~(diff <= atol + rtol * e.abs())
+    if not bool(bad.any()):
+        return None
+    finite = ~(both_nan | same_inf)
+    max_abs = diff[finite].max().item() if finite.any() else float("nan")
+    rel = diff / e.abs().clamp_min(1e-12)
+    max_rel = rel[finite].max().item() if finite.any() else float("nan")
+    idx = bad.nonzero()[:8]
+    lines = [
+        f"{label}{int(bad.sum())} of {bad.numel()} elements differ "
+        f"(atol={atol:g}, rtol={rtol:g}); max abs err {max_abs:.3e}, max rel err {max_rel:.3e}"
+    ]
+    for i in idx.tolist():
+        i = tuple(i)
+        lines.append(f"  at {i}: got {a[i].item():.6g}, expected {e[i].item():.6g}")
+    return "\n".join(lines)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float, name: str = "") -> None:
+    """`compare`, raising AssertionError with its report on a mismatch."""
+    report = compare(actual, expected, atol, rtol, name)
+    if report is not None:
+        raise AssertionError(report)
+
+
+@dataclasses.dataclass
+class BenchCase:
+    """One benchmark configuration of an op, declared next to the op (see `benchmark_cases`).
+
+    `make_args()` returns fresh random positional args (called once per rotation buffer), so the
+    runner can rotate inputs. `fast` and `ref` are called with the same args; `check(out_fast,
+    out_ref, args)` returns None or a mismatch report (default: `compare` with `atol`/`rtol`).
+    `bytes_moved` and `flops` are the op's minimum DRAM traffic and arithmetic, for roofline units.
+    """
+
+    op: str  # the op's name: module attribute `op` is the fast path, `op + "_ref"` the reference
+    label: str  # one table row: e.g. "B=8 T=1024 H=12 D=64 bf16"
+    make_args: Callable[[], tuple]
+    bytes_moved: int
+    flops: int = 0
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # sizes for plots / JSON
+    check: Callable[[Any, Any, tuple], str | None] | None = None
+    # extra baselines, e.g. {"sdpa": fn}: timed with the same args, reported beside eager
+    baselines: dict[str, Callable] = dataclasses.field(default_factory=dict)

@@ -1,0 +1,408 @@
+"""The engine: a continuous-batching scheduler over the paged KV cache.
+
+Each `step()` is either a prefill of newly admitted sequences (all their uncached prompt tokens
+as one flattened batch, no padding) or a decode step (one token for every running sequence).
+Sequences are admitted while the block manager has room; when a decode step needs more blocks
+than are free, the newest running sequence is preempted: its blocks are freed and it waits to be
+recomputed from its prompt and the tokens it already produced (prefix caching usually makes that
+cheap). Sampling randomness is keyed by each sequence's seed and the index of the token being
+drawn, never by the schedule, so preemption and batch composition do not change any output.
+
+The engine knows nothing of HF argument names: `generate.py` translates them into
+`SamplingParams`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import ops
+from .kv_cache import AttnMetadata
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is generated.
+
+    max_new_tokens : tokens to generate at most.
+    min_new_tokens : the end-of-sequence tokens are masked until this many were generated.
+    do_sample : False means greedy (argmax, lowest id on ties).
+    temperature, top_k, top_p : the sampling filters, applied in this order (HF semantics);
+        top_k 0 and top_p 1.0 switch a filter off.
+    repetition_penalty : CTRL's penalty on every token already in the sequence (1.0: off).
+    eos_token_ids : tokens that end the sequence.
+    """
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_len: int
+    tokens: list[int]  # prompt + generated so far
+    params: SamplingParams
+    seed: int  # Philox key of this sequence's draws
+    arrival: int  # admission order; the newest running sequence is preempted first
+    status: str = WAITING
+    finish_reason: str | None = None  # "eos", "length", "stop" (cancelled)
+    # Sequences forked from this one right after its prefill (num_return_sequences).
+    fork_children: list["Sequence"] = field(default_factory=list)
+    in_cache: int = 0  # tokens whose K/V are in the cache (all but the newest while running)
+    num_preemptions: int = 0
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+
+@dataclass
+class StepOutput:
+    """One token produced by a step. `logits` / `scores`: the raw and the processed (filtered)
+    logits row it was drawn from, fp32 (V,), when the engine keeps them."""
+
+    seq_id: int
+    token: int
+    index: int  # 0 for the first generated token
+    finished: bool
+    logits: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+class NonFiniteLogitsError(ValueError):
+    """A sequence's logits held NaN or +inf, or no finite value at all, while sampling."""
+
+    def __init__(self, seq_id: int, index: int, status: int):
+        self.seq_id, self.index, self.status = seq_id, index, status
+        what = "NaN or +inf" if status == 1 else "only -inf (every token masked)"
+        super().__init__(f"sequence {seq_id}: the logits for generated token {index} hold {what}; "
+                         f"no token can be drawn from them")
+
+
+class Engine:
+    """Continuous batching over a `GPT2` model's paged KV cache.
+
+    Parameters
+    ----------
+    model : gptfast.GPT2
+    max_num_seqs : int
+        Most sequences in one decode step.
+    max_prefill_tokens : int or None
+        Most new tokens in one prefill step (None: 8 full-length sequences on CUDA, 2048 on CPU).
+    keep_scores : bool
+        Return each step's raw logits and processed scores in the `StepOutput`s.
+
+    Examples
+    --------
+    >>> engine = Engine(model)
+    >>> [sid] = engine.add([1, 2, 3], SamplingParams(max_new_tokens=8), seeds=[0])
+    >>> while engine.has_unfinished():
+    ...     for out in engine.step():
+    ...         print(out.seq_id, out.token)
+    """
+
+    def __init__(self, model, max_num_seqs: int = 256, max_prefill_tokens: int | None = None,
+                 keep_scores: bool = False):
+        self.model = model
+        self.cache = model.kv_cache
+        self.manager = self.cache.manager
+        self.block_size = self.cache.block_size
+        self.device = model.device
+        self.vocab_size = model.config.vocab_size
+        self.max_num_seqs = max_num_seqs
+        if max_prefill_tokens is None:
+            n = model.config.n_positions
+            max_prefill_tokens = 8 * n if self.device.type == "cuda" else max(2048, n)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.keep_scores = keep_scores
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        # Counters for tests and benchmarks.
+        self.num_prefill_tokens = 0  # tokens computed by prefill steps (cache hits excluded)
+        self.num_preemptions = 0
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+    def add(self, prompt: list[int], params: SamplingParams, seeds: list[int]) -> list[int]:
+        """Queue `len(seeds)` sequences continuing `prompt`; the prompt is computed once and
+        shared by all of them. Returns their ids, in the order of `seeds`."""
+        if not prompt:
+            raise ValueError("a prompt needs at least one token")
+        if not seeds:
+            raise ValueError("add() needs at least one seed (one per sequence)")
+        need = -(-(len(prompt) + params.max_new_tokens) // self.block_size)
+        if need > self.manager.total_blocks:
+            raise ValueError(
+                f"a sequence of {len(prompt)} prompt + {params.max_new_tokens} new tokens needs "
+                f"{need} KV blocks of {self.block_size} tokens, but the pool has only "
+                f"{self.manager.total_blocks}; load the model with a larger num_kv_blocks")
+        arrival = next(self._arrivals)
+        seqs = [Sequence(next(self._ids), len(prompt), list(prompt), params, seed, arrival)
+                for seed in seeds]
+        head, head.fork_children = seqs[0], seqs[1:]
+        for s in seqs:
+            self.seqs[s.seq_id] = s
+        self.waiting.append(head)
+        return [s.seq_id for s in seqs]
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a sequence now (finish reason "stop") and release its blocks."""
+        seq = self.seqs[seq_id]
+        if seq.status == FINISHED:
+            return
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+            self.manager.free(seq.seq_id)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+            # Its fork children were never started: they continue as plain waiting sequences.
+            for child in seq.fork_children:
+                self.waiting.appendleft(child)
+            seq.fork_children = []
+        else:  # a fork child not started yet
+            for s in self.waiting:
+                if seq in s.fork_children:
+                    s.fork_children.remove(seq)
+        self._finish(seq, "stop")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self) -> None:
+        """Drop every sequence and give all their blocks back (after an error or interrupt).
+
+        Blocks filled by a step that never completed may carry prefix hashes for K/V that were
+        not written, so the prefix cache is dropped as well.
+        """
+        interrupted = bool(self.running)
+        for seq in self.running:
+            self.manager.free(seq.seq_id)
+        for seq in itertools.chain(self.running, self.waiting):
+            seq.status = FINISHED
+        self.running.clear()
+        self.waiting.clear()
+        if interrupted:
+            self.manager.reset_prefix_cache()
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = FINISHED, reason
+
+    # ------------------------------------------------------------------ steps
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Run one prefill or decode step; returns the tokens it produced."""
+        self.num_steps += 1
+        admitted = self._admit()
+        if admitted:
+            return self._prefill(admitted)
+        if self.running:
+            return self._decode()
+        if self.waiting:
+            raise RuntimeError("the KV-cache pool cannot hold the next waiting sequence even with "
+                               "nothing running; this is a bug in the engine's bookkeeping")
+        return []
+
+    def _admit(self) -> list[Sequence]:
+        admitted, budget = [], self.max_prefill_tokens
+        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if admitted and len(seq.tokens) > budget:
+                break
+            tokens = np.asarray(seq.tokens, dtype=np.int64)
+            cached = self.manager.allocate_prompt(seq.seq_id, tokens)
+            if cached < 0:
+                break  # not enough free blocks: wait for running sequences to finish
+            self.waiting.popleft()
+            seq.in_cache = cached
+            seq.status = RUNNING
+            admitted.append(seq)
+            budget -= len(seq.tokens) - cached
+        return admitted
+
+    def _prefill(self, seqs: list[Sequence]) -> list[StepOutput]:
+        starts = [s.in_cache for s in seqs]
+        lens = [len(s.tokens) for s in seqs]
+        n_new = [n - c for n, c in zip(lens, starts)]
+        total = sum(n_new)
+        self.num_prefill_tokens += total
+        tokens = np.empty(total, dtype=np.int64)
+        positions = np.empty(total, dtype=np.int64)
+        slots = np.empty(total, dtype=np.int64)
+        cu = np.zeros(len(seqs) + 1, dtype=np.int32)
+        np.cumsum(n_new, out=cu[1:])
+        for i, s in enumerate(seqs):
+            a, b = cu[i], cu[i + 1]
+            tokens[a:b] = s.tokens[starts[i]:]
+            positions[a:b] = np.arange(starts[i], lens[i])
+            self.manager.slot_mapping(s.seq_id, starts[i], lens[i], slots[a:b])
+        meta = AttnMetadata(
+            slot_mapping=self._to_device(slots),
+            block_tables=self._block_tables(seqs),
+            seq_lens=self._to_device(np.asarray(lens, dtype=np.int32)),
+            cu_seqlens_q=self._to_device(cu),
+            max_seqlen_q=max(n_new),
+            is_decode=False,
+        )
+        last = self._to_device(cu[1:].astype(np.int64) - 1)
+        self.running.extend(seqs)  # NOTE: before the forward, so an error there frees them
+        logits = self.model.forward_paged(self._to_device(tokens), self._to_device(positions),
+                                          meta, last)  # (B, V) fp32
+        for s in seqs:
+            s.in_cache = len(s.tokens)
+
+        # Fork children share the prompt's blocks and draw their first token from its logits.
+        rows, batch = [], []
+        for i, s in enumerate(seqs):
+            rows.append(i)
+            batch.append(s)
+            for child in s.fork_children:
+                self.manager.fork(s.seq_id, child.seq_id)
+                child.in_cache, child.status = s.in_cache, RUNNING
+                self.running.append(child)
+                rows.append(i)
+                batch.append(child)
+            s.fork_children = []
+        if len(rows) != len(seqs):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        return self._sample(batch, logits)
+
+    def _decode(self) -> list[StepOutput]:
+        need = self.manager.blocks_needed_for_append(self._ids_array(self.running))
+        while need > self.manager.num_free_blocks() and len(self.running) > 1:
+            self._preempt(max(self.running, key=lambda s: (s.arrival, s.seq_id)))
+            need = self.manager.blocks_needed_for_append(self._ids_array(self.running))
+        seqs = self.running
+        B = len(seqs)
+        ids = self._ids_array(seqs)
+        tokens = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=B)
+        slots = np.empty(B, dtype=np.int64)
+        cow = np.empty((B, 2), dtype=np.int64)
+        n_cow = self.manager.append_tokens(ids, tokens, slots, cow)
+        if n_cow < 0:
+            raise RuntimeError(f"the KV-cache pool ({self.manager.total_blocks} blocks) cannot "
+                               f"hold one more token of the only running sequence")
+        self.cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
+        lens = np.fromiter((len(s.tokens) for s in seqs), dtype=np.int32, count=B)
+        meta = AttnMetadata(
+            slot_mapping=self._to_device(slots),
+            block_tables=self._block_tables(seqs),
+            seq_lens=self._to_device(lens),
+            cu_seqlens_q=None,
+            max_seqlen_q=1,
+            is_decode=True,
+        )
+        logits = self.model.forward_paged(self._to_device(tokens),
+                                          self._to_device(lens.astype(np.int64) - 1), meta)
+        for s in seqs:
+            s.in_cache = len(s.tokens)
+        return self._sample(list(seqs), logits)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.manager.free(seq.seq_id)
+        seq.status, seq.in_cache = WAITING, 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        """Apply the logits processors, draw one token per sequence, update the sequences."""
+        raw = logits.clone() if self.keep_scores else None
+        scores = _process_logits(logits, seqs)
+        dev = scores.device
+        temperature = torch.tensor([s.params.temperature if s.params.do_sample else 0.0 for s in seqs],
+                                   dtype=torch.float32, device=dev)
+        top_k = torch.tensor([s.params.top_k for s in seqs], dtype=torch.int32, device=dev)
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
+        offsets = torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev)
+        tokens, status = ops.sample(scores, temperature, top_k, top_p, seeds, offsets)
+        tokens, status = tokens.tolist(), status.tolist()
+        warped = None
+        if self.keep_scores:
+            warped = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
+        outs = []
+        for i, s in enumerate(seqs):
+            if status[i] != 0:
+                raise NonFiniteLogitsError(s.seq_id, s.num_generated, status[i])
+            tok = tokens[i]
+            index = s.num_generated
+            s.tokens.append(tok)
+            if tok in s.params.eos_token_ids:
+                self._finish(s, "eos")
+            elif s.num_generated >= s.params.max_new_tokens:
+                self._finish(s, "length")
+            outs.append(StepOutput(s.seq_id, tok, index, s.status == FINISHED,
+                                   raw[i] if raw is not None else None,
+                                   warped[i] if warped is not None else None))
+        done = [s for s in seqs if s.status == FINISHED]
+        if done:
+            for s in done:
+                self.manager.free(s.seq_id)
+            self.running = [s for s in self.running if s.status != FINISHED]
+        return outs
+
+    # ------------------------------------------------------------------ helpers
+    def _ids_array(self, seqs: list[Sequence]) -> np.ndarray:
+        return np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        # NOTE: the width is the longest table in this batch, so the CPU references never gather
+        # more K/V than the longest sequence holds.
+        width = -(-max(len(s.tokens) for s in seqs) // self.block_size)
+        tables = np.empty((len(seqs), width), dtype=np.int32)
+        self.manager.block_tables(self._ids_array(seqs), tables)
+        return self._to_device(tables)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+
+
+def _process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """HF's logits processors, in place on fp32 (B, V) logits: the repetition penalty, then
+    end-of-sequence masking until min_new_tokens."""
+    penalized = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+    if penalized:
+        width = max(len(seqs[i].tokens) for i in penalized)
+        idx = np.empty((len(penalized), width), dtype=np.int64)
+        for r, i in enumerate(penalized):
+            toks = seqs[i].tokens
+            idx[r, :len(toks)] = toks
+            idx[r, len(toks):] = toks[0]  # repeats are harmless: the same value is written
+        rows = torch.tensor(penalized, device=logits.device)
+        idx_t = torch.from_numpy(idx).to(logits.device)
+        penalty = torch.tensor([seqs[i].params.repetition_penalty for i in penalized],
+                               dtype=logits.dtype, device=logits.device).unsqueeze(1)
+        sub = logits.index_select(0, rows)
+        picked = sub.gather(1, idx_t)
+        picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+        logits.index_copy_(0, rows, sub.scatter(1, idx_t, picked))
+    for i, s in enumerate(seqs):
+        if s.num_generated < s.params.min_new_tokens and s.params.eos_token_ids:
+            logits[i, list(s.params.eos_token_ids)] = float("-inf")
+    return logits
+

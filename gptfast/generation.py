@@ -1,0 +1,551 @@
+"""`generate()`: Hugging Face's `GPT2LMHeadModel.generate()` arguments and outputs on gptfast.
+
+This file is the only place that knows HF's argument names. It checks every argument, turns a
+left-padded `(input_ids, attention_mask)` batch into ragged prompts (each row's real tokens, with
+positions counted from its first real token, exactly as HF's generate counts them), runs them
+through the engine, and reassembles HF-shaped output: the input row, then the new tokens, padded
+with `pad_token_id` after a row ends.
+
+Differences from HF, by design:
+- Each row is computed alone (no padding inside the model), so a row of a padded batch gets the
+  tokens it would get alone. HF's repetition penalty also penalises the pad token id in padded
+  rows; gptfast penalises only a row's real tokens.
+- `output_scores` / `output_logits` rows of sequences that already finished hold -inf (HF keeps
+  running finished rows on pad tokens; those values carry no information).
+- Sampling draws from Philox streams keyed by a per-row seed and the token index, not from
+  torch's global generator: without `seed`, the per-row seeds are drawn from torch's global RNG
+  (so `torch.manual_seed` reproduces a run); with `seed`, torch's global RNG is left untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .engine import Engine, NonFiniteLogitsError, SamplingParams
+
+# HF generation arguments gptfast implements, with HF's defaults (GenerationConfig).
+_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "max_new_tokens": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "num_return_sequences": 1,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "output_scores": False,
+    "output_logits": False,
+    "return_dict_in_generate": False,
+    "use_cache": True,
+}
+
+# HF arguments that select behaviour gptfast does not have: an error names them. Each entry is
+# the value at which the argument is inert (the default), so passing that value is accepted.
+_UNSUPPORTED: dict[str, Any] = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "penalty_alpha": None,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "begin_suppress_tokens": None,
+    "suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": None,
+    "top_h": None,
+    "diversity_penalty": 0.0,
+    "length_penalty": 1.0,
+    "early_stopping": False,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "guidance_scale": None,
+    "low_memory": None,
+    "prompt_lookup_num_tokens": None,
+    "assistant_model": None,
+    "watermarking_config": None,
+    "dola_layers": None,
+    "stop_strings": None,
+    "logits_processor": None,
+    "prefix_allowed_tokens_fn": None,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "max_time": None,
+    "encoder_repetition_penalty": 1.0,
+    "negative_prompt_ids": None,
+    "cache_implementation": None,
+    "past_key_values": None,
+    "inputs_embeds": None,
+    "position_ids": None,
+    "token_healing": False,
+}
+
+# Fields of a GenerationConfig that only describe it and never change what is generated.
+_IGNORED = {
+    "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash",
+    "decoder_start_token_id", "is_assistant", "cache_config", "compile_config",
+    "return_legacy_cache", "disable_compile", "trust_remote_code", "generation_kwargs",
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
+    "assistant_lookbehind", "target_lookbehind", "output_router_logits", "max_matching_ngram_size",
+    "pad_token_tensor", "eos_token_tensor", "bos_token_tensor", "decoder_start_token_tensor",
+    "_pad_token_tensor", "_eos_token_tensor", "_bos_token_tensor", "_decoder_start_token_tensor",
+    "use_model_defaults", "return_dict", "attn_implementation", "prefill_chunk_size",
+    "output_past_key_values",
+}
+
+
+@dataclass
+class GenerateOutput:
+    """`return_dict_in_generate=True` output, shaped like HF's `GenerateDecoderOnlyOutput`.
+
+    sequences : LongTensor (B * num_return_sequences, T + new)
+    scores : tuple of (B * num_return_sequences, V) fp32 tensors, one per step, or None
+        The processed scores each token was chosen from (after the repetition penalty,
+        min-length masking and, when sampling, temperature / top-k / top-p).
+    logits : tuple like `scores` with the raw logits, or None
+    """
+
+    sequences: torch.Tensor
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    attentions: None = None
+    hidden_states: None = None
+    past_key_values: None = None
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def keys(self):
+        return [k for k in ("sequences", "scores", "logits") if getattr(self, k) is not None]
+
+    def to_tuple(self):
+        return tuple(getattr(self, k) for k in self.keys())
+
+
+# transformers models converted once, keyed by the HF object.
+_CONVERTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _as_gptfast(model):
+    from .model import GPT2
+
+    if isinstance(model, GPT2):
+        return model
+    cls = type(model)
+    if cls.__module__.startswith("transformers") and hasattr(model, "config"):
+        if getattr(model.config, "model_type", None) != "gpt2":
+            raise ValueError(f"gptfast runs GPT-2 models only; got a transformers "
+                             f"{cls.__name__} with model_type={model.config.model_type!r}")
+        converted = _CONVERTED.get(model)
+        if converted is None:
+            p = next(model.parameters())
+            converted = GPT2.from_pretrained(model, dtype=p.dtype, device=p.device)
+            _CONVERTED[model] = converted
+        return converted
+    raise TypeError(f"model must be a gptfast.GPT2 or a transformers GPT2LMHeadModel, "
+                    f"got {cls.__module__}.{cls.__name__}")
+
+
+def _resolve_arguments(model, generation_config, kwargs: dict) -> dict:
+    """HF's precedence: explicit kwargs > `generation_config` > the checkpoint's defaults."""
+    args = dict(_DEFAULTS)
+    args.update({k: v for k, v in model.generation_defaults.items() if k in _DEFAULTS})
+    if generation_config is not None:
+        if hasattr(generation_config, "to_dict"):
+            cfg = generation_config.to_dict()
+        elif isinstance(generation_config, dict):
+            cfg = dict(generation_config)
+        else:
+            raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict, "
+                            f"got {type(generation_config).__name__}")
+        for key, value in cfg.items():
+            if key in _DEFAULTS:
+                if value is not None or key in ("max_new_tokens", "min_new_tokens"):
+                    args[key] = value
+            elif key in _UNSUPPORTED:
+                if value is not None and value != _UNSUPPORTED[key]:
+                    raise ValueError(f"generation_config.{key}={value!r} is not supported by "
+                                     f"gptfast (only sampling and greedy search are)")
+            elif key not in _IGNORED and value is not None:
+                raise ValueError(f"generation_config.{key}={value!r} is not supported by gptfast")
+    for key, value in kwargs.items():
+        if key in _DEFAULTS:
+            args[key] = value
+        elif key in _UNSUPPORTED:
+            if value is not None and value != _UNSUPPORTED[key]:
+                raise ValueError(f"generate() argument `{key}` is not supported by gptfast "
+                                 f"(it implements greedy search and sampling); got {key}={value!r}")
+        else:
+            raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
+    return args
+
+
+def _eos_list(eos) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    if isinstance(eos, torch.Tensor):
+        eos = eos.flatten().tolist()
+    if isinstance(eos, int):
+        eos = [eos]
+    eos = list(eos)
+    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+        raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+    return tuple(eos)
+
+
+def _check_number(name, value, kind, ok, allowed):
+    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+        raise ValueError(f"`{name}` has to be {allowed}, but is {value!r}")
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+             generation_config=None, streamer=None, stopping_criteria=None, seed: int | None = None,
+             **kwargs):
+    """Generate continuations like HF's `GPT2LMHeadModel.generate()` (greedy search or sampling).
+
+    Parameters
+    ----------
+    model : gptfast.GPT2 or transformers.GPT2LMHeadModel
+        An HF model is converted once (same device and dtype) and the conversion cached.
+    input_ids : LongTensor (B, T) or None
+        Prompts, left-padded for a batch. None: unconditional samples from `bos_token_id`
+        (`<|endoftext|>`, 50256, for GPT-2).
+    attention_mask : (B, T) 0/1 tensor or None
+        0 marks padding. None: every token is real (HF also infers no mask from pad tokens here).
+    generation_config : transformers.GenerationConfig or dict, optional
+        Defaults for the arguments below; explicit keyword arguments win.
+    streamer : object with `put(tokens)` / `end()`, optional
+        Gets the prompt first, then each step's new tokens (LongTensor (B * n,)), like HF.
+    stopping_criteria : callable or list of callables, optional
+        Each is called as `criterion(sequences, scores)` after every step and returns a bool or a
+        BoolTensor (B * n,) marking rows that are done (HF's StoppingCriteria protocol).
+    seed : int, optional
+        Draw from Philox streams keyed by (seed, row); the same call with the same seed
+        reproduces its output on the same device; torch's global RNG is not touched.
+    **kwargs
+        `max_new_tokens`, `max_length` (default 20, prompt included), `min_new_tokens`,
+        `min_length`, `do_sample`, `temperature`, `top_k` (default 50 when sampling), `top_p`,
+        `repetition_penalty`, `num_return_sequences`, `eos_token_id` (int or list),
+        `pad_token_id`, `bos_token_id`, `return_dict_in_generate`, `output_scores`,
+        `output_logits`, `use_cache`. Other HF arguments (beam search, `no_repeat_ngram_size`,
+        `bad_words_ids`, ...) raise a ValueError naming them.
+
+    Returns
+    -------
+    LongTensor (B * num_return_sequences, T + new), each prompt's return sequences adjacent and
+    rows padded with `pad_token_id` after they end; or a `GenerateOutput` when
+    `return_dict_in_generate=True`.
+
+    Examples
+    --------
+    >>> out = gptfast.generate(model, input_ids, attention_mask, max_new_tokens=20)
+    >>> out = gptfast.generate(model, input_ids, do_sample=True, top_p=0.9, seed=0)
+    """
+    model = _as_gptfast(model)
+    config = model.config
+    args = _resolve_arguments(model, generation_config, kwargs)
+
+    # ---------------------------------------------------------------- arguments
+    eos = _eos_list(args["eos_token_id"])
+    pad = args["pad_token_id"]
+    if pad is None and eos:
+        pad = eos[0]
+        warnings.warn(f"Setting `pad_token_id` to `eos_token_id`:{pad} for open-end generation.",
+                      UserWarning, stacklevel=2)
+    if isinstance(pad, torch.Tensor):
+        pad = int(pad.item())
+    for name, value in (("pad_token_id", pad), *(("eos_token_id", e) for e in eos)):
+        if value is not None and not 0 <= value < config.vocab_size:
+            raise ValueError(f"`{name}` is {value}, outside the vocabulary [0, {config.vocab_size})")
+    do_sample = args["do_sample"]
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"`do_sample` has to be a bool, but is {do_sample!r}")
+    n_return = args["num_return_sequences"]
+    _check_number("num_return_sequences", n_return, int, lambda v: v >= 1, "a positive integer")
+    if n_return > 1 and not do_sample:
+        raise ValueError("Greedy methods without beam search do not support `num_return_sequences` "
+                         f"different than 1 (got {n_return}).")
+    temperature, top_k, top_p = args["temperature"], args["top_k"], args["top_p"]
+    if do_sample:
+        _check_number("temperature", temperature, (int, float), lambda v: v > 0,
+                      "a strictly positive float, otherwise your next token scores will be invalid")
+        _check_number("top_k", top_k if top_k is not None else 0, int, lambda v: v >= 0,
+                      "a non-negative integer (0 switches top-k off)")
+        _check_number("top_p", top_p if top_p is not None else 1.0, (int, float),
+                      lambda v: 0 < v <= 1, "a float in (0, 1]")
+    penalty = args["repetition_penalty"]
+    _check_number("repetition_penalty", penalty if penalty is not None else 1.0, (int, float),
+                  lambda v: v > 0, "a strictly positive float")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"`seed` must be an int, got {seed!r}")
+
+    # ---------------------------------------------------------------- prompts
+    if input_ids is None:
+        bos = args["bos_token_id"]
+        if bos is None:
+            raise ValueError("`input_ids` is None and the model has no `bos_token_id` to start "
+                             "unconditional generation from; pass input_ids or bos_token_id")
+        input_ids = torch.tensor([[bos]], dtype=torch.long)
+        if attention_mask is not None:
+            raise ValueError("attention_mask was given without input_ids")
+    prompts, attention_mask = _ragged_prompts(input_ids, attention_mask, config)
+    B, T = input_ids.shape
+    if args["max_new_tokens"] is not None:
+        max_new = args["max_new_tokens"]
+        _check_number("max_new_tokens", max_new, int, lambda v: v >= 1, "a positive integer")
+    else:
+        max_length = args["max_length"]
+        _check_number("max_length", max_length, int, lambda v: v >= 1, "a positive integer")
+        if "max_length" not in kwargs and generation_config is None:
+            warnings.warn(f"Using the model-agnostic default `max_length` (={max_length}) to "
+                          "control the generation length. We recommend setting `max_new_tokens` "
+                          "to control the maximum length of the generation.", UserWarning,
+                          stacklevel=2)
+        if T >= max_length:
+            raise ValueError(f"Input length of input_ids is {T}, but `max_length` is set to "
+                             f"{max_length}. This can lead to unexpected behavior. You should "
+                             "consider increasing `max_length` or, better yet, setting "
+                             "`max_new_tokens`.")
+        max_new = max_length - T
+    longest = max(len(p) for p in prompts)
+    if longest + max_new > config.n_positions:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new} needs "
+                         f"{longest + max_new} positions, but the model has n_positions="
+                         f"{config.n_positions}; shorten the prompt or lower max_new_tokens")
+    min_new = max(args["min_new_tokens"] or 0, (args["min_length"] or 0) - T, 0)
+
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        min_new_tokens=min_new,
+        do_sample=do_sample,
+        temperature=float(temperature) if do_sample else 1.0,
+        top_k=int(top_k or 0) if do_sample else 0,
+        top_p=float(top_p if top_p is not None else 1.0) if do_sample else 1.0,
+        repetition_penalty=float(penalty if penalty is not None else 1.0),
+        eos_token_ids=eos,
+    )
+    rows = B * n_return
+    if seed is None:
+        # Follow torch's global RNG like HF: a manual_seed before the call reproduces it.
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64).item()) if do_sample else 0
+    from .ops.sampling import row_seeds
+
+    seeds = row_seeds(seed, rows, "cpu").tolist()
+
+    want_scores = bool(args["output_scores"]) and bool(args["return_dict_in_generate"])
+    want_logits = bool(args["output_logits"]) and bool(args["return_dict_in_generate"])
+    criteria = _criteria_list(stopping_criteria)
+    engine = Engine(model, keep_scores=want_scores or want_logits or bool(criteria))
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    expanded = input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
+    run = _Run(engine, expanded, pad, streamer, criteria, want_scores, want_logits,
+               config.vocab_size, input_ids.device)
+    try:
+        seq_rows: dict[int, int] = {}
+        for b, prompt in enumerate(prompts):
+            ids = engine.add(prompt, params, seeds[b * n_return:(b + 1) * n_return])
+            for j, sid in enumerate(ids):
+                seq_rows[sid] = b * n_return + j
+        run.seq_rows = seq_rows
+        run.pad_stopped_rows = bool(eos)
+        run.loop()
+    except NonFiniteLogitsError as e:
+        raise ValueError(f"row {seq_rows.get(e.seq_id, '?')} of the output (batch index "
+                         f"{seq_rows.get(e.seq_id, 0) // n_return}): the logits at generation "
+                         f"step {e.index} hold "
+                         f"{'NaN or +inf' if e.status == 1 else 'only -inf (every token masked)'}"
+                         f"; no token can be sampled from them") from None
+    finally:
+        engine.abort()
+        if streamer is not None:
+            streamer.end()
+
+    new = run.new_tokens()  # (rows, steps)
+    sequences = torch.cat([expanded, new], dim=1).to(input_ids.device)
+    if not args["return_dict_in_generate"]:
+        return sequences
+    return GenerateOutput(
+        sequences=sequences,
+        scores=tuple(run.scores) if want_scores else None,
+        logits=tuple(run.logits) if want_logits else None,
+    )
+
+
+def _ragged_prompts(input_ids, attention_mask, config):
+    """Each row's real tokens (attention_mask == 1), checked."""
+    from .model import _check_ids
+
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}; "
+                         "use input_ids.unsqueeze(0) for a single prompt")
+    if input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError("input_ids is an empty batch (0 rows)")
+    B, T = _check_ids(input_ids, config, "input_ids")
+    ids = input_ids.cpu().to(torch.long)
+    if attention_mask is None:
+        return [row.tolist() for row in ids], None
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, T):
+        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask has shape {shape}, but input_ids has shape {(B, T)}; "
+                         "they must match")
+    mask = attention_mask.cpu()
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    mask = mask.bool()
+    empty = (~mask.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask marks no real token in row(s) {empty}; every prompt "
+                         "needs at least one")
+    if bool((~mask[:, -1]).any()):
+        warnings.warn("A decoder-only architecture is being used, but right-padding was detected! "
+                      "gptfast generates from each row's real tokens (attention_mask == 1) and "
+                      "appends the new tokens after the padding, as HF lays them out; set "
+                      "`padding_side='left'` when initializing the tokenizer for the usual layout.",
+                      UserWarning, stacklevel=3)
+    return [ids[b][mask[b]].tolist() for b in range(B)], mask
+
+
+def _criteria_list(criteria):
+    if criteria is None:
+        return []
+    # HF's StoppingCriteriaList is a list of criteria; a single callable is accepted too.
+    items = list(criteria) if isinstance(criteria, (list, tuple)) else [criteria]
+    for c in items:
+        if not callable(c):
+            raise TypeError(f"stopping_criteria must hold callables, got {type(c).__name__}")
+    return items
+
+
+class _Run:
+    """Collects the engine's tokens per output row and replays them step by step (in lockstep,
+    as HF's loop produces them) to streamers, stopping criteria and score lists."""
+
+    def __init__(self, engine, prompts, pad, streamer, criteria, want_scores, want_logits, vocab,
+                 device):
+        self.engine = engine
+        self.prompts = prompts  # (rows, T) LongTensor on the CPU
+        self.rows = prompts.shape[0]
+        rows = self.rows
+        self.pad = pad
+        self.streamer = streamer
+        self.criteria = criteria
+        self.want_scores, self.want_logits = want_scores, want_logits
+        self.vocab = vocab
+        self.device = device
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.row_scores: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        self.row_logits: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        self.done = [False] * rows  # no more tokens will come for this row
+        self.end = [None] * rows  # the row's final length, once known
+        self.emitted = 0  # steps replayed so far
+        self.scores: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.seq_rows: dict[int, int] = {}
+        self.stopped: set[int] = set()  # rows a stopping criterion has flagged
+        self.pad_stopped_rows = True
+
+    def loop(self) -> None:
+        engine = self.engine
+        row_seq = {r: s for s, r in self.seq_rows.items()}
+        while engine.has_unfinished():
+            for out in engine.step():
+                r = self.seq_rows[out.seq_id]
+                if self.end[r] is not None:
+                    continue
+                self.tokens[r].append(out.token)
+                if self.want_scores or self.criteria:
+                    self.row_scores[r].append(out.scores)
+                if self.want_logits:
+                    self.row_logits[r].append(out.logits)
+                if out.finished:
+                    self.end[r] = len(self.tokens[r])
+            self._replay(row_seq)
+        self._replay(row_seq)
+
+    def _replay(self, row_seq) -> None:
+        """Emit every step that all unfinished rows have produced."""
+        while True:
+            t = self.emitted
+            live = [r for r in range(self.rows) if self.end[r] is None or self.end[r] > t]
+            if not live:
+                return
+            if any(len(self.tokens[r]) <= t for r in live):
+                return
+            step = torch.full((self.rows,), self.pad if self.pad is not None else 0, dtype=torch.long)
+            for r in live:
+                step[r] = self.tokens[r][t]
+            need_scores = self.want_scores or self.criteria
+            scores = None
+            if need_scores:
+                scores = torch.full((self.rows, self.vocab), float("-inf"))
+                for r in live:
+                    scores[r] = self.row_scores[r][t]
+                if self.want_scores:
+                    self.scores.append(scores.to(self.device))
+            if self.want_logits:
+                logits = torch.full((self.rows, self.vocab), float("-inf"))
+                for r in live:
+                    logits[r] = self.row_logits[r][t]
+                self.logits.append(logits.to(self.device))
+            self.emitted = t + 1
+            if self.streamer is not None:
+                self.streamer.put(step)
+            if self.criteria:
+                seqs = self._sequences_so_far()
+                stop = torch.zeros(self.rows, dtype=torch.bool)
+                for c in self.criteria:
+                    res = c(seqs, scores.to(self.device))
+                    stop |= torch.as_tensor(res, dtype=torch.bool).cpu().expand(self.rows)
+                # NOTE: like HF, a row a criterion stops is padded from then on only when an EOS
+                # token is set; otherwise it keeps generating until every row is stopped.
+                self.stopped |= {r for r in live if bool(stop[r])}
+                if self.pad_stopped_rows:
+                    cut = [r for r in live if r in self.stopped]
+                elif all(r in self.stopped for r in live):
+                    cut = live
+                else:
+                    cut = []
+                for r in cut:
+                    if self.end[r] is None or self.end[r] > t + 1:
+                        self.end[r] = t + 1
+                        del self.tokens[r][t + 1:]
+                        self.engine.cancel(row_seq[r])
+
+    def _sequences_so_far(self) -> torch.Tensor:
+        new = self._tokens_tensor(self.emitted)
+        return torch.cat([self.prompts, new], dim=1).to(self.device)
+
+    def _tokens_tensor(self, width: int) -> torch.Tensor:
+        pad = self.pad if self.pad is not None else 0
+        out = torch.full((self.rows, width), pad, dtype=torch.long)
+        for r, toks in enumerate(self.tokens):
+            n = min(len(toks), width)
+            if n:
+                out[r, :n] = torch.tensor(toks[:n], dtype=torch.long)
+        return out
+
+    def new_tokens(self) -> torch.Tensor:
+        width = max((len(t) for t in self.tokens), default=0)
+        return self._tokens_tensor(width)

@@ -1,0 +1,144 @@
+"""The paged KV cache: K/V tensors in fixed-size blocks, and the Python face of the C++ manager.
+
+Layout, per layer: `k[layer]`, `v[layer]`: `[num_blocks, block_size, n_head, head_dim]`.
+A sequence's token at position p lives in block `block_table[p // block_size]`, row
+`p % block_size`; its slot id is `block_id * block_size + p % block_size`. Block 0 is the null
+block: it never holds a sequence's data and pads every block table.
+
+Which blocks a sequence owns, prefix sharing (chained hashes over full blocks), forks with
+copy-on-write and LRU eviction are decided by `gptfast._C.BlockManager` (csrc/); this module owns
+the tensors and turns the manager's answers into the per-step metadata the attention ops read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import GPT2Config
+
+# Default pool size on the CPU: room for this many full-length sequences, within a byte budget.
+_CPU_SEQUENCES = 8
+_CPU_BYTES = 2 << 30
+# On CUDA: this fraction of the memory free once the weights are loaded, and no more than
+# this many full-length sequences (enough for a 256-request continuous batch).
+_CUDA_FRACTION = 0.4
+_CUDA_SEQUENCES = 256
+
+
+@dataclass
+class AttnMetadata:
+    """What every layer's attention needs for one step, computed once per step.
+
+    slot_mapping : (N,) int64, where each new token's K/V is written (negative: skip).
+    block_tables : (B, max_blocks) int32, each sequence's blocks, padded with the null block 0.
+    seq_lens : (B,) int32, each sequence's K/V length after this step's tokens are written.
+    cu_seqlens_q : (B + 1,) int32, prefill only: sequence b's new tokens are rows
+        cu_seqlens_q[b]:cu_seqlens_q[b + 1] of the flattened batch.
+    max_seqlen_q : the longest new-token run (prefill; 1 for decode).
+    is_decode : one new token per sequence.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None
+    max_seqlen_q: int
+    is_decode: bool
+
+
+def kv_bytes_per_token(config: GPT2Config, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.n_layer * config.n_embd * elem
+
+
+def default_num_blocks(config: GPT2Config, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """A sensible pool size (null block included) for `device`."""
+    per_block = kv_bytes_per_token(config, dtype) * block_size
+    per_sequence = -(-config.n_positions // block_size)  # blocks for one full-length sequence
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        blocks = int(free * _CUDA_FRACTION) // per_block
+        blocks = min(blocks, _CUDA_SEQUENCES * per_sequence)
+    else:
+        blocks = min(_CPU_SEQUENCES * per_sequence, _CPU_BYTES // per_block)
+    # Always room for at least two full-length sequences, so any single request fits.
+    return max(blocks, 2 * per_sequence) + 1
+
+
+class KVCache:
+    """Paged K/V tensors for every layer plus the block manager that hands out their blocks.
+
+    Parameters
+    ----------
+    config : GPT2Config
+    block_size : int
+        Tokens per block.
+    num_blocks : int or None
+        Blocks in the pool, the null block included; None: `default_num_blocks`.
+    dtype, device :
+        Of the K/V tensors (the model's).
+    enable_prefix_caching : bool
+        Share the blocks of identical prompt prefixes between sequences.
+    """
+
+    def __init__(self, config: GPT2Config, block_size: int = 16, num_blocks: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 enable_prefix_caching: bool = True):
+        from . import _C
+
+        device = torch.device(device)
+        if num_blocks is None:
+            num_blocks = default_num_blocks(config, block_size, dtype, device)
+        self.config = config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.device = device
+        self.enable_prefix_caching = enable_prefix_caching
+        shape = (config.n_layer, num_blocks, block_size, config.n_head, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]
+        self.manager = _C.BlockManager(num_blocks, block_size, enable_prefix_caching)
+
+    @property
+    def total_blocks(self) -> int:
+        """Usable blocks (the null block not counted)."""
+        return self.manager.total_blocks
+
+    def stats(self) -> dict:
+        """Pool occupancy: total_blocks, free_blocks (cached-but-unused blocks count as free),
+        used_blocks, cached_blocks, prefix_hit_tokens (cumulative), block_size, bytes."""
+        m = self.manager
+        free = m.num_free_blocks()
+        return {
+            "total_blocks": m.total_blocks,
+            "free_blocks": free,
+            "used_blocks": m.total_blocks - free,
+            "cached_blocks": m.num_cached_blocks(),
+            "prefix_hit_tokens": m.prefix_hit_tokens,
+            "running_sequences": m.num_sequences(),
+            "block_size": self.block_size,
+            "bytes": 2 * self.k.numel() * self.k.element_size(),
+        }
+
+    def copy_blocks(self, pairs: torch.Tensor) -> None:
+        """Copy-on-write: copy K/V of block src into block dst, in every layer.
+
+        pairs : (n, 2) integer tensor of (src, dst) block ids.
+        """
+        if pairs.numel() == 0:
+            return
+        pairs = pairs.to(device=self.device, dtype=torch.long)
+        src, dst = pairs[:, 0], pairs[:, 1]
+        self.k[:, dst] = self.k[:, src]  # [L, n, bs, H, D]
+        self.v[:, dst] = self.v[:, src]
+
+    def reset(self) -> None:
+        """Forget every sequence and every cached prefix (after an error left the pool in an
+        unknown state, or to start afresh)."""
+        from . import _C
+
+        self.manager = _C.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)

@@ -1,0 +1,343 @@
+"""The GPT-2 module: embeddings, pre-LN blocks, final LayerNorm, tied head.
+
+Two forward paths share the weights:
+
+- `GPT2.forward(input_ids, attention_mask)`: dense, like HF's `GPT2LMHeadModel.forward`, for
+  scoring a padded batch (logits for every position).
+- `GPT2.forward_paged(tokens, positions, meta, logits_indices)`: the generation path. Tokens of
+  all sequences are flattened into one ragged batch (no padding); K/V live in the paged cache
+  (`kv_cache.py`) and attention goes through `gptfast.ops`, which pick the Triton kernels on CUDA
+  and the eager references on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import GPT2Config, get_config
+from .kv_cache import AttnMetadata, KVCache
+
+if TYPE_CHECKING:
+    from .weights import Checkpoint
+
+
+def _activation(name: str):
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    return F.relu
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        C = config.n_embd
+        self.layer_idx = layer_idx
+        self.n_head = config.n_head
+        self.head_dim = config.head_dim
+        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Dense attention. x: (B, T, C); mask: (B, 1, T, T) bool, True = may attend."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+    def forward_paged(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttnMetadata) -> torch.Tensor:
+        """Paged attention. x: (N, C) flattened new tokens; k_cache/v_cache: [blocks, bs, H, D]."""
+        N, C = x.shape
+        qkv = self.c_attn(x).view(N, 3, self.n_head, self.head_dim)  # (N, 3, nh, hs)
+        q, k, v = qkv.unbind(1)  # each (N, nh, hs), strided views
+        ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            y = ops.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                     meta.seq_lens, self.scale)
+        else:
+            y = ops.prefill_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
+                                      meta.cu_seqlens_q, meta.seq_lens, self.scale,
+                                      meta.max_seqlen_q)
+        return self.c_proj(y.reshape(N, C))  # (N, nh, hs) -> (N, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPT2Config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd, bias=config.bias)
+        self.act = _activation(config.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.attn = Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+    def forward_paged(self, x, k_cache, v_cache, meta):
+        x = x + self.attn.forward_paged(self.ln_1(x), k_cache, v_cache, meta)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model (HF `GPT2LMHeadModel` math) with a paged KV cache.
+
+    Parameters
+    ----------
+    config : GPT2Config
+    block_size : int
+        Tokens per KV-cache block (default 16).
+    num_kv_blocks : int or None
+        KV-cache blocks in the pool, the reserved null block included. None picks a default
+        for the device when the cache is first used (see `kv_cache.default_num_blocks`).
+
+    Examples
+    --------
+    >>> import gptfast
+    >>> model = gptfast.GPT2.from_config(gptfast.get_config("tiny"), seed=0)
+    >>> model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape
+    torch.Size([1, 7])
+    """
+
+    def __init__(self, config: GPT2Config, block_size: int = 16, num_kv_blocks: int | None = None):
+        super().__init__()
+        if not isinstance(block_size, int) or not 1 <= block_size <= 1024:
+            raise ValueError(f"block_size must be an int in [1, 1024], got {block_size!r}")
+        if num_kv_blocks is not None and (not isinstance(num_kv_blocks, int) or num_kv_blocks < 2):
+            raise ValueError(f"num_kv_blocks must be an int >= 2 (block 0 is reserved) or None, "
+                             f"got {num_kv_blocks!r}")
+        self.config = config
+        self.block_size = block_size
+        self.num_kv_blocks = num_kv_blocks
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.generation_defaults: dict = {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+        }
+        self._kv_cache: KVCache | None = None
+        self.eval()
+        self.requires_grad_(False)
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: GPT2Config | str, seed: int | None = None,
+                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    block_size: int = 16, num_kv_blocks: int | None = None) -> "GPT2":
+        """A randomly initialised model (GPT-2's init: N(0, 0.02), residual projections scaled
+        by 1/sqrt(2 * n_layer)). `seed` makes it reproducible without touching torch's global RNG.
+        """
+        if isinstance(config, str):
+            config = get_config(config)
+        _check_dtype(dtype)
+        model = cls(config, block_size=block_size, num_kv_blocks=num_kv_blocks)
+        gen = torch.Generator().manual_seed(seed if seed is not None else
+                                            int(torch.randint(0, 2**62, ()).item()))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif ".ln_" in name or name.startswith("ln_f"):
+                    p.fill_(1.0)
+                else:
+                    std = 0.02
+                    if name.endswith("c_proj.weight"):
+                        std /= math.sqrt(2 * config.n_layer)
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return model.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, src, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", block_size: int = 16,
+                        num_kv_blocks: int | None = None) -> "GPT2":
+        """Load GPT-2 weights from an HF checkpoint folder, a `transformers.GPT2LMHeadModel`,
+        or a nanoGPT `ckpt.pt` (see `gptfast.weights.load_checkpoint`).
+
+        `dtype` None keeps fp32 (the checkpoint's own dtype is not guessed from storage).
+        """
+        from .weights import load_checkpoint
+
+        ckpt = load_checkpoint(src)
+        return cls.from_checkpoint(ckpt, dtype=dtype, device=device, block_size=block_size,
+                                   num_kv_blocks=num_kv_blocks)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: "Checkpoint", dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", block_size: int = 16,
+                        num_kv_blocks: int | None = None) -> "GPT2":
+        dtype = torch.float32 if dtype is None else dtype
+        _check_dtype(dtype)
+        with torch.device("meta"):
+            model = cls(ckpt.config, block_size=block_size, num_kv_blocks=num_kv_blocks)
+        model.to_empty(device=device)
+        model.load_state_dict({k: v.to(dtype) for k, v in ckpt.state_dict.items()}, strict=True)
+        model.to(dtype=dtype)
+        model.generation_defaults = dict(ckpt.generation)
+        model.source = ckpt.source
+        model.tokenizer_dir = ckpt.tokenizer_dir
+        return model
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def kv_cache(self) -> KVCache:
+        """The paged KV cache, allocated on first use on the model's device and dtype."""
+        cache = self._kv_cache
+        if cache is None or cache.device != self.device or cache.dtype != self.dtype:
+            cache = KVCache(self.config, block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                            dtype=self.dtype, device=self.device)
+            self._kv_cache = cache
+        return cache
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving or casting the model drops the cache; the next use re-allocates it.
+        self._kv_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    # ---------------------------------------------------------------- forward paths
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for every position, like HF's `GPT2LMHeadModel(input_ids, attention_mask).logits`.
+
+        Parameters
+        ----------
+        input_ids : LongTensor (B, T)
+        attention_mask : (B, T) of 0/1 or None
+            0 marks padding: padded keys are never attended to. Positions are 0..T-1 as in HF's
+            forward (HF's generate, and gptfast's, count positions from the first real token).
+
+        Returns
+        -------
+        logits : (B, T, vocab_size) tensor in the model's dtype.
+        """
+        B, T = _check_ids(input_ids, self.config, name="input_ids")
+        device = self.device
+        input_ids = input_ids.to(device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = causal.view(1, 1, T, T)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, T):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(B, T)} (the shape of input_ids)")
+            keys = attention_mask.to(device).bool().view(B, 1, 1, T)
+            mask = mask & keys
+            # A query with no visible key (a left-pad position) attends to itself instead, so its
+            # (meaningless) output stays finite.
+            mask = mask | (~mask.any(-1, keepdim=True) & torch.eye(T, dtype=torch.bool, device=device))
+        pos = torch.arange(T, device=device)
+        x = self.wte(input_ids) + self.wpe(pos)  # (B, T, C)
+        for block in self.h:
+            x = block(x, mask)
+        x = self.ln_f(x)
+        return F.linear(x, self.head_weight())  # (B, T, V)
+
+    def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                      logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Run a flattened ragged batch through the model with the paged KV cache.
+
+        Parameters
+        ----------
+        tokens, positions : LongTensor (N,)
+            The new tokens of every sequence, concatenated, and their positions.
+        meta : AttnMetadata
+            Slot mapping, block tables, sequence lengths, computed once for the step.
+        logits_indices : LongTensor (M,) or None
+            Rows of the batch whose logits are wanted (the last token of each sequence);
+            None means every row.
+
+        Returns
+        -------
+        logits : (M, vocab_size) fp32 tensor.
+        """
+        cache = self.kv_cache
+        x = self.wte(tokens) + self.wpe(positions)  # (N, C)
+        for i, block in enumerate(self.h):
+            x = block.forward_paged(x, cache.k[i], cache.v[i], meta)
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)  # (M, C)
+        x = self.ln_f(x)
+        return F.linear(x, self.head_weight()).float()  # (M, V)
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs):
+        """HF-compatible generation; see `gptfast.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _check_dtype(dtype) -> None:
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+
+
+def _check_ids(input_ids, config: GPT2Config, name: str) -> tuple[int, int]:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {input_ids.dtype}")
+    B, T = input_ids.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(input_ids.shape)})")
+    if T > config.n_positions:
+        raise ValueError(f"{name} has {T} positions, more than the model's n_positions "
+                         f"({config.n_positions})")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
+    return B, T
+
+
+def load_model(src: str | Path, dtype=None, device="cpu", **kwargs) -> GPT2:
+    """A preset name (random weights, seed 0) or anything `GPT2.from_pretrained` accepts."""
+    from .config import PRESETS
+
+    if isinstance(src, str) and src in PRESETS:
+        return GPT2.from_config(PRESETS[src], seed=0, dtype=dtype or torch.float32, device=device, **kwargs)
+    return GPT2.from_pretrained(src, dtype=dtype, device=device, **kwargs)

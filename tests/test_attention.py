@@ -1,0 +1,466 @@
+"""Tests of gptfast.ops.attention: kv_cache_write, prefill_attention, decode_attention.
+
+Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) on small shapes in
+fp32/fp16; `gpu` tests cover bf16 and real sizes. Every kernel result is compared with the eager
+reference computed in fp32 on upcast inputs, and the reference itself with a dense softmax.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from gptfast.ops import attention as A
+from gptfast.ops.common import TOLERANCES, assert_close
+
+# the interpreter (numpy >= 1.25) warns on every scalar it indexes with; it is Triton's, not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+CPU_DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def dtype_id(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty return NaN-filled float tensors, so any output element (or split-KV
+    partial) a kernel forgets to write shows up as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def paged_cache(lens, heads, head_dim, block_size, dtype, device, gen, spare_cols=1):
+    """Random K/V caches holding sequences of `lens` tokens in shuffled (non-monotonic) pages.
+
+    Every block, the null block 0 and unused spares included, holds random data, so a key read
+    past seq_len or through a padding entry changes the result. Block tables get `spare_cols`
+    padding columns of 0 beyond the longest sequence.
+    """
+    pages = [-(-n // block_size) for n in lens]
+    num_blocks = sum(pages) + 3  # null block + 2 never-referenced blocks
+    shape = (num_blocks, block_size, heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
+    v_cache = torch.randn(shape, generator=gen).to(dtype).to(device)
+    perm = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros(len(lens), max(pages, default=0) + spare_cols, dtype=torch.int32)
+    used = 0
+    for b, p in enumerate(pages):
+        table[b, :p] = torch.tensor(perm[used : used + p], dtype=torch.int32)
+        used += p
+    return k_cache, v_cache, table.to(device)
+
+
+def prefill_inputs(lens, q_lens, heads, head_dim, block_size, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, table = paged_cache(lens, heads, head_dim, block_size, dtype, device, gen)
+    q = torch.randn(sum(q_lens), heads, head_dim, generator=gen).to(dtype).to(device)
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, table, cu, seq_lens
+
+
+def decode_inputs(lens, heads, head_dim, block_size, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, table = paged_cache(lens, heads, head_dim, block_size, dtype, device, gen)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype).to(device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k_cache, v_cache, table, seq_lens
+
+
+def upcast(args):
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def check_against_ref(op, ref, args, dtype, name):
+    out = op(*args)
+    assert out.dtype == dtype
+    expected = ref(*upcast(args))  # fp32 reference on the same (rounded) inputs
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    assert_close(out, expected, **TOLERANCES[dtype], name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# kv_cache_write
+# --------------------------------------------------------------------------------------------
+
+WRITE_CASES = {
+    # id: (N, H, D, block_size, num_blocks)
+    "n1-h1-d16-bs16": (1, 1, 16, 16, 2),
+    "n13-h3-d80-bs7": (13, 3, 80, 7, 4),
+    "n40-h5-d64-bs1": (40, 5, 64, 1, 50),
+}
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES + [torch.bfloat16], ids=dtype_id)  # no tl.dot: bf16 interprets
+@pytest.mark.parametrize("case", WRITE_CASES.values(), ids=WRITE_CASES.keys())
+def test_kv_cache_write(case, dtype):
+    N, H, D, bs, num_blocks = case
+    gen = torch.Generator().manual_seed(N * 1000 + D)
+    # k and v as strided views of a fused projection output [N, 3, H, D], like the model's
+    qkv = torch.randn(N, 3, H, D, generator=gen).to(dtype)
+    k, v = qkv[:, 1], qkv[:, 2]
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:N]
+    slots[1::3] = -1  # skipped tokens
+    k_cache = torch.randn(num_blocks, bs, H, D, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, bs, H, D, generator=gen).to(dtype)
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    before_k = k_cache.clone()
+
+    A.kv_cache_write(k, v, k_cache, v_cache, slots)
+    A.kv_cache_write_ref(k, v, kc_ref, vc_ref, slots)
+
+    assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
+    # the reference itself: written rows hold k/v, every other row is untouched
+    flat_k = kc_ref.view(-1, H, D)
+    flat_v = vc_ref.view(-1, H, D)
+    written = torch.zeros(num_blocks * bs, dtype=torch.bool)
+    for n, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(flat_k[s], k[n]) and torch.equal(flat_v[s], v[n])
+            written[s] = True
+    assert int(written.sum()) == int((slots >= 0).sum()) > 0
+    assert torch.equal(flat_k[~written], before_k.view(-1, H, D)[~written])
+
+
+def test_kv_cache_write_rejects_bad_inputs():
+    k = torch.randn(4, 2, 16)
+    cache = torch.randn(3, 4, 2, 16)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        A.kv_cache_write(k, k, cache, cache.clone(), torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k_cache"):
+        A.kv_cache_write(k, k, torch.randn(3, 4, 3, 16), cache, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="contiguous"):
+        A.kv_cache_write(k, k, cache.transpose(0, 1), cache, torch.zeros(4, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------------------------
+# the references against dense attention on contiguous tensors
+# --------------------------------------------------------------------------------------------
+
+
+def dense_causal(q, k, v, scale):
+    """q, k, v [T, H, D] fp64: plain causal softmax attention."""
+    T = q.shape[0]
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
+
+
+def test_references_match_dense_attention():
+    H, D, bs = 3, 16, 5
+    lens, q_lens = [1, 12, 23], [1, 12, 9]  # the last sequence has a 14-token cached prefix
+    q_full = [torch.randn(n, H, D, dtype=torch.float64) for n in lens]
+    k_full = [torch.randn(n, H, D, dtype=torch.float64) for n in lens]
+    v_full = [torch.randn(n, H, D, dtype=torch.float64) for n in lens]
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache, table = paged_cache(lens, H, D, bs, torch.float64, "cpu", gen)
+    for b, n in enumerate(lens):  # write each sequence through its (shuffled) block table
+        slots = table[b, (torch.arange(n) // bs)].long() * bs + torch.arange(n) % bs
+        A.kv_cache_write_ref(k_full[b], v_full[b], k_cache, v_cache, slots)
+    q = torch.cat([qf[n - m :] for qf, n, m in zip(q_full, lens, q_lens)])
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = 0.3
+
+    out = A.prefill_attention_ref(q, k_cache, v_cache, table, cu, seq_lens, scale, max(q_lens))
+    expected = torch.cat(
+        [dense_causal(qf, kf, vf, scale)[n - m :] for qf, kf, vf, n, m in zip(q_full, k_full, v_full, lens, q_lens)]
+    )
+    assert_close(out, expected, **TOLERANCES[torch.float32], name="prefill_attention_ref")
+
+    # decode: the last token of each sequence attends to the whole sequence
+    q_last = torch.stack([qf[-1] for qf in q_full])  # [B, H, D]
+    out = A.decode_attention_ref(q_last, k_cache, v_cache, table, seq_lens, scale)
+    expected = torch.stack([dense_causal(qf, kf, vf, scale)[-1] for qf, kf, vf in zip(q_full, k_full, v_full)])
+    assert_close(out, expected, **TOLERANCES[torch.float32], name="decode_attention_ref")
+
+
+# --------------------------------------------------------------------------------------------
+# prefill
+# --------------------------------------------------------------------------------------------
+
+PREFILL_CASES = {
+    # id: (seq_lens, q_lens, H, D, block_size, scale multiplier)
+    "b1-len1-h1-d16-bs16": ([1], [1], 1, 16, 16, 1.0),
+    "b3-len5,63,97-h3-d32-bs16": ([5, 63, 97], [5, 63, 97], 3, 32, 16, 1.0),
+    "b3-prefix-h2-d64-bs7": ([97, 40, 7], [30, 1, 7], 2, 64, 7, 0.25),  # 1/(layer_idx+1) scaling
+    "b4-empty-seq-h1-d16-bs32": ([33, 5, 64, 2], [33, 0, 20, 2], 1, 16, 32, 1.0),
+    "b17-short-h1-d16-bs1": ([1 + (i * 5) % 9 for i in range(17)], [1 + (i * 5) % 9 for i in range(17)], 1, 16, 1, 1.0),
+    "b2-h5-d80-bs32-sharp": ([63, 20], [63, 11], 5, 80, 32, 8.0),  # peaked softmax
+    "b1-len300-prefix-h1-d64-bs16": ([300], [170], 1, 64, 16, 1.0),  # > BLOCK_M query rows
+}
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", PREFILL_CASES.values(), ids=PREFILL_CASES.keys())
+def test_prefill_attention(case, dtype, poison_empty):
+    lens, q_lens, H, D, bs, mult = case
+    args = prefill_inputs(lens, q_lens, H, D, bs, dtype, "cpu", seed=sum(lens) + D)
+    args = (*args, mult / math.sqrt(D), max(q_lens))
+    check_against_ref(A.prefill_attention, A.prefill_attention_ref, args, dtype, "prefill_attention")
+
+
+def random_case(seed: int):
+    """A random ragged batch: 1..5 sequences of 1..150 keys, random prefixes, head count, head
+    size and block size (powers of 2 or not)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    B = int(torch.randint(1, 6, (1,), generator=g))
+    lens = torch.randint(1, 151, (B,), generator=g).tolist()
+    q_lens = [int(torch.randint(1, n + 1, (1,), generator=g)) for n in lens]
+    return lens, q_lens, pick([1, 2, 3, 4]), pick([16, 32, 64, 80]), pick([1, 3, 16, 32])
+
+
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
+def test_prefill_attention_random(seed, poison_empty):
+    lens, q_lens, H, D, bs = random_case(seed)
+    dtype = CPU_DTYPES[seed % 2]
+    args = (*prefill_inputs(lens, q_lens, H, D, bs, dtype, "cpu", seed=seed), D**-0.5, max(q_lens))
+    name = f"prefill {lens} {q_lens} H={H} D={D} bs={bs}"
+    check_against_ref(A.prefill_attention, A.prefill_attention_ref, args, dtype, name)
+
+
+def test_prefill_attention_strided_q():
+    # q as a view of a fused projection [N, 3, H, D]: strided rows, contiguous last dim
+    lens = [9, 30]
+    q, k_cache, v_cache, table, cu, seq_lens = prefill_inputs(lens, lens, 2, 32, 8, torch.float32, "cpu", seed=3)
+    qkv = torch.randn(q.shape[0], 3, 2, 32)
+    qkv[:, 0] = q
+    args = (qkv[:, 0], k_cache, v_cache, table, cu, seq_lens, 0.2, max(lens))
+    assert_close(A.prefill_attention(*args), A.prefill_attention_ref(q, *args[1:]), **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+def test_write_prefill_then_decode_agree(dtype):
+    # the runtime's sequence of calls, all through the kernels: write a 45-token prompt's K/V and
+    # prefill it; then each of the last 4 positions, decoded alone, must equal its prefill row
+    H, D, bs, T = 3, 32, 8, 45
+    gen = torch.Generator().manual_seed(17)
+    k_cache, v_cache, table = paged_cache([T], H, D, bs, dtype, "cpu", gen)
+    q, k, v = (torch.randn(T, H, D, generator=gen).to(dtype) for _ in range(3))
+    pos = torch.arange(T)
+    slots = table[0, pos // bs].long() * bs + pos % bs
+    A.kv_cache_write(k, v, k_cache, v_cache, slots)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+    prefill = A.prefill_attention(q, k_cache, v_cache, table, cu, torch.tensor([T], dtype=torch.int32), 0.2, T)
+    for p in range(T - 4, T):
+        lens = torch.tensor([p + 1], dtype=torch.int32)
+        decode = A.decode_attention(q[p : p + 1], k_cache, v_cache, table, lens, 0.2)
+        assert_close(decode[0], prefill[p], **TOLERANCES[dtype], name=f"position {p}")
+
+
+def test_prefill_attention_rejects_bad_inputs():
+    q, k_cache, v_cache, table, cu, seq_lens = prefill_inputs([5], [5], 2, 16, 4, torch.float32, "cpu", seed=1)
+    good = (q, k_cache, v_cache, table, cu, seq_lens, 0.25, 5)
+    bad = {
+        "dtype": (q.double(), *good[1:]),
+        "seq_lens": (*good[:5], seq_lens.long(), *good[6:]),
+        "cu_seqlens_q": (*good[:4], cu[:1], *good[5:]),
+        "block_tables": (*good[:3], table.long(), *good[4:]),
+        "max_seqlen_q": (*good[:7], 5.0),
+        "scale": (*good[:6], float("nan"), 5),
+        "head_dim": (torch.randn(5, 2, 300), *good[1:]),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=what):
+            A.prefill_attention(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# decode
+# --------------------------------------------------------------------------------------------
+
+DECODE_CASES = {
+    # id: (seq_lens, H, D, block_size)
+    "b1-len1-h1-d16-bs16": ([1], 1, 16, 16),
+    "b3-len5,63,97-h3-d32-bs16": ([5, 63, 97], 3, 32, 16),
+    "b17-len0..16-h1-d16-bs1": ([(i * 7) % 17 for i in range(17)], 1, 16, 1),  # includes seq_len 0
+    "b2-h5-d80-bs7": ([63, 20], 5, 80, 7),
+    "b3-len300,1,0-h2-d64-bs32": ([300, 1, 0], 2, 64, 32),
+}
+
+
+@pytest.mark.parametrize("sm_count", [1, 4, 64], ids=lambda n: f"sms{n}")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
+def test_decode_attention(case, dtype, sm_count, poison_empty, monkeypatch):
+    # the SM count the interpreter assumes picks the split-KV factor: 1, a few, many
+    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    lens, H, D, bs = case
+    args = (*decode_inputs(lens, H, D, bs, dtype, "cpu", seed=sum(lens) + D + sm_count), D**-0.5)
+    check_against_ref(A.decode_attention, A.decode_attention_ref, args, dtype, "decode_attention")
+
+
+def test_decode_attention_bf16_interpreted(poison_empty):
+    # decode has no tl.dot, so unlike prefill its bf16 path runs in the interpreter too
+    args = (*decode_inputs([5, 63, 97, 0], 3, 32, 7, torch.bfloat16, "cpu", seed=8), 32**-0.5)
+    check_against_ref(A.decode_attention, A.decode_attention_ref, args, torch.bfloat16, "decode_attention")
+
+
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
+def test_decode_attention_random(seed, poison_empty, monkeypatch):
+    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", 1 + 7 * seed)
+    lens, _, H, D, bs = random_case(100 + seed)
+    lens[seed % len(lens)] = 0  # a graph-padding row
+    dtype = CPU_DTYPES[seed % 2]
+    args = (*decode_inputs(lens, H, D, bs, dtype, "cpu", seed=seed), D**-0.5)
+    check_against_ref(A.decode_attention, A.decode_attention_ref, args, dtype, f"decode {lens} H={H} D={D} bs={bs}")
+
+
+def test_decode_split_kv_is_exercised():
+    # "b3-len300,1,0-h2-d64-bs32" above: 11 table columns of 32 keys = 6 tiles of 64 at most, so
+    # sms 1/4/64 run it unsplit, with 3 splits and with 6 (the 300-key row leaves one empty)
+    block_n = A._decode_block_n(64)
+    assert [A._decode_num_splits(3, 2, 11 * 32, block_n, sms) for sms in (1, 4, 64)] == [1, 3, 6]
+    # H100-like: batch 1 of GPT-2 spreads over the SMs, a big batch runs in one launch
+    assert A._decode_num_splits(1, 12, 4096, 64, 132) == 44
+    assert A._decode_num_splits(8, 12, 1024, 64, 132) == 6
+    assert A._decode_num_splits(64, 12, 1024, 64, 132) == 1
+
+
+def test_decode_attention_all_rows_empty(poison_empty):
+    # a CUDA-graph bucket padded with seq_len-0 rows: zeros, never NaN, no key read
+    q, k_cache, v_cache, table, seq_lens = decode_inputs([0, 0, 0], 2, 16, 4, torch.float32, "cpu", seed=5)
+    expected = A.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.25)
+    assert torch.equal(expected, torch.zeros_like(expected))
+    k_cache.fill_(float("nan"))  # a read of any key would poison the kernel's output
+    v_cache.fill_(float("nan"))
+    out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.25)
+    assert torch.equal(out, expected)
+
+
+def test_decode_attention_rejects_bad_inputs():
+    q, k_cache, v_cache, table, seq_lens = decode_inputs([3, 4], 2, 16, 4, torch.float32, "cpu", seed=2)
+    good = (q, k_cache, v_cache, table, seq_lens, 0.25)
+    bad = {
+        "v_cache dtype": (q, k_cache, v_cache.half(), table, seq_lens, 0.25),
+        "seq_lens": (q, k_cache, v_cache, table, seq_lens[:1], 0.25),
+        "block_tables": (q, k_cache, v_cache, table[:1], seq_lens, 0.25),
+        "last dimension": (q.transpose(1, 2).contiguous().transpose(1, 2), *good[1:]),
+        "H=2": (q, k_cache[:, :, :1], v_cache, table, seq_lens, 0.25),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=what):
+            A.decode_attention(*args)
+
+
+def test_benchmark_cases_cpu():
+    cases = A.benchmark_cases("cpu", quick=True)
+    assert {c.op for c in cases} == {"prefill_attention", "decode_attention"}
+    for case in cases:
+        args = case.make_args()
+        fast, ref = getattr(A, case.op), getattr(A, case.op + "_ref")
+        expected = ref(*args)
+        assert_close(fast(*args), expected, atol=case.atol, rtol=case.rtol, name=case.label)
+        # the SDPA baseline computes the same function on its contiguous copies ...
+        sdpa = case.baselines["sdpa"]
+        assert_close(sdpa(*args), expected, atol=case.atol, rtol=case.rtol, name="sdpa " + case.label)
+        # ... which die with the args (the runner rotates many argument sets)
+        assert len(sdpa.inputs._by_q) == 1
+        del args
+        assert len(sdpa.inputs._by_q) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: bf16 and real sizes (H100: well under a minute for the whole set)
+# --------------------------------------------------------------------------------------------
+
+def gpu_params(cases: dict, odd: dict) -> list:
+    """GPT-2 head size (D=64) cases in every dtype, odd head sizes in one half-precision dtype
+    each: every (dtype, D, block size) is a kernel compile, and the GPU check has a time budget."""
+    params = [pytest.param(c, dt, id=f"{k}-{dtype_id(dt)}") for k, c in cases.items() for dt in GPU_DTYPES]
+    params += [pytest.param(c, dt, id=f"{k}-{dtype_id(dt)}") for k, (c, dt) in odd.items()]
+    return params
+
+
+SHORT_64 = [1 + (i * 37) % 130 for i in range(64)]  # 64 prompts of 1..130 tokens
+RAGGED_8 = [1, 77, 500, 1000, 63, 129, 300, 2]
+GPU_PREFILL_CASES = {
+    # id: (seq_lens, q_lens, H, D, block_size)
+    "b4-t1024-h12-d64-bs16": ([1024] * 4, [1024] * 4, 12, 64, 16),
+    "b1-t2048-h12-d64-bs16": ([2048], [2048], 12, 64, 16),
+    "b8-ragged-prefix-h12-d64-bs16": (RAGGED_8, [1, 77, 200, 1000, 1, 128, 37, 2], 12, 64, 16),
+    "b64-short-h12-d64-bs16": (SHORT_64, SHORT_64, 12, 64, 16),
+}
+GPU_PREFILL_ODD = {
+    "b3-prefix-h7-d80-bs7": (([97, 300, 1000], [97, 150, 1000], 7, 80, 7), torch.float16),
+    "b2-h4-d128-bs32": (([513, 1024], [513, 1024], 4, 128, 32), torch.bfloat16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, dtype", gpu_params(GPU_PREFILL_CASES, GPU_PREFILL_ODD))
+def test_prefill_attention_gpu(case, dtype, poison_empty):
+    lens, q_lens, H, D, bs = case
+    args = prefill_inputs(lens, q_lens, H, D, bs, dtype, "cuda", seed=sum(lens) + D)
+    args = (*args, 1 / math.sqrt(D), max(q_lens))
+    check_against_ref(A.prefill_attention, A.prefill_attention_ref, args, dtype, "prefill_attention")
+
+
+GPU_DECODE_CASES = {
+    # id: (seq_lens, H, D, block_size); on an H100 (132 SMs): 44, 6 and 1 (no merge) splits
+    "b1-ctx2048-h12-d64-bs16": ([2048], 12, 64, 16),
+    "b8-ragged-h12-d64-bs16": ([1, 17, 128, 1000, 2048, 0, 513, 64], 12, 64, 16),
+    "b64-ctx1024-h12-d64-bs16": ([1024 - (i * 13) % 200 for i in range(64)], 12, 64, 16),
+}
+GPU_DECODE_ODD = {
+    "b5-h7-d80-bs7": (([97, 0, 1500, 3, 700], 7, 80, 7), torch.bfloat16),
+    "b3-h4-d128-bs32": (([2000, 31, 640], 4, 128, 32), torch.float16),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case, dtype", gpu_params(GPU_DECODE_CASES, GPU_DECODE_ODD))
+def test_decode_attention_gpu(case, dtype, poison_empty):
+    lens, H, D, bs = case
+    args = (*decode_inputs(lens, H, D, bs, dtype, "cuda", seed=sum(lens) + D), D**-0.5)
+    check_against_ref(A.decode_attention, A.decode_attention_ref, args, dtype, "decode_attention")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=dtype_id)
+def test_kv_cache_write_gpu(dtype):
+    gen = torch.Generator().manual_seed(11)
+    N, H, D, bs, num_blocks = 300, 12, 64, 16, 40
+    qkv = torch.randn(N, 3, H, D, generator=gen).to(dtype).cuda()
+    slots = torch.randperm(num_blocks * bs, generator=gen)[:N].cuda()
+    slots[::7] = -1
+    caches = [torch.randn(num_blocks, bs, H, D, generator=gen).to(dtype).cuda() for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    A.kv_cache_write(qkv[:, 1], qkv[:, 2], *caches, slots)
+    A.kv_cache_write_ref(qkv[:, 1], qkv[:, 2], *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+@pytest.mark.gpu
+def test_decode_attention_cuda_graph():
+    # capture once, then change q and seq_lens in place (a padded bucket row included) and replay
+    lens = [700, 5, 1024, 64]
+    q, k_cache, v_cache, table, seq_lens = decode_inputs(lens, 12, 64, 16, torch.bfloat16, "cuda", seed=9)
+    A.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)
+    for new_lens in ([700, 5, 1024, 64], [1, 0, 1000, 65]):
+        q.copy_(torch.randn_like(q))
+        seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        graph.replay()
+        expected = A.decode_attention_ref(*upcast((q, k_cache, v_cache, table, seq_lens, 0.125)))
+        assert_close(out, expected, **TOLERANCES[torch.bfloat16], name=f"graph replay {new_lens}")

@@ -62,6 +62,7 @@ import math
 import weakref
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -738,18 +739,17 @@ def _gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
     return g.view(*pages.shape[:-1], pages.shape[-1] * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
-def _masked_softmax_av(scores: torch.Tensor, visible: torch.Tensor, v: torch.Tensor, eq: str) -> torch.Tensor:
-    """softmax over the last dim of fp32 `scores` where `visible`, then `einsum(eq, p, v)`.
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float) -> torch.Tensor:
+    """Masked softmax attention in fp32: q [B, H, Q, D], k/v [B, H, K, D], visible [B, 1, Q, K].
 
-    Rows with no visible key give zeros (not NaN).
+    Rows with no visible key give zeros (not NaN). Computed by PyTorch's fused CPU/CUDA
+    attention on fp32 inputs: the same math as softmax(q k^T * scale) v, without materialising
+    the probabilities, which keeps the CPU path of the runtime fast.
     """
-    scores = scores.masked_fill(~visible, float("-inf"))
-    m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(scores - m)  # masked entries: exp(-inf) = 0
-    l = p.sum(dim=-1, keepdim=True)
-    p = p / torch.where(l > 0, l, torch.ones_like(l))
-    return torch.einsum(eq, p, v)
+    empty = ~visible.any(dim=-1, keepdim=True)  # [B, 1, Q, 1]
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=visible | empty,
+                                         scale=scale)
+    return out.masked_fill(empty, 0.0)
 
 
 def prefill_attention_ref(
@@ -783,14 +783,14 @@ def prefill_attention_ref(
                 f"need q_len <= seq_len <= max_blocks * block_size = {block_tables.shape[1] * block_size}"
             )
         pages = block_tables[b, : -(-seq_len // block_size)]
-        k = _gather_pages(k_cache, pages)[:seq_len].float()  # [seq_len, H, D]
-        v = _gather_pages(v_cache, pages)[:seq_len].float()
-        qb = q[q_start:q_end].float()  # [q_len, H, D]
-        scores = torch.einsum("qhd,khd->hqk", qb, k) * scale  # [H, q_len, seq_len]
+        k = _gather_pages(k_cache, pages)[:seq_len].transpose(0, 1)  # [H, seq_len, D]
+        v = _gather_pages(v_cache, pages)[:seq_len].transpose(0, 1)
+        qb = q[q_start:q_end].transpose(0, 1)  # [H, q_len, D]
         pos_q = torch.arange(seq_len - q_len, seq_len, device=q.device)
         pos_k = torch.arange(seq_len, device=q.device)
         visible = pos_k[None, :] <= pos_q[:, None]  # [q_len, seq_len]
-        out[q_start:q_end] = _masked_softmax_av(scores, visible[None], v, "hqk,khd->qhd").to(q.dtype)
+        o = _attend(qb[None], k[None], v[None], visible[None, None], scale)[0]  # [H, q_len, D]
+        out[q_start:q_end] = o.transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -806,11 +806,11 @@ def decode_attention_ref(
     tables, mask keys at or past `seq_lens`, softmax in fp32, cast to q's dtype. No host sync.
     """
     B, H, D = q.shape
-    k = _gather_pages(k_cache, block_tables).float()  # [B, max_blocks * bs, H, D]
-    v = _gather_pages(v_cache, block_tables).float()
-    scores = torch.einsum("bhd,bkhd->bhk", q.float(), k) * scale  # [B, H, L]
-    visible = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
-    return _masked_softmax_av(scores, visible[:, None, :], v, "bhk,bkhd->bhd").to(q.dtype)
+    k = _gather_pages(k_cache, block_tables).transpose(1, 2)  # [B, H, max_blocks * bs, D]
+    v = _gather_pages(v_cache, block_tables).transpose(1, 2)
+    visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
+    out = _attend(q[:, :, None], k, v, visible[:, None, None, :], scale)  # [B, H, 1, D]
+    return out[:, :, 0].to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------

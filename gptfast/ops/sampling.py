@@ -1,0 +1,663 @@
+"""Sampling: logits [B, V] -> one token id per row, in one launch, with HF's warpers.
+
+Math (per row, transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper with
+min_tokens_to_keep=1, then a draw from the renormalised softmax):
+
+    x_i    = logit_i / T                          (T <= 0: a greedy row, token = argmax logit_i)
+    top-k  keeps x_i >= v_k, v_k the k-th largest x (ties at v_k kept); k = 0 or k >= V: off
+    top-p  on q = softmax(x over the top-k set): keeps x_i iff  sum_{x_j > x_i} q_j < p
+           (HF removes a token when its ascending cumulative probability is <= 1 - p; for
+           distinct values the two rules are the same set; the top token is always kept)
+    draw   token ~ q restricted to the kept set, renormalised
+
+Ties at the top-p boundary: every token tied with the smallest kept value is kept (HF keeps the
+tied tokens its unstable sort happens to put last, so our set contains HF's and differs from it
+only by tokens of exactly equal value). Both `sample` and `sample_ref` use this rule.
+
+Sort-free kernel, one program per row (grid = (B,)). Write key(x) for the order-preserving map of
+an fp32 value to an int32 (sign-magnitude flip; -0.0 mapped to +0.0's key). Both filters keep a set
+{key(x) >= j*} where j* is the largest integer j with f(j) >= target, f nonincreasing:
+
+    top-k: f(j) = #{key >= j},                 target = k
+    top-p: f(j) = sum_{key >= j} exp(x - m),   target = p * Z_k  (Z_k: the same sum over the top-k set)
+
+j* is found by a bracketing search over [lo, hi) (f(lo) >= target > f(hi)). Each pass evaluates f
+at NP = 8 pivots at once: 2 evenly spaced in key space (guaranteed progress, handles masks like
+-1e30 / -inf) and 6 in value space around the point where log f, interpolated between the bracket
+ends, meets the target; the bracket then shrinks to the smallest/largest key present in it. The
+search stops when the bracket holds one distinct key (or, for top-k, exactly k keys are >= lo).
+The passes re-read the row (from L2) only until at most CAP = 8192 keys are >= lo: one more pass
+copies those (value, column) pairs to a per-row scratch row, and the rest of both searches and the
+draw run on that short row. For top-k <= a few thousand (or a top-p set of that size) a row costs:
+pass 1 (the DRAM read), typically one search pass, the copy pass, then work on <= CAP entries.
+Top-p sets larger than CAP stay on the full row (5-9 search passes and a full draw pass).
+Each row pass walks the row in chunks of BLOCK = 2048 columns with 16 warps, loading the next
+chunk while the current one is processed. (Not yet measured on a GPU: small batches use only B
+SMs, so at B = 1 the cost is ~3 row passes of one SM.)
+
+The draw is exact and needs no normaliser: a one-pass chunked weighted reservoir. Chunk c (BLOCK
+columns) picks a column by inverse CDF over its weights w_i = exp(x_i - m) (m the running max, the
+reservoir total rescaled when it grows), then replaces the current choice with probability
+W_c / W_total-so-far, so P(i) = w_i / sum w. Each chunk uses one Philox call keyed by the row's
+seed, counter (chunk, offset): a row's draw depends only on its own seed, step offset and logits.
+Uniforms have 24 bits, so probabilities are resolved to ~6e-8 of a chunk's mass.
+
+Rows with filters off (k off, p = 1) and greedy rows are done in the first pass. NaN or +inf
+(after temperature scaling) flags a row with status 1, a row with no finite logit with status 2;
+flagged rows get token -1. Temperatures, top-k and top-p values are read on the device and not
+validated here (that would sync); negative top-k counts as off, top-p <= 0 keeps the top token(s).
+
+Bytes moved: B*V*elem_size (the logits read once from DRAM; later passes hit L2 at realistic B:
+a 50257-wide fp32 row is 201 KB) + 12*B bytes of outputs, plus scratch traffic of at most
+8*CAP bytes per filtered row. FLOPs: ~3*NP per logit per search pass.
+
+References: transformers generation/logits_process.py (the warpers); Chao (1982), "A general
+purpose unequal probability sampling plan" (weighted reservoir); Salmon et al. (2011), Philox.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import BenchCase, interpreting
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_BLOCK = 2048  # columns per chunk: with 16 warps the [BLOCK, NP] pivot compares take 32 registers
+_NUM_WARPS = 16
+_CAP = 8192  # scratch slots per row: once <= _CAP keys are >= lo, the search goes on in the scratch
+_NUM_PIVOTS = 8  # pivots per search pass (2 in key space, 6 in value space)
+_MAX_PASSES = 40  # safety bound; the key-space pivots alone finish 32-bit keys in 21 passes
+
+
+@triton.jit
+def _key(x):
+    """Order-preserving int32 key of fp32 `x` (-0.0 and +0.0 share key 0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return tl.where(x == 0.0, 0, key)
+
+
+@triton.jit
+def _unkey(key):
+    """Inverse of `_key`: the fp32 value of an int32 key."""
+    bits = key ^ ((key >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_scaled(row_ptr, stride_v, cols, V, div):
+    """fp32 logits of one chunk divided by `div` (T, or 1 for greedy rows); -inf past V."""
+    raw = tl.load(row_ptr + cols * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32)
+    return raw / div
+
+
+@triton.jit
+def _scan(row_ptr, stride_v, V, div, thr_key, draw, seed, offset, BLOCK: tl.constexpr):
+    """One pass over a row: max, lowest argmax, flags, key range and (when `draw`) an exact draw
+    among key >= thr_key.
+
+    Returns (m, sum of exp(x - m) over key >= thr_key, argmax, n_bad, n_finite, min_key, max_key,
+    drawn column or -1).
+    """
+    lanes = tl.arange(0, BLOCK)
+    m = float("-inf")  # running max of the scaled logits
+    arg = 0
+    n_bad = 0
+    n_fin = 0
+    kmin = 2147483647
+    kmax = -2147483647 - 1
+    total = 0.0  # reservoir weight so far, in units of exp(. - m)
+    pick = -1
+    off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
+    off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = off_lo * 0
+    x_next = _load_scaled(row_ptr, stride_v, lanes, V, div)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        x = x_next
+        x_next = _load_scaled(row_ptr, stride_v, cols + BLOCK, V, div)  # in flight while x is used
+        key = _key(x)
+        bad = (x != x) | (x == float("inf"))
+        n_bad += tl.sum(bad.to(tl.int32), axis=0)
+        n_fin += tl.sum(((x > float("-inf")) & ~bad).to(tl.int32), axis=0)
+        valid = cols < V
+        kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, 2147483647), axis=0))
+        kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, -2147483647 - 1), axis=0))
+        cmax = tl.max(x, axis=0)
+        carg = tl.min(tl.where(x == cmax, cols, 2147483647), axis=0)
+        arg = tl.where(cmax > m, carg, arg)
+        m_new = tl.maximum(m, cmax)
+        # weights relative to the new running max; chunks/rows of only -inf weigh 0
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.where((key >= thr_key) & (x > float("-inf")), tl.exp(x - safe), 0.0)
+        total = tl.where(m_new == float("-inf"), 0.0, total * tl.exp(m - safe))
+        m = m_new
+        wc = tl.sum(w, axis=0)
+        total = total + wc
+        if draw:
+            # inverse CDF inside the chunk (target < the scan's own last value, so always found),
+            # then keep the chunk's pick with probability wc / total
+            cdf = tl.cumsum(w, axis=0)
+            r0, r1, _r2, _r3 = tl.philox(seed, (zero + start // BLOCK).to(tl.uint32), off_lo, off_hi, zero)
+            u0 = (r0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 bits -> [0, 1)
+            u1 = (r1 >> 8).to(tl.float32) * 5.9604644775390625e-08
+            local = tl.min(tl.where(cdf > u0 * tl.max(cdf, axis=0), cols, 2147483647), axis=0)
+            take = (wc > 0.0) & (u1 * total < wc)
+            pick = tl.where(take, local, pick)
+    return m, total, arg, n_bad, n_fin, kmin, kmax, pick
+
+
+@triton.jit
+def _search(row_ptr, stride_v, V, div, m, lo, hi, base, k, p, f_lo, z, stop_count,
+            TOP_P: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr):
+    """Largest key j with f(j) >= target, given f(lo) >= target > f(hi) (see the module docstring).
+
+    TOP_P=False: f = count of keys >= j, target = k. TOP_P=True: f = exp-mass of keys >= j,
+    target = p * z, z the mass of keys >= base (z < 0: not known yet, summed on the first pass).
+    `f_lo` is f(lo), or < 0 when not known yet. Stops early once at most `stop_count` keys are
+    >= lo (the caller then moves those to a scratch row and goes on there).
+    Returns (lo, hi, f_lo, count of keys >= lo (an upper bound until lo first moves), z); the kept
+    set is key >= lo once the search finished (not stopped early).
+    Pivots: 2 evenly spaced in key space (progress on any data), NP - 2 in value space around the
+    value where log f, interpolated linearly between the bracket ends, meets the target (evenly
+    spread on a first top-p pass, before the target is known).
+    """
+    lanes = tl.arange(0, BLOCK)
+    jj = tl.arange(0, NP)
+    is_key = jj < 2
+    frac_k = (jj + 1).to(tl.int64)  # pivots lo + span/3, lo + 2 span/3 (used for jj < 2)
+    # value-space offsets around the estimate, as fractions of the bracket: -0.15 .. +0.15
+    rel = (jj - 2).to(tl.float32) / (NP - 3) * 2.0 - 1.0  # -1 .. 1
+    spread = tl.where(rel < 0, -1.0, 1.0) * 0.15 * rel * rel
+    even = (jj - 1).to(tl.float32) / (NP - 1)  # evenly spaced in (0, 1)
+    lo = lo.to(tl.int32)
+    hi = hi.to(tl.int32)
+    f_hi = 0.0 * m  # f(hi): in every use, nothing lies at or above the entry hi
+    c_lo = V + 0 * lo  # count of keys >= lo: every key on entry from the first pass
+    if not TOP_P:
+        c_lo = f_lo.to(tl.int32)
+    done = hi <= lo + 1
+    n_pass = tl.zeros([], dtype=tl.int32)
+    while (~done) & (n_pass < MAX_PASSES) & (c_lo > stop_count):
+        span = hi.to(tl.int64) - lo.to(tl.int64)
+        piv_k = (lo.to(tl.int64) + span * frac_k // 3).to(tl.int32)
+        a = _unkey(lo)
+        b = _unkey(hi - 1)
+        if TOP_P:
+            target_est = p * z
+        else:
+            target_est = k.to(tl.float32) + 0.0 * m
+        la = tl.log(tl.maximum(f_lo, 1e-30))
+        lb = tl.log(tl.maximum(tl.maximum(f_hi, 0.25 * target_est), 1e-30))
+        t_est = tl.where(la > lb, (la - tl.log(tl.maximum(target_est, 1e-30))) / tl.where(la > lb, la - lb, 1.0), 0.5)
+        t_est = tl.minimum(tl.maximum(t_est, 0.0), 1.0)
+        frac_v = tl.where(f_lo < 0.0, even, t_est + spread)
+        pv = a + (b - a) * tl.minimum(tl.maximum(frac_v, 0.0), 1.0)
+        piv_v = tl.minimum(tl.maximum(_key(pv), lo + 1), hi - 1)
+        # NOTE: int arithmetic, not `&`: the interpreter cannot `&` a scalar bool with a block
+        finite = (a > float("-inf")).to(tl.int32) * (b < float("inf")).to(tl.int32)
+        use_v = (1 - is_key.to(tl.int32)) * finite > 0
+        # where a bracket end is infinite, the value pivots fall back to even key-space spacing
+        piv_k6 = (lo.to(tl.int64) + span * (jj + 1).to(tl.int64) // (NP + 1)).to(tl.int32)
+        piv = tl.where(use_v, piv_v, tl.where(is_key, piv_k, piv_k6))
+        f = tl.zeros([NP], dtype=tl.float32)
+        cnt = tl.zeros([NP], dtype=tl.int32)
+        tot = 0.0
+        mn = 2147483647
+        mx = -2147483647 - 1
+        x_next = _load_scaled(row_ptr, stride_v, lanes, V, div)
+        for start in range(0, V, BLOCK):
+            cols = start + lanes
+            x = x_next
+            x_next = _load_scaled(row_ptr, stride_v, cols + BLOCK, V, div)  # in flight while x is used
+            key = _key(x)
+            valid = cols < V
+            ge = (key[:, None] >= piv[None, :]) & valid[:, None]  # [BLOCK, NP]
+            cnt += tl.sum(ge.to(tl.int32), axis=0)
+            if TOP_P:
+                w = tl.where(valid & (key >= base) & (x > float("-inf")), tl.exp(x - m), 0.0)
+                f += tl.sum(tl.where(ge, w[:, None], 0.0), axis=0)
+                tot += tl.sum(w, axis=0)
+            inside = valid & (key >= lo) & (key < hi)
+            mn = tl.minimum(mn, tl.min(tl.where(inside, key, 2147483647), axis=0))
+            mx = tl.maximum(mx, tl.max(tl.where(inside, key, -2147483647 - 1), axis=0))
+        if TOP_P:
+            z = tl.where(z < 0.0, tot, z)
+            f_lo = tl.where(f_lo < 0.0, z, f_lo)
+            target = p * z
+        else:
+            f = cnt.to(tl.float32)
+            target = k.to(tl.float32)
+        ok = f >= target
+        best_ok = tl.max(tl.where(ok, piv, -2147483647 - 1), axis=0)
+        best_no = tl.min(tl.where(ok, 2147483647, piv), axis=0)
+        moved = best_ok > lo
+        f_lo = tl.where(moved, tl.min(tl.where(ok, f, float("inf")), axis=0), f_lo)
+        c_lo = tl.where(moved, tl.min(tl.where(ok, cnt, 2147483647), axis=0), c_lo)
+        f_hi = tl.where(best_no < hi, tl.max(tl.where(ok, float("-inf"), f), axis=0), f_hi)
+        new_lo = tl.maximum(lo, best_ok)
+        new_hi = tl.minimum(hi, best_no)
+        # NOTE: no key lies in [old lo, mn) or (mx, old hi), so f and counts are unchanged by the tightening.
+        single = mn == mx
+        lo = tl.maximum(new_lo, mn)
+        hi = tl.minimum(new_hi, mx + 1)
+        done = single | (hi <= lo + 1)
+        if not TOP_P:
+            done = done | (f_lo == target)
+        n_pass += 1
+    return lo, hi, f_lo, c_lo, z
+
+
+@triton.jit
+def _compact(row_ptr, stride_v, V, div, thr_key, sx_ptr, sc_ptr, BLOCK: tl.constexpr):
+    """Copy the scaled logits with key >= thr_key and their columns, in column order, to a scratch row.
+
+    The caller guarantees that the scratch row has room. Returns how many were copied.
+    """
+    lanes = tl.arange(0, BLOCK)
+    n = 0
+    x_next = _load_scaled(row_ptr, stride_v, lanes, V, div)
+    for start in range(0, V, BLOCK):
+        cols = start + lanes
+        x = x_next
+        x_next = _load_scaled(row_ptr, stride_v, cols + BLOCK, V, div)  # in flight while x is used
+        sel = (cols < V) & (_key(x) >= thr_key)
+        pos = n + tl.cumsum(sel.to(tl.int32), axis=0) - 1
+        tl.store(sx_ptr + pos, x, mask=sel)
+        tl.store(sc_ptr + pos, cols, mask=sel)
+        n += tl.sum(sel.to(tl.int32), axis=0)
+    # NOTE: other threads of this program read the scratch row next
+    tl.debug_barrier()
+    return n
+
+
+@triton.jit
+def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr, topk_ptr, topp_ptr,
+                   seed_ptr, offset_ptr, scratch_x_ptr, scratch_col_ptr, V,
+                   BLOCK: tl.constexpr, CAP: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_b
+    sx_ptr = scratch_x_ptr + row.to(tl.int64) * CAP  # scratch rows: [B, CAP]
+    sc_ptr = scratch_col_ptr + row.to(tl.int64) * CAP
+    t = tl.load(temp_ptr + row)
+    k = tl.load(topk_ptr + row)
+    p = tl.load(topp_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    offset = tl.load(offset_ptr + row)
+    greedy = t <= 0.0
+    div = tl.where(greedy, 1.0, t)  # divisor: HF scales by `scores / temperature`
+    use_k = (~greedy) & (k > 0) & (k < V)
+    use_p = (~greedy) & (p < 1.0)
+    # pass 1 (the DRAM read): flags, max, argmax, key range; the draw for rows without filters
+    filtered = use_k | use_p
+    m, z_all, arg, n_bad, n_fin, kmin, kmax, pick = _scan(row_ptr, stride_v, V, div, -2147483647 - 1,
+                                                        (~greedy) & (~filtered), seed, offset, BLOCK)
+    ok_row = (n_bad == 0) & (n_fin > 0)
+    token = tl.where(greedy, arg, pick).to(tl.int64)
+    if ok_row & filtered:
+        # The searches re-read the row (from L2) until at most CAP keys are >= lo; those move to
+        # the row's scratch, and the rest of the search and the draw run on that short row.
+        lo = kmin
+        hi = kmax + 1
+        c_lo = kmin * 0 + V  # (tensors, not Python numbers, so that every branch yields one type)
+        f_lo = c_lo.to(tl.float32)
+        n_cand = c_lo
+        on_scratch = n_cand < 0
+        if use_k:
+            lo, hi, f_lo, c_lo, _z = _search(row_ptr, stride_v, V, div, m, lo, hi, lo, k, p, f_lo,
+                                                     -1.0, CAP, False, BLOCK, NP, MAX_PASSES)
+            if c_lo <= CAP:
+                n_cand = _compact(row_ptr, stride_v, V, div, lo, sx_ptr, sc_ptr, BLOCK)
+                on_scratch = n_cand >= 0
+                lo, hi, f_lo, c_lo, _z = _search(sx_ptr, 1, n_cand, 1.0, m, lo, hi, lo, k, p, f_lo,
+                                                         -1.0, 0, False, BLOCK, NP, MAX_PASSES)
+        if use_p:
+            # the top-p bracket starts at the top-k threshold: f(lo) = z = the top-k set's mass
+            # (known from pass 1 when top-k did not run)
+            z = tl.where(use_k, -1.0, z_all)
+            hi = kmax + 1
+            if on_scratch:
+                lo, hi, f_lo, c_lo, z = _search(sx_ptr, 1, n_cand, 1.0, m, lo, hi, lo, k, p, z, z, 0,
+                                                        True, BLOCK, NP, MAX_PASSES)
+            else:
+                base = lo
+                lo, hi, f_lo, c_lo, z = _search(row_ptr, stride_v, V, div, m, lo, hi, base, k, p, z, z,
+                                                        CAP, True, BLOCK, NP, MAX_PASSES)
+                if c_lo <= CAP:
+                    n_cand = _compact(row_ptr, stride_v, V, div, lo, sx_ptr, sc_ptr, BLOCK)
+                    on_scratch = n_cand >= 0
+                    lo, hi, f_lo, c_lo, z = _search(sx_ptr, 1, n_cand, 1.0, m, lo, hi, base, k, p,
+                                                            f_lo, z, 0, True, BLOCK, NP, MAX_PASSES)
+        if on_scratch:
+            _m2, _z2, _a2, _b2, _f2, _n2, _x2, pos = _scan(sx_ptr, 1, n_cand, 1.0, lo, True, seed, offset, BLOCK)
+            token = tl.load(sc_ptr + tl.maximum(pos, 0)).to(tl.int64)
+        else:
+            _m2, _z2, _a2, _b2, _f2, _n2, _x2, pick2 = _scan(row_ptr, stride_v, V, div, lo, True, seed, offset, BLOCK)
+            token = pick2.to(tl.int64)
+    status = tl.where(n_bad > 0, 1, tl.where(n_fin == 0, 2, 0))
+    token = tl.where(status == 0, token, -1)
+    tl.store(tok_ptr + row, token)
+    tl.store(status_ptr + row, status.to(tl.int32))
+
+
+def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D tensor [B, V], got {shape}")
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(f"logits dtype must be one of {_LOGIT_DTYPES}, got {logits.dtype}")
+    B, V = logits.shape
+    if B == 0 or V == 0:
+        raise ValueError(f"logits must have B >= 1 and V >= 1, got shape {tuple(logits.shape)}")
+    if V >= 2**24:
+        raise ValueError(f"vocab size must be < 2**24 (counts are exact fp32), got {V}")
+    expected = {"temperature": (temperature, torch.float32), "top_k": (top_k, torch.int32),
+                "top_p": (top_p, torch.float32), "seeds": (seeds, torch.int64),
+                "offsets": (offsets, torch.int64)}
+    for name, (t, dtype) in expected.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.shape != (B,):
+            raise ValueError(f"{name} must have shape [B] = ({B},), got {tuple(t.shape)}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}; "
+                             "all inputs must share one device")
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row with HF's temperature -> top-k -> top-p warpers (Triton, one launch).
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        [B, V] fp32/fp16/bf16; any strides (a row stride > V is fine). Computed in fp32.
+    temperature : torch.Tensor
+        [B] fp32. A row with temperature <= 0 is greedy (argmax, lowest index on ties).
+    top_k : torch.Tensor
+        [B] int32. 0 (or >= V) switches top-k off; ties at the k-th value are kept.
+    top_p : torch.Tensor
+        [B] fp32 in (0, 1]; 1.0 switches top-p off; ties at the boundary are kept.
+    seeds : torch.Tensor
+        [B] int64 Philox key per row (see `row_seeds`).
+    offsets : torch.Tensor
+        [B] int64 step counter per row, read on the device (the runtime increments it between
+        steps, so CUDA-graph replays draw fresh numbers).
+
+    Returns
+    -------
+    tokens : torch.Tensor
+        [B] int64; -1 for flagged rows.
+    status : torch.Tensor
+        [B] int32: 0 ok, 1 the row has a NaN or +inf logit (after scaling), 2 no finite logit.
+
+    Never syncs with the host, so it can be captured in a CUDA graph.
+
+    Examples
+    --------
+    >>> logits = torch.randn(2, 50257, device="cuda")
+    >>> t = torch.tensor([0.8, 0.0], device="cuda"); k = torch.tensor([50, 0], device="cuda", dtype=torch.int32)
+    >>> p = torch.tensor([0.9, 1.0], device="cuda"); seeds = row_seeds(0, 2, "cuda")
+    >>> tokens, status = sample(logits, t, k, p, seeds, torch.zeros(2, dtype=torch.int64, device="cuda"))
+    """
+    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
+    if not logits.is_cuda and not interpreting():
+        raise ValueError(f"sample (Triton) needs CUDA tensors, got {logits.device}; use sample_ref on the CPU "
+                         "(or set TRITON_INTERPRET=1 before importing triton)")
+    B, V = logits.shape
+    params = [t.contiguous() for t in (temperature, top_k, top_p, seeds, offsets)]
+    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    status = torch.empty(B, dtype=torch.int32, device=logits.device)
+    # per-row scratch for the <= _CAP candidates the searches narrow a row down to
+    scratch_x = torch.empty(B, _CAP, dtype=torch.float32, device=logits.device)
+    scratch_col = torch.empty(B, _CAP, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(B,)](tokens, status, logits, logits.stride(0), logits.stride(1), *params, scratch_x,
+                         scratch_col, V,
+                         BLOCK=_BLOCK, CAP=_CAP, NP=_NUM_PIVOTS, MAX_PASSES=_MAX_PASSES, num_warps=_NUM_WARPS)
+    return tokens, status
+
+
+# ----------------------------------------------------------------------------------------------
+# seeds and the reference's counter-based uniforms (splitmix64, vectorised in torch int64)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 finaliser of int64 `x` (wrapping arithmetic), elementwise."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def row_seeds(seed: int, num_rows: int, device) -> torch.Tensor:
+    """Independent per-row Philox keys derived from one call seed.
+
+    Parameters
+    ----------
+    seed : int
+        The call's seed (any Python int; taken modulo 2**64).
+    num_rows : int
+        How many rows (e.g. batch * num_return_sequences).
+    device : str or torch.device
+
+    Returns
+    -------
+    torch.Tensor
+        [num_rows] int64: splitmix64(splitmix64(seed) + row * 0x9E3779B97F4A7C15), a bijection of
+        the row for a given seed, so the rows of one call never share a Philox key.
+
+    Examples
+    --------
+    >>> row_seeds(1234, 4, "cpu").shape
+    torch.Size([4])
+    """
+    if num_rows < 0:
+        raise ValueError(f"num_rows must be >= 0, got {num_rows}")
+    base = _splitmix64(torch.tensor([_i64(seed)], dtype=torch.int64))
+    rows = torch.arange(num_rows, dtype=torch.int64)
+    return _splitmix64(base + rows * _GOLDEN).to(device)
+
+
+def _ref_uniform(seeds: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """fp64 uniforms in [0, 1), one per row, from (seed, offset) on the inputs' device."""
+    h = _splitmix64(_splitmix64(seeds) ^ offsets)
+    return _shr(h, 11).to(torch.float64) * 2.0**-53
+
+
+# ----------------------------------------------------------------------------------------------
+# eager reference
+
+
+def _filter_ref(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """HF's TopK then TopP warpers on fp32 scores [R, V] (per-row k, p), ties at the top-p boundary kept.
+
+    Returns the filtered scores (removed entries -inf).
+    """
+    R, V = x.shape
+    k = top_k.long()
+    k = torch.where((k <= 0) | (k >= V), torch.full_like(k, V), k)
+    on = k < V
+    if bool(on.any()):
+        kmax = int(k[on].max())
+        idx = torch.where(on, k - 1, kmax - 1)[:, None]  # [R, 1]
+        kth = torch.topk(x, kmax, dim=-1).values.gather(1, idx)  # the k-th largest score, [R, 1]
+        x = x.masked_fill((x < kth) & on[:, None], float("-inf"))
+    p = top_p.float()
+    rows = p < 1.0
+    if bool(rows.any()):
+        xs = x[rows]
+        sorted_x, sorted_idx = torch.sort(xs, descending=False, dim=-1)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - p[rows])[:, None]
+        remove[:, -1] = False  # min_tokens_to_keep = 1
+        # the smallest kept value; every token tied with it is kept too
+        t = torch.where(remove, float("inf"), sorted_x).min(dim=-1, keepdim=True).values
+        x = x.clone()
+        x[rows] = xs.masked_fill(xs < t, float("-inf"))
+    return x
+
+
+def filter_logits_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                      top_p: torch.Tensor) -> torch.Tensor:
+    """The scores a row is drawn from, as HF reports them with `output_scores`.
+
+    Parameters
+    ----------
+    logits : [B, V] float tensor (processed logits).
+    temperature, top_k, top_p : [B] tensors, as for `sample`.
+
+    Returns
+    -------
+    [B, V] fp32 tensor: greedy rows (temperature <= 0) unchanged; sampled rows divided by their
+    temperature, then top-k and top-p filtered (removed entries -inf), as HF's warpers do.
+    """
+    x = logits.float().clone()
+    sampled = (temperature > 0).nonzero().flatten()
+    if sampled.numel():
+        xs = x[sampled] / temperature[sampled, None].float()
+        x[sampled] = _filter_ref(xs, top_k[sampled], top_p[sampled])
+    return x
+
+
+def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference of `sample` (same signature): HF's warpers in torch, then an inverse-CDF draw.
+
+    The uniform of each row is splitmix64(splitmix64(seed) ^ offset) (53 bits, on the inputs'
+    device, no host sync), so a draw is reproducible from (seed, offset) but not the same number as
+    the kernel's Philox stream. Greedy rows are argmax; flags as in `sample`.
+    """
+    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
+    B, V = logits.shape
+    x = logits.float()
+    tokens = torch.argmax(x, dim=-1)  # greedy rows' answer: lowest index among ties
+    m = x.amax(dim=-1)  # NaN propagates, so m alone gives the flags
+    sampled = (temperature > 0).nonzero().flatten()  # (a host sync; the reference is never captured)
+    xs = x[sampled] / temperature[sampled, None]  # [R, V]
+    m[sampled] = xs.amax(dim=-1)  # after scaling (a finite logit / small T may overflow)
+    status = torch.where(torch.isnan(m) | (m == float("inf")), 1, torch.where(m == float("-inf"), 2, 0))
+    status = status.to(torch.int32)
+    ok = status[sampled] == 0
+    rows, xs = sampled[ok], xs[ok]
+    if rows.numel():
+        xs = _filter_ref(xs, top_k[rows], top_p[rows])
+        cdf = torch.cumsum(torch.softmax(xs, dim=-1), dim=-1, dtype=torch.float64)  # [R, V]
+        u = _ref_uniform(seeds[rows], offsets[rows]) * cdf[:, -1]
+        drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_max(V - 1)
+        tokens[rows] = drawn
+    tokens = torch.where(status == 0, tokens, -1)
+    return tokens, status
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks
+
+
+def _hf_style(logits, temperature, top_k, top_p, seeds, offsets, *, t: float, k: int, p: float):
+    """Baseline: transformers' warpers as HF runs them (scalar settings), then torch.multinomial."""
+    x = logits.float() / t
+    if k:
+        x = x.masked_fill(x < torch.topk(x, k)[0][..., -1, None], float("-inf"))
+    if p < 1.0:
+        sorted_x, sorted_idx = torch.sort(x, descending=False)
+        cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= 1 - p
+        remove[..., -1:] = False
+        x = x.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
+    return torch.multinomial(torch.softmax(x, dim=-1), num_samples=1).squeeze(1)
+
+
+def _gptfast_style(logits, temperature, top_k, top_p, seeds, offsets, *, t: float, k: int):
+    """Baseline: gpt-fast's logits_to_probs (topk pivot, softmax) + exponential race, no host sync."""
+    x = logits.float() / t
+    v, _ = torch.topk(x, k)
+    x = torch.where(x < v[:, -1:], float("-inf"), x)
+    probs = torch.softmax(x, dim=-1)
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1)
+
+
+def _kept_ref(logits, temperature, top_k, top_p) -> torch.Tensor:
+    """[B, V] bool: the tokens a row may draw (greedy rows: its argmax only)."""
+    greedy = temperature <= 0
+    x = logits.float() / torch.where(greedy, 1.0, temperature)[:, None]
+    kept = torch.isfinite(_filter_ref(x, top_k, top_p))
+    arg = torch.zeros_like(kept).scatter_(1, torch.argmax(logits.float(), -1, keepdim=True), True)
+    return torch.where(greedy[:, None], arg, kept)
+
+
+def _check_draws(out_fast, out_ref, args) -> str | None:
+    """Draws differ from the reference's by design: statuses must agree and every token of a
+    status-0 row must lie in the row's kept set (greedy rows: equal to the argmax)."""
+    (tok_f, st_f), (tok_r, st_r) = out_fast, out_ref
+    if not torch.equal(st_f, st_r):
+        bad = (st_f != st_r).nonzero().flatten()[:8].tolist()
+        return f"status differs at rows {bad}: fast {st_f[bad].tolist()}, ref {st_r[bad].tolist()}"
+    kept = _kept_ref(*args[:4])
+    ok = st_f == 0
+    for name, tok in (("fast", tok_f), ("ref", tok_r)):
+        if bool((tok[~ok] != -1).any()):
+            return f"{name}: a flagged row got a token instead of -1"
+        inside = kept[ok].gather(1, tok[ok].clamp(0, kept.shape[1] - 1)[:, None]).squeeze(1) & (tok[ok] >= 0)
+        if not bool(inside.all()):
+            rows = ok.nonzero().flatten()[~inside][:8].tolist()
+            return f"{name}: rows {rows} drew tokens outside the kept set: {tok[rows].tolist()}"
+    return None
+
+
+def _case(device: str, B: int, V: int, t: float, k: int, p: float, dtype=torch.float32) -> BenchCase:
+    def make_args():
+        logits = torch.randn(B, V, device=device, dtype=torch.float32).mul_(3.0).to(dtype)
+        temperature = torch.full((B,), t, device=device)
+        top_k = torch.full((B,), k, device=device, dtype=torch.int32)
+        top_p = torch.full((B,), p, device=device)
+        offsets = torch.randint(0, 2**20, (B,), device=device, dtype=torch.int64)
+        return logits, temperature, top_k, top_p, row_seeds(B * V + k, B, device), offsets
+
+    if p < 1.0:
+        baselines = {"hf": lambda *a: _hf_style(*a, t=t, k=k, p=p)}
+    else:
+        baselines = {"gptfast_style": lambda *a: _gptfast_style(*a, t=t, k=k)}
+    dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    return BenchCase(op="sample", label=f"B={B} V={V} T={t} top_k={k} top_p={p} {dt}", make_args=make_args,
+                     bytes_moved=B * V * dtype.itemsize + 12 * B, flops=8 * B * V,
+                     params=dict(B=B, V=V, temperature=t, top_k=k, top_p=p, dtype=dt),
+                     check=_check_draws, baselines=baselines)
+
+
+def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
+    """Sampling at GPT-2's vocabulary (V=50257), fp32 logits, B = 1, 8, 64, 256.
+
+    (a) T=0.8, top_k=50, top_p=0.9 against the HF-style sort-based path + multinomial;
+    (b) top_k=200 only against the gpt-fast style (topk pivot, softmax, exponential race).
+    bytes_moved = the logits read once. The check compares supports, not draws (`_check_draws`).
+    cpu: two tiny cases (the interpreter, or the reference against itself).
+    """
+    if device == "cpu":
+        return [_case("cpu", 2, 997, 0.8, 50, 0.9), _case("cpu", 2, 1000, 1.0, 200, 1.0)]
+    batches = (1, 64, 256) if quick else (1, 8, 64, 256)
+    cases = [_case(device, b, 50257, 0.8, 50, 0.9) for b in batches]
+    cases += [_case(device, b, 50257, 1.0, 200, 1.0) for b in batches]
+    return cases

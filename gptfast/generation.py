@@ -19,6 +19,7 @@ Differences from HF, by design:
 
 from __future__ import annotations
 
+import numbers
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -89,7 +90,6 @@ _UNSUPPORTED: dict[str, Any] = {
     "max_time": None,
     "encoder_repetition_penalty": 1.0,
     "negative_prompt_ids": None,
-    "cache_implementation": None,
     "past_key_values": None,
     "inputs_embeds": None,
     "position_ids": None,
@@ -106,7 +106,7 @@ _IGNORED = {
     "pad_token_tensor", "eos_token_tensor", "bos_token_tensor", "decoder_start_token_tensor",
     "_pad_token_tensor", "_eos_token_tensor", "_bos_token_tensor", "_decoder_start_token_tensor",
     "use_model_defaults", "return_dict", "attn_implementation", "prefill_chunk_size",
-    "output_past_key_values",
+    "output_past_key_values", "cache_implementation",
 }
 
 
@@ -136,66 +136,106 @@ class GenerateOutput:
     def keys(self):
         return [k for k in ("sequences", "scores", "logits") if getattr(self, k) is not None]
 
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
     def to_tuple(self):
         return tuple(getattr(self, k) for k in self.keys())
 
 
-# transformers models converted once, keyed by the HF object.
+# transformers models converted once, keyed by the HF object, with the fingerprint of the
+# weights they were converted from.
 _CONVERTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _weights_fingerprint(module) -> tuple | None:
+    """Changes whenever a parameter is replaced, moved, cast or modified in place (PyTorch's
+    version counter); None when it cannot be read (inference tensors keep no version)."""
+    try:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
+    except RuntimeError:
+        return None
+
+
 def _as_gptfast(model):
+    """The gptfast model to run, and the HF generation defaults to use (None for a gptfast model)."""
     from .model import GPT2
 
     if isinstance(model, GPT2):
-        return model
+        return model, None
     cls = type(model)
     if cls.__module__.startswith("transformers") and hasattr(model, "config"):
         if getattr(model.config, "model_type", None) != "gpt2":
             raise ValueError(f"gptfast runs GPT-2 models only; got a transformers "
                              f"{cls.__name__} with model_type={model.config.model_type!r}")
-        converted = _CONVERTED.get(model)
-        if converted is None:
+        if not hasattr(model, "lm_head"):
+            raise TypeError(f"a transformers {cls.__name__} has no language-model head; pass a "
+                            f"GPT2LMHeadModel")
+        fingerprint = _weights_fingerprint(model)
+        entry = _CONVERTED.get(model)
+        if entry is None or fingerprint is None or entry[1] != fingerprint:
             p = next(model.parameters())
-            converted = GPT2.from_pretrained(model, dtype=p.dtype, device=p.device)
-            _CONVERTED[model] = converted
-        return converted
+            entry = (GPT2.from_pretrained(model, dtype=p.dtype, device=p.device), fingerprint)
+            _CONVERTED[model] = entry
+        # The HF object's generation_config is read on every call, as HF does.
+        defaults = dict(entry[0].generation_defaults)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "to_diff_dict"):
+            defaults.update({k: v for k, v in gen.to_diff_dict().items() if not k.startswith("_")})
+        return entry[0], defaults
     raise TypeError(f"model must be a gptfast.GPT2 or a transformers GPT2LMHeadModel, "
                     f"got {cls.__module__}.{cls.__name__}")
 
 
-def _resolve_arguments(model, generation_config, kwargs: dict) -> dict:
-    """HF's precedence: explicit kwargs > `generation_config` > the checkpoint's defaults."""
+def _apply_config(args: dict, cfg: dict, where: str) -> None:
+    """Merge generation-config fields into `args`; unsupported settings are errors, never ignored."""
+    for key, value in cfg.items():
+        if key in _DEFAULTS:
+            args[key] = value
+        elif key in _UNSUPPORTED:
+            if value is not None and value != _UNSUPPORTED[key]:
+                raise ValueError(f"{where}.{key}={value!r} is not supported by gptfast (it "
+                                 f"implements greedy search and sampling)")
+        elif key not in _IGNORED and not key.startswith("_") and value is not None:
+            raise ValueError(f"{where}.{key}={value!r} is not supported by gptfast")
+
+
+def _resolve_arguments(defaults: dict, generation_config, kwargs: dict) -> tuple[dict, set]:
+    """HF's precedence: explicit kwargs > `generation_config` > the checkpoint's defaults.
+
+    Returns the arguments and the names set anywhere (to tell HF's defaults from choices).
+    """
     args = dict(_DEFAULTS)
-    args.update({k: v for k, v in model.generation_defaults.items() if k in _DEFAULTS})
+    _apply_config(args, defaults, "the checkpoint's generation config")
+    explicit = {k for k in defaults if k in _DEFAULTS}
     if generation_config is not None:
-        if hasattr(generation_config, "to_dict"):
-            cfg = generation_config.to_dict()
+        # As in HF, fields left at their defaults keep the checkpoint's values.
+        if hasattr(generation_config, "to_diff_dict"):
+            cfg = generation_config.to_diff_dict()
         elif isinstance(generation_config, dict):
             cfg = dict(generation_config)
         else:
             raise TypeError(f"generation_config must be a transformers GenerationConfig or a dict, "
                             f"got {type(generation_config).__name__}")
-        for key, value in cfg.items():
-            if key in _DEFAULTS:
-                if value is not None or key in ("max_new_tokens", "min_new_tokens"):
-                    args[key] = value
-            elif key in _UNSUPPORTED:
-                if value is not None and value != _UNSUPPORTED[key]:
-                    raise ValueError(f"generation_config.{key}={value!r} is not supported by "
-                                     f"gptfast (only sampling and greedy search are)")
-            elif key not in _IGNORED and value is not None:
-                raise ValueError(f"generation_config.{key}={value!r} is not supported by gptfast")
+        _apply_config(args, cfg, "generation_config")
+        explicit |= {k for k in cfg if k in _DEFAULTS}
     for key, value in kwargs.items():
         if key in _DEFAULTS:
             args[key] = value
+            explicit.add(key)
         elif key in _UNSUPPORTED:
             if value is not None and value != _UNSUPPORTED[key]:
                 raise ValueError(f"generate() argument `{key}` is not supported by gptfast "
                                  f"(it implements greedy search and sampling); got {key}={value!r}")
         else:
             raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
-    return args
+    return args, explicit
 
 
 def _eos_list(eos) -> tuple[int, ...]:
@@ -211,9 +251,33 @@ def _eos_list(eos) -> tuple[int, ...]:
     return tuple(eos)
 
 
-def _check_number(name, value, kind, ok, allowed):
-    if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
+def _integer(name, value, ok, allowed) -> int:
+    """`value` as an int (numpy and torch integers accepted) if `ok`, else HF-style ValueError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not ok(int(value)):
         raise ValueError(f"`{name}` has to be {allowed}, but is {value!r}")
+    return int(value)
+
+
+def _infer_attention_mask(input_ids, pad, eos):
+    """HF's rule when no mask is given: pad tokens are padding if the pad id occurs in the input
+    and is not an EOS id; otherwise every token is real."""
+    if pad is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return None
+    if pad in eos or not bool((input_ids == pad).any()):
+        return None
+    return (input_ids != pad).long()
+
+
+def _invalidate_stale_prefix_cache(model) -> None:
+    """Cached prefix blocks hold K/V computed from the weights of their time: drop them when the
+    weights have changed since the last call."""
+    fingerprint = _weights_fingerprint(model)
+    if model._kv_cache is not None and (fingerprint is None or
+                                        fingerprint != getattr(model, "_prefix_fingerprint", None)):
+        model.kv_cache.manager.reset_prefix_cache()
+    model._prefix_fingerprint = fingerprint
 
 
 @torch.inference_mode()
@@ -260,43 +324,54 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     >>> out = gptfast.generate(model, input_ids, attention_mask, max_new_tokens=20)
     >>> out = gptfast.generate(model, input_ids, do_sample=True, top_p=0.9, seed=0)
     """
-    model = _as_gptfast(model)
+    model, hf_defaults = _as_gptfast(model)
     config = model.config
-    args = _resolve_arguments(model, generation_config, kwargs)
+    defaults = model.generation_defaults if hf_defaults is None else hf_defaults
+    args, explicit = _resolve_arguments(defaults, generation_config, kwargs)
+    _invalidate_stale_prefix_cache(model)
 
     # ---------------------------------------------------------------- arguments
     eos = _eos_list(args["eos_token_id"])
+    for e in eos:
+        if not 0 <= e < config.vocab_size:
+            raise ValueError(f"`eos_token_id` is {e}, outside the vocabulary [0, {config.vocab_size})")
     pad = args["pad_token_id"]
+    if isinstance(pad, torch.Tensor):
+        pad = int(pad.item())
     if pad is None and eos:
         pad = eos[0]
         warnings.warn(f"Setting `pad_token_id` to `eos_token_id`:{pad} for open-end generation.",
-                      UserWarning, stacklevel=2)
-    if isinstance(pad, torch.Tensor):
-        pad = int(pad.item())
-    for name, value in (("pad_token_id", pad), *(("eos_token_id", e) for e in eos)):
-        if value is not None and not 0 <= value < config.vocab_size:
-            raise ValueError(f"`{name}` is {value}, outside the vocabulary [0, {config.vocab_size})")
+                      UserWarning, stacklevel=3)
+    if pad is not None:
+        pad = _integer("pad_token_id", pad, lambda v: 0 <= v < config.vocab_size,
+                       f"a token id in [0, {config.vocab_size})")
     do_sample = args["do_sample"]
-    if not isinstance(do_sample, bool):
+    if do_sample in (0, 1) and not isinstance(do_sample, float):
+        do_sample = bool(do_sample)
+    else:
         raise ValueError(f"`do_sample` has to be a bool, but is {do_sample!r}")
-    n_return = args["num_return_sequences"]
-    _check_number("num_return_sequences", n_return, int, lambda v: v >= 1, "a positive integer")
+    n_return = _integer("num_return_sequences", args["num_return_sequences"], lambda v: v >= 1,
+                        "a positive integer")
     if n_return > 1 and not do_sample:
         raise ValueError("Greedy methods without beam search do not support `num_return_sequences` "
                          f"different than 1 (got {n_return}).")
     temperature, top_k, top_p = args["temperature"], args["top_k"], args["top_p"]
     if do_sample:
-        _check_number("temperature", temperature, (int, float), lambda v: v > 0,
-                      "a strictly positive float, otherwise your next token scores will be invalid")
-        _check_number("top_k", top_k if top_k is not None else 0, int, lambda v: v >= 0,
-                      "a non-negative integer (0 switches top-k off)")
-        _check_number("top_p", top_p if top_p is not None else 1.0, (int, float),
-                      lambda v: 0 < v <= 1, "a float in (0, 1]")
-    penalty = args["repetition_penalty"]
-    _check_number("repetition_penalty", penalty if penalty is not None else 1.0, (int, float),
-                  lambda v: v > 0, "a strictly positive float")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"`seed` must be an int, got {seed!r}")
+        temperature = 1.0 if temperature is None else temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"`temperature` (={temperature}) has to be a strictly positive float, "
+                             "otherwise your next token scores will be invalid. If you're looking "
+                             "for greedy decoding strategies, set `do_sample=False`.")
+        top_k = _integer("top_k", 0 if top_k is None else top_k, lambda v: v >= 0,
+                         "a non-negative integer (0 switches top-k off)")
+        top_p = 1.0 if top_p is None else top_p
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+            raise ValueError(f"`top_p` has to be a float > 0 and <= 1, but is {top_p}")
+    penalty = 1.0 if args["repetition_penalty"] is None else args["repetition_penalty"]
+    if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or not penalty > 0:
+        raise ValueError(f"`repetition_penalty` has to be a strictly positive float, but is {penalty}")
+    if seed is not None:
+        seed = _integer("seed", seed, lambda v: True, "an int")
 
     # ---------------------------------------------------------------- prompts
     if input_ids is None:
@@ -307,19 +382,29 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         input_ids = torch.tensor([[bos]], dtype=torch.long)
         if attention_mask is not None:
             raise ValueError("attention_mask was given without input_ids")
+    if attention_mask is None:
+        attention_mask = _infer_attention_mask(input_ids, pad, eos)
     prompts, attention_mask = _ragged_prompts(input_ids, attention_mask, config)
     B, T = input_ids.shape
+    criteria = _criteria_list(stopping_criteria)
+    # A user's MaxLengthCriteria replaces the length limit, as in HF.
+    for c in [c for c in criteria if type(c).__name__ == "MaxLengthCriteria"]:
+        args["max_length"], args["max_new_tokens"] = c.max_length, None
+        explicit.add("max_length")
+        criteria.remove(c)
     if args["max_new_tokens"] is not None:
-        max_new = args["max_new_tokens"]
-        _check_number("max_new_tokens", max_new, int, lambda v: v >= 1, "a positive integer")
+        max_new = _integer("max_new_tokens", args["max_new_tokens"], lambda v: v >= 1,
+                           "a positive integer")
     else:
-        max_length = args["max_length"]
-        _check_number("max_length", max_length, int, lambda v: v >= 1, "a positive integer")
-        if "max_length" not in kwargs and generation_config is None:
+        max_length = _integer("max_length", args["max_length"], lambda v: v >= 1,
+                              "a positive integer")
+        if "max_length" not in explicit:
+            # HF 5: by default always 20 new tokens, within the model's positions.
             warnings.warn(f"Using the model-agnostic default `max_length` (={max_length}) to "
                           "control the generation length. We recommend setting `max_new_tokens` "
                           "to control the maximum length of the generation.", UserWarning,
-                          stacklevel=2)
+                          stacklevel=3)
+            max_length = min(max_length + T, config.n_positions)
         if T >= max_length:
             raise ValueError(f"Input length of input_ids is {T}, but `max_length` is set to "
                              f"{max_length}. This can lead to unexpected behavior. You should "
@@ -331,7 +416,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new} needs "
                          f"{longest + max_new} positions, but the model has n_positions="
                          f"{config.n_positions}; shorten the prompt or lower max_new_tokens")
-    min_new = max(args["min_new_tokens"] or 0, (args["min_length"] or 0) - T, 0)
+    if args["min_new_tokens"] is not None:  # HF: min_new_tokens takes precedence over min_length
+        min_new = _integer("min_new_tokens", args["min_new_tokens"], lambda v: v >= 0,
+                           "a non-negative integer")
+    else:
+        min_new = max(_integer("min_length", args["min_length"] or 0, lambda v: v >= 0,
+                               "a non-negative integer") - T, 0)
 
     params = SamplingParams(
         max_new_tokens=max_new,
@@ -353,11 +443,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
 
     want_scores = bool(args["output_scores"]) and bool(args["return_dict_in_generate"])
     want_logits = bool(args["output_logits"]) and bool(args["return_dict_in_generate"])
-    criteria = _criteria_list(stopping_criteria)
     engine = Engine(model, keep_scores=want_scores or want_logits or bool(criteria))
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
     expanded = input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
+    if streamer is not None:
+        streamer.put(expanded)
     run = _Run(engine, expanded, pad, streamer, criteria, want_scores, want_logits,
                config.vocab_size, input_ids.device)
     try:

@@ -163,9 +163,85 @@ def test_max_length_and_default_length(tiny):
     ref = _hf_generate(hf, ids, max_length=9, pad_token_id=0, eos_token_id=None)
     got = gptfast.generate(model, ids, max_length=9, pad_token_id=0, eos_token_id=None)
     assert torch.equal(got, ref) and got.shape[1] == 9
-    with pytest.warns(UserWarning, match="max_length"):
-        got = gptfast.generate(model, ids, pad_token_id=0, eos_token_id=None)
-    assert got.shape[1] == 20  # HF's default max_length
+    # No length anywhere: HF 5 generates 20 new tokens, within n_positions.
+    for T in (4, 85):
+        ids, _ = _batch(hf.config.vocab_size, [T], seed=9)
+        ref = _hf_generate(hf, ids, pad_token_id=0, eos_token_id=None)
+        with pytest.warns(UserWarning, match="max_length"):
+            got = gptfast.generate(model, ids, pad_token_id=0, eos_token_id=None)
+        assert got.shape == ref.shape == (1, min(T + 20, hf.config.n_positions))
+        assert torch.equal(got, ref)
+
+
+def test_min_new_tokens_takes_precedence_over_min_length(tiny):
+    hf, model = tiny
+    ids, _ = _batch(hf.config.vocab_size, [5], seed=23)
+    eos = int(gptfast.generate(model, ids, max_new_tokens=1, pad_token_id=0)[0, -1])
+    kw = dict(max_new_tokens=8, min_new_tokens=1, min_length=12, pad_token_id=0, eos_token_id=eos)
+    assert torch.equal(gptfast.generate(model, ids, **kw), _hf_generate(hf, ids, **kw))
+
+
+def test_attention_mask_inferred_from_pad_like_hf(tiny):
+    hf, model = tiny
+    ids, mask = _batch(hf.config.vocab_size, [6, 2], seed=24)
+    ids[mask == 0] = 9
+    ids[mask == 1] = ids[mask == 1].clamp_min(10)
+    kw = dict(max_new_tokens=4, pad_token_id=9, eos_token_id=4)
+    ref = _hf_generate(hf, ids, **kw)
+    got = gptfast.generate(model, ids, **kw)
+    assert torch.equal(got, ref)
+    assert torch.equal(got, gptfast.generate(model, ids, attention_mask=mask, **kw))
+
+
+def test_hf_model_changes_are_seen(tiny):
+    hf = make_hf_model(get_config("tiny-odd"), seed=25)
+    ids, _ = _batch(hf.config.vocab_size, [5], seed=25)
+    kw = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    before = gptfast.generate(hf, ids, **kw)
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_fc.weight.mul_(-3.0)
+    after = gptfast.generate(hf, ids, **kw)
+    assert torch.equal(after, _hf_generate(hf, ids, **kw))
+    assert not torch.equal(before, after)
+    hf.generation_config.max_new_tokens = 2
+    out = gptfast.generate(hf, ids, pad_token_id=0, eos_token_id=None)
+    assert out.shape[1] == 7 == _hf_generate(hf, ids, pad_token_id=0, eos_token_id=None).shape[1]
+
+
+def test_prefix_cache_dropped_when_weights_change():
+    model = GPT2.from_config(get_config("tiny"), seed=0, block_size=4)
+    ids = torch.arange(1, 30).view(1, -1)
+    gptfast.generate(model, ids, max_new_tokens=3, pad_token_id=0)
+    with torch.no_grad():
+        model.h[0].attn.c_attn.weight.mul_(2.0)
+    got = gptfast.generate(model, ids, max_new_tokens=3, pad_token_id=0)
+    fresh = GPT2.from_config(get_config("tiny"), seed=0, block_size=4)
+    with torch.no_grad():
+        fresh.h[0].attn.c_attn.weight.mul_(2.0)
+    assert torch.equal(got, gptfast.generate(fresh, ids, max_new_tokens=3, pad_token_id=0))
+
+
+def test_unsupported_checkpoint_defaults_raise(tiny, tmp_path):
+    hf = make_hf_model(get_config("tiny-odd"), seed=26)
+    hf.generation_config.no_repeat_ngram_size = 1
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        gptfast.generate(hf, torch.tensor([[1, 2]]), max_new_tokens=2, pad_token_id=0)
+    folder = save_hf_checkpoint(hf, tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        gptfast.generate(GPT2.from_pretrained(folder), torch.tensor([[1, 2]]), max_new_tokens=2,
+                         pad_token_id=0)
+
+
+def test_user_max_length_criteria_sets_the_length(tiny):
+    from transformers import MaxLengthCriteria, StoppingCriteriaList
+
+    hf, model = tiny
+    ids, _ = _batch(hf.config.vocab_size, [5], seed=27)
+    kw = dict(max_new_tokens=3, pad_token_id=0, eos_token_id=None,
+              stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(12)]))
+    ref = _hf_generate(hf, ids, **kw)
+    got = gptfast.generate(model, ids, **kw)
+    assert torch.equal(got, ref)
 
 
 def test_unconditional_starts_from_bos(tiny):
@@ -307,6 +383,7 @@ def test_return_dict_scores_and_logits_match_hf(tiny):
     got = gptfast.generate(model, ids, attention_mask=mask, **kw)
     assert torch.equal(got.sequences, ref.sequences)
     assert got["sequences"] is got.sequences
+    assert "scores" in got and list(got) == ["sequences", "scores", "logits"] and len(got) == 3
     assert len(got.scores) == len(ref.scores) == 6
     for a, b in zip(got.scores, ref.scores):
         assert (a - b).abs().max().item() < 1e-4
@@ -344,6 +421,17 @@ def test_streamer_protocol_matches_hf(tiny):
     for (_, x), (_, y) in zip(a.calls, b.calls):
         if x is not None:
             assert torch.equal(x.view(-1), y.view(-1))
+
+
+def test_streamer_gets_the_expanded_prompt_like_hf(tiny):
+    hf, model = tiny
+    ids, _ = _batch(hf.config.vocab_size, [4, 4], seed=28)
+    kw = dict(max_new_tokens=2, do_sample=True, num_return_sequences=3, pad_token_id=0)
+    a, b = _Recorder(), _Recorder()
+    _hf_generate(hf, ids, streamer=a, **kw)
+    gptfast.generate(model, ids, streamer=b, seed=0, **kw)
+    assert [tuple(x.shape) if x is not None else None for _, x in a.calls] == \
+        [tuple(x.shape) if x is not None else None for _, x in b.calls]
 
 
 def test_stopping_criteria_match_hf(tiny):
@@ -390,6 +478,9 @@ def test_generation_config_and_checkpoint_defaults(tiny, tmp_path):
     loaded = GPT2.from_pretrained(folder)
     assert loaded.generation_defaults["max_new_tokens"] == 3
     assert gptfast.generate(loaded, ids).shape[1] == 7
+    # An explicit generation_config keeps the checkpoint's values for fields it leaves unset.
+    out = gptfast.generate(loaded, ids, generation_config=GenerationConfig(do_sample=True, top_k=1))
+    assert out.shape[1] == 7
 
 
 # ------------------------------------------------------------------------------- bad input

@@ -1,0 +1,1 @@
+"""gptfast's benchmarks: `python -m benchmarks` runs `gptfast bench` (see gptfast/bench)."""

@@ -1,0 +1,199 @@
+"""`gptfast bench`: correctness-checked benchmarks of gptfast's ops and of generation end to end.
+
+Suites:
+
+- e2e (default, the main job): gptfast `generate` against Hugging Face `generate` on the same
+  randomly initialised GPT-2 weights: fp32 greedy tokens must match first; then tokens/s at batch 1
+  and for a set of mixed-length prompts, time to first token, inter-token latency, weight bandwidth.
+- ops: every op in `gptfast.ops` that declares `benchmark_cases`: fast path checked against its
+  eager reference, then timed in µs, GB/s, TFLOP/s, % of the measured floor, speedups.
+
+Only argparse is imported here, so `gptfast bench --help` is instant; torch, triton, matplotlib
+and transformers load when a suite runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["add_bench_arguments", "run_bench", "default_out_dir"]
+
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def default_out_dir(cwd: Path | None = None) -> Path:
+    """benchmarks/results inside a gptfast checkout (the current folder), else ./bench-results."""
+    cwd = Path.cwd() if cwd is None else cwd
+    if (cwd / "benchmarks").is_dir() and (cwd / "gptfast").is_dir():
+        return cwd / "benchmarks" / "results"
+    return cwd / "bench-results"
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark options to `parser` (used by `gptfast bench` and `python -m benchmarks`)."""
+    parser.add_argument("--suite", choices=("e2e", "ops", "all"), default="e2e",
+                        help="e2e: gptfast vs HF generate on the same random GPT-2 (default); "
+                             "ops: each kernel vs its eager reference; all: ops then e2e")
+    parser.add_argument("--quick", action="store_true",
+                        help="small workloads (what benchmarks/gpu_check.sh runs)")
+    parser.add_argument("--device", default="auto",
+                        help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None,
+                        help="e2e model dtype (default: bf16 on CUDA, fp32 on the CPU); "
+                             "correctness is always checked in fp32 first")
+    parser.add_argument("--model", default="gpt2",
+                        help="a gptfast preset (random weights: gpt2, gpt2-medium, ..., tiny) or an HF "
+                             "checkpoint folder (default: gpt2, the 124M shape)")
+    parser.add_argument("--ops", nargs="+", metavar="NAME",
+                        help="ops suite: only these ops (op or module names, e.g. decode_attention sampling)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for result files (default: benchmarks/results in a checkout, "
+                             "else ./bench-results)")
+    parser.add_argument("--formats", default="json,csv,md",
+                        help="result files to write, comma-separated from json,csv,md (default: all)")
+    parser.add_argument("--no-plots", action="store_true", help="do not draw the ops PNG")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD.json", "NEW.json"),
+                        help="compare two result files (speed ratio per row, regressions flagged; "
+                             "exit status 1 if any) instead of running")
+    parser.add_argument("--threshold", type=float, default=0.05,
+                        help="--compare: a row slower by more than this fraction is a regression "
+                             "(default 0.05)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    # Programs that call run_bench themselves (tests) must not have their process replaced.
+    parser.add_argument("--no-reexec", dest="reexec", action="store_false", help=argparse.SUPPRESS)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})")
+        return device
+    if device != "cpu":
+        raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run what `args` asks for; print the result table last; 0 when every check passed.
+
+    Returns 1 when a correctness check failed or a case errored (or, with --compare, when a
+    regression was flagged).
+    """
+    if args.compare:
+        from .results import compare_files
+
+        try:
+            text, regressions = compare_files(args.compare[0], args.compare[1], args.threshold)
+        except ValueError as exc:
+            print(f"gptfast bench --compare: {exc}", file=sys.stderr)
+            return 2
+        print(text)
+        return 1 if regressions else 0
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not formats or set(formats) - {"json", "csv", "md"}:
+        print(f"--formats must list some of json,csv,md; got {args.formats!r}", file=sys.stderr)
+        return 2
+    device = _resolve_device(args.device)
+    if device == "cpu" and args.suite in ("ops", "all") and "TRITON_INTERPRET" not in os.environ:
+        # On the CPU the kernels can only be checked through Triton's interpreter, which Triton
+        # picks when triton.language and each kernel are defined: too late once triton is loaded
+        # (importing gptfast loads it), so the command restarts itself with the variable set.
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        if "triton" not in sys.modules:
+            os.environ.update(env)
+        elif args.reexec:
+            print("gptfast bench: restarting with TRITON_INTERPRET=1 to check the kernels on the CPU",
+                  flush=True)
+            sys.stderr.flush()
+            os.execve(sys.executable, sys.orig_argv, env)
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    out_dir = args.out if args.out is not None else default_out_dir()
+    progress = not args.no_progress
+
+    from . import ceilings as ceilings_mod
+    from . import provenance, results
+
+    facts = provenance.collect(device=device)
+    print(f"gptfast bench: suite {args.suite} on {facts['device']} ({device}), torch {facts['torch']}, "
+          f"triton {facts['triton']}, transformers {facts['transformers']}", flush=True)
+    ceil = ceilings_mod.measure(device, quick=args.quick)
+    ceiling_note = (f"measured ceilings: copy {ceil.copy_gbps:,.1f} GB/s (read + write, "
+                    f"{ceil.copy_bytes >> 20} MiB), {ceil.matmul_dtype} matmul {ceil.matmul_tflops:,.2f} "
+                    f"TFLOP/s ({ceil.matmul_n}³)")
+    print(ceiling_note, flush=True)
+    facts = dict(facts, ceilings=ceil.as_dict())
+
+    tables: list[str] = []
+    failed = False
+    written: list[Path] = []
+    if args.suite in ("ops", "all"):
+        from . import runner
+
+        rows = runner.run_ops(device, args.quick, ops=args.ops, ceilings=ceil, progress=progress)
+        if not rows:
+            known = sorted({c.op for _, m in runner.discover() if not isinstance(m, BaseException)
+                            for c in m.benchmark_cases(device, args.quick)})
+            print(f"gptfast bench: no ops case matched --ops {' '.join(args.ops or [])}; ops here: "
+                  f"{', '.join(known) or 'none'}", file=sys.stderr)
+            return 2
+        mode = runner.fast_mode(device)
+        notes = [ceiling_note, {"timed": "fast path (Triton) checked, then timed",
+                                "checked": "fast path checked in the Triton interpreter, not timed; "
+                                           "the eager reference is timed",
+                                }.get(mode, f"fast path {mode}: only the eager reference runs")]
+        paths = results.save("ops", rows, out_dir, runner.COLUMNS, provenance=facts, notes=notes,
+                             formats=formats)
+        written += paths.values()
+        if not args.no_plots and rows:
+            from .plots import plot_ops
+
+            stem = next(iter(paths.values())).stem
+            png = plot_ops(rows, Path(out_dir) / f"{stem}.png",
+                           f"gptfast ops on {facts['device']} ({facts['date_utc']})")
+            if png is not None:
+                written.append(png)
+        failed |= _print_failures(rows)
+        tables.append(f"ops on {facts['device']} ({device}); {ceiling_note}\n"
+                      + results.format_table(rows, runner.COLUMNS))
+    if args.suite in ("e2e", "all"):
+        from . import e2e
+
+        rows, notes = e2e.run_e2e(device, dtype, args.quick, model=args.model, seed=args.seed,
+                                  ceilings=ceil, progress=progress)
+        notes = notes + [ceiling_note]
+        paths = results.save("e2e", rows, out_dir, e2e.COLUMNS, provenance=facts, notes=notes,
+                             formats=formats)
+        written += paths.values()
+        failed |= _print_failures(rows)
+        tables.append(f"e2e on {facts['device']} ({device}, {dtype}, model {args.model}): " + notes[0]
+                      + "\n" + results.format_table(rows, e2e.COLUMNS))
+
+    print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
+    for table in tables:
+        print("\n" + table)
+    return 1 if failed else 0
+
+
+def _print_failures(rows) -> bool:
+    """Print the report of each failed or errored row; True if there was one."""
+    bad = [r for r in rows if r.get("status") in ("FAIL", "ERROR")]
+    for r in bad:
+        print(f"\n{r['status']}: {r.get('op') or r.get('engine')} [{r.get('case') or r.get('scenario')}]\n"
+              f"{r.get('report') or r.get('note')}")
+    return bool(bad)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m benchmarks` / `python -m gptfast.bench`."""
+    parser = argparse.ArgumentParser(prog="gptfast bench", description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))

@@ -24,8 +24,42 @@ from . import ops
 from .config import GPT2Config, get_config
 from .kv_cache import AttnMetadata, KVCache
 
+_MKLDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
 if TYPE_CHECKING:
     from .weights import Checkpoint
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, holder) -> torch.Tensor:
+    """`F.linear(x, w, b)`; for bf16 weights on the CPU, oneDNN's linear on a copy of `w`
+    prepacked for it, kept on `holder._packed`. That is ~1.5x faster than `F.linear` for the
+    skinny decode matmuls (measured on an AVX-512 Xeon: the plain bf16 path re-lays the weight
+    out on every call). The packed copy is rebuilt whenever the weight is replaced or modified in
+    place (its version counter changes)."""
+    if w.dtype is torch.bfloat16 and w.device.type == "cpu" and _MKLDNN_BF16:
+        try:
+            key = (w.data_ptr(), w._version)
+        except RuntimeError:  # an inference tensor keeps no version counter: no cache
+            return F.linear(x, w, b)
+        packed = holder._packed
+        if packed is None or packed[0] != key:
+            packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1))
+            holder._packed = packed
+        return torch.ops.mkldnn._linear_pointwise(x, packed[1], b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+class _PackedHolder:
+    _packed: tuple | None = None
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (prepacked bf16 weights on the CPU)."""
+
+    _packed: tuple | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self)
 
 
 def _activation(name: str):
@@ -43,8 +77,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head = config.n_head
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(C, 3 * C, bias=config.bias)
-        self.c_proj = nn.Linear(C, C, bias=config.bias)
+        self.c_attn = Linear(C, 3 * C, bias=config.bias)
+        self.c_proj = Linear(C, C, bias=config.bias)
         scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
@@ -81,8 +115,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.mlp_dim, bias=config.bias)
-        self.c_proj = nn.Linear(config.mlp_dim, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, config.mlp_dim, bias=config.bias)
+        self.c_proj = Linear(config.mlp_dim, config.n_embd, bias=config.bias)
         self.act = _activation(config.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +183,7 @@ class GPT2(nn.Module):
             "pad_token_id": config.pad_token_id,
         }
         self._kv_cache: KVCache | None = None
+        self._head = _PackedHolder()  # the head's prepacked weight (see `linear`)
         self.eval()
         self.requires_grad_(False)
 
@@ -299,7 +334,7 @@ class GPT2(nn.Module):
         if logits_indices is not None:
             x = x.index_select(0, logits_indices)  # (M, C)
         x = self.ln_f(x)
-        return F.linear(x, self.head_weight()).float()  # (M, V)
+        return linear(x, self.head_weight(), None, self._head).float()  # (M, V)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):

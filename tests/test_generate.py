@@ -633,3 +633,15 @@ def test_low_precision_logits_within_policy(tiny, dtype, tol):
     agree = (out[:, ids.shape[1]] == ref_out[:, ids.shape[1]]).float().mean().item()
     assert agree >= 0.5
     assert math.isfinite(got.abs().max().item())
+
+
+def test_bf16_cpu_linear_follows_weight_changes():
+    from gptfast.model import Linear
+
+    lin = Linear(64, 96).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    ref = torch.nn.functional.linear
+    assert (lin(x).float() - ref(x, lin.weight, lin.bias).float()).abs().max() < 1e-2
+    with torch.no_grad():
+        lin.weight.mul_(-2.0)  # in place: the prepacked copy must be rebuilt
+    assert (lin(x).float() - ref(x, lin.weight, lin.bias).float()).abs().max() < 2e-2

@@ -724,12 +724,15 @@ def kv_cache_write_ref(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Eager reference of `kv_cache_write` (same signature): `cache.view(-1, H, D)[slot] = k`."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
     H, D = k_cache.shape[2], k_cache.shape[3]
+    if slot_mapping.device.type == "cpu" and bool((slot_mapping >= 0).all()):
+        slots = slot_mapping  # the runtime's case: no padding slots, no masking copies
+    else:
+        keep = slot_mapping >= 0
+        slots, k, v = slot_mapping[keep], k[keep], v[keep]
     # caches viewed as [num_blocks * block_size, H, D]: a slot is a row
-    k_cache.view(-1, H, D).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, H, D).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    k_cache.view(-1, H, D).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, H, D).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def _gather_pages(cache: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:

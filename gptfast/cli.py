@@ -34,9 +34,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 class _PrintStreamer:
     """HF streamer protocol: the prompt first, then one tensor of new tokens per step."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
+    def __init__(self, tokenizer, out=None):
         self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
-        self.out = out
+        self.out = out if out is not None else sys.stdout
         self.seen_prompt = False
         self.count = 0
 

@@ -20,6 +20,8 @@
 
 from __future__ import annotations
 
+import os
+
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -241,6 +243,21 @@ def _engines(hf, gpt_model, gpt_generate, device: str, compile_hf: bool) -> list
         engines.append(Engine("HF static cache + compile",
                               lambda ids, mask, new, streamer=None: hf_generate(
                                   ids, mask, new, streamer, cache_implementation="static")))
+    if device != "cpu":
+        # gptfast's own eager path (every op through its PyTorch reference): what the kernels
+        # gain over eager PyTorch inside the same runtime. On the CPU that is gptfast itself.
+        def gpt_reference(ids, mask, new, streamer=None):
+            before = os.environ.get("GPTFAST_KERNELS")
+            os.environ["GPTFAST_KERNELS"] = "reference"
+            try:
+                return gpt_gen(ids, mask, new, streamer)
+            finally:
+                if before is None:
+                    del os.environ["GPTFAST_KERNELS"]
+                else:
+                    os.environ["GPTFAST_KERNELS"] = before
+
+        engines.append(Engine("gptfast eager reference ops", gpt_reference))
     engines.append(Engine("gptfast", gpt_gen))
     return engines
 

@@ -946,9 +946,36 @@ def _decode_case(device, batch, context, heads, head_dim, dtype, block_size=16) 
     )
 
 
+def _kv_write_case(device, tokens, heads, head_dim, dtype, block_size=16) -> BenchCase:
+    """`tokens` new K/V rows scattered to random distinct slots of a cache with room for them."""
+    gen = _lazy_generator(device, 99 + tokens)
+    num_blocks = -(-tokens // block_size) * 2 + 1
+
+    def make_args():
+        g = gen()
+        k = torch.randn(tokens, heads, head_dim, generator=g, device=device).to(dtype)
+        v = torch.randn(tokens, heads, head_dim, generator=g, device=device).to(dtype)
+        k_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=g, device=device).to(dtype)
+        v_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=g, device=device).to(dtype)
+        slots = torch.randperm((num_blocks - 1) * block_size, generator=g, device=device)[:tokens]
+        return (k, v, k_cache, v_cache, slots + block_size)  # never the null block
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    return BenchCase(
+        op="kv_cache_write",
+        label=f"N={tokens} H={heads} D={head_dim} bs={block_size} {str(dtype).removeprefix('torch.')}",
+        make_args=make_args,
+        bytes_moved=2 * 2 * tokens * heads * head_dim * e,  # K and V, each read once and written once
+        params=dict(N=tokens, H=heads, D=head_dim, block_size=block_size, dtype=str(dtype)),
+        atol=0.0,
+        rtol=0.0,
+    )
+
+
 def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     """Prefill and decode configurations (GPT-2: H=12, D=64, block_size 16).
 
+    kv_cache_write: N new tokens' K/V scattered into the cache (bytes = read + write).
     cuda: prefill B=4 (B*H=48) at T=128..1024 (and B=16 T=512) in fp16/bf16, FLOPs counted for
     the causal half; decode at contexts 128..4096 and batch 1..256 in bf16 (fp16 at one point),
     bytes = K/V read. cpu: one tiny fp32 case of each (the reference runs against itself or the
@@ -961,6 +988,7 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
         return [
             _prefill_case("cpu", 2, 32, 2, 16, torch.float32, block_size=8),
             _decode_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
+            _kv_write_case("cpu", 5, 2, 16, torch.float32, block_size=8),
         ]
     fp16, bf16 = torch.float16, torch.bfloat16
     if quick:
@@ -972,4 +1000,6 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
         decode += [(8, 1024, fp16)]
     cases = [_prefill_case(device, b, t, 12, 64, dt) for b, t, dt in prefill]
     cases += [_decode_case(device, b, c, 12, 64, dt) for b, c, dt in decode]
+    # the decode step's append (one token per sequence) and a prefill's (whole prompts)
+    cases += [_kv_write_case(device, n, 12, 64, bf16) for n in ((256, 8192) if quick else (1, 256, 8192))]
     return cases

@@ -223,6 +223,9 @@ def _first_mismatch(expected: torch.Tensor, got: torch.Tensor, prompt_width: int
             f"gptfast {got[row, col].item()}, HF {expected[row, col].item()}")
 
 
+HF_FP32 = "HF fp32 generate (eager, sdpa)"
+
+
 @dataclass
 class Engine:
     name: str
@@ -412,10 +415,19 @@ def run_e2e(
 
     # 2. timing in the requested dtype
     torch_dtype = DTYPES[dtype]
+    hf32 = None
     if torch_dtype != torch.float32:
         gpt = GPT2.from_pretrained(hf, dtype=torch_dtype, device=device)
+        if device == "cpu":
+            # HF in fp32 too: the CPU target for low precision is stated against HF's fp32.
+            import copy
+
+            hf32 = copy.deepcopy(hf)
         hf = hf.to(torch_dtype)
     engines = _engines(hf, gpt, gpt_generate, device, plan.compile_hf)
+    if hf32 is not None:
+        fp32_engine = _engines(hf32, gpt, gpt_generate, device, False)[0]
+        engines.insert(1, Engine(HF_FP32, fp32_engine.generate))
     w_bytes = weight_bytes_per_step(config, torch_dtype)
     rows: list[dict] = []
     hf_speed: dict[str, float] = {}
@@ -434,8 +446,10 @@ def run_e2e(
 
     scenario = f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
     for engine in engines:
-        row = dict(base, key=f"{scenario} | {engine.name} | {dtype}", engine=engine.name,
-                   scenario=scenario, status="PASS" if engine.name == "gptfast" else "ref")
+        row_dtype = "fp32" if engine.name == HF_FP32 else dtype
+        row = dict(base, key=f"{scenario} | {engine.name} | {row_dtype}", engine=engine.name,
+                   scenario=scenario, dtype=row_dtype,
+                   status="PASS" if engine.name == "gptfast" else "ref")
         r = batch1[engine.name]
         if isinstance(r, Exception):
             row.update(status="SKIP" if engine.name.startswith("HF static") else "ERROR",
@@ -450,19 +464,25 @@ def run_e2e(
             agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
         row.update(r, note="greedy: " + ", ".join(agree))
         if r["tok_s"] is not None:
-            row["weight_gbps"] = w_bytes * r["tok_s"] / 1e9
+            row_bytes = weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else w_bytes
+            row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9
             if ceilings is not None:
                 row["pct_bw"] = row["weight_gbps"] / ceilings.copy_gbps * 100
         if engine.name.startswith("HF generate"):
             hf_speed["batch1"] = r["tok_s"]
+        elif engine.name == HF_FP32:
+            hf_speed["batch1_fp32"] = r["tok_s"]
         elif hf_speed.get("batch1") and r["tok_s"]:
             row["speedup_hf"] = r["tok_s"] / hf_speed["batch1"]
+            if hf_speed.get("batch1_fp32"):
+                row["note"] += f"; {r['tok_s'] / hf_speed['batch1_fp32']:.2f}x HF fp32"
         rows.append(row)
 
     scenario = f"mixed: {len(plan.requests)} req, batches of {plan.batch_size}"
     for name, r in mixed.items():
-        row = dict(base, key=f"{scenario} | {name} | {dtype}", engine=name, scenario=scenario,
-                   status="PASS" if name == "gptfast" else "ref")
+        row_dtype = "fp32" if name == HF_FP32 else dtype
+        row = dict(base, key=f"{scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
+                   dtype=row_dtype, status="PASS" if name == "gptfast" else "ref")
         if isinstance(r, Exception):
             row.update(status="ERROR", note=f"{type(r).__name__}: {r}".splitlines()[0][:200])
             rows.append(row)
@@ -471,8 +491,12 @@ def run_e2e(
                            f"in {r['total_s']:.2f} s")
         if name.startswith("HF generate"):
             hf_speed["mixed"] = r["tok_s"]
+        elif name == HF_FP32:
+            hf_speed["mixed_fp32"] = r["tok_s"]
         elif hf_speed.get("mixed"):
             row["speedup_hf"] = r["tok_s"] / hf_speed["mixed"]
+            if hf_speed.get("mixed_fp32"):
+                row["note"] += f"; {r['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32"
         rows.append(row)
     notes.append(f"weights read per decode step: {w_bytes / 1e6:.1f} MB ({dtype}, tied head counted once "
                  f"as the head, one wpe row)")

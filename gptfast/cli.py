@@ -67,7 +67,7 @@ def _load(args):
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device, progress=True)
     if args.model in PRESETS:
         print(f"NOTE: preset {args.model!r} has randomly initialised weights: the text is noise",
               file=sys.stderr)

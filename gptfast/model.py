@@ -191,7 +191,8 @@ class GPT2(nn.Module):
     @classmethod
     def from_config(cls, config: GPT2Config | str, seed: int | None = None,
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    block_size: int = 16, num_kv_blocks: int | None = None) -> "GPT2":
+                    block_size: int = 16, num_kv_blocks: int | None = None,
+                    progress: bool = False) -> "GPT2":
         """A randomly initialised model (GPT-2's init: N(0, 0.02), residual projections scaled
         by 1/sqrt(2 * n_layer)). `seed` makes it reproducible without touching torch's global RNG.
         """
@@ -202,7 +203,8 @@ class GPT2(nn.Module):
         gen = torch.Generator().manual_seed(seed if seed is not None else
                                             int(torch.randint(0, 2**62, ()).item()))
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            named = list(model.named_parameters())
+            for name, p in _progress(named, len(named), "initialising weights", progress):
                 if name.endswith("bias"):
                     p.zero_()
                 elif ".ln_" in name or name.startswith("ln_f"):
@@ -217,29 +219,36 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, src, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", block_size: int = 16,
-                        num_kv_blocks: int | None = None) -> "GPT2":
+                        num_kv_blocks: int | None = None, progress: bool = False) -> "GPT2":
         """Load GPT-2 weights from an HF checkpoint folder, a `transformers.GPT2LMHeadModel`,
         or a nanoGPT `ckpt.pt` (see `gptfast.weights.load_checkpoint`).
 
         `dtype` None keeps fp32 (the checkpoint's own dtype is not guessed from storage).
+        `progress` shows a progress bar while the weights are copied in.
         """
         from .weights import load_checkpoint
 
         ckpt = load_checkpoint(src)
         return cls.from_checkpoint(ckpt, dtype=dtype, device=device, block_size=block_size,
-                                   num_kv_blocks=num_kv_blocks)
+                                   num_kv_blocks=num_kv_blocks, progress=progress)
 
     @classmethod
     def from_checkpoint(cls, ckpt: "Checkpoint", dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", block_size: int = 16,
-                        num_kv_blocks: int | None = None) -> "GPT2":
+                        num_kv_blocks: int | None = None, progress: bool = False) -> "GPT2":
         dtype = torch.float32 if dtype is None else dtype
         _check_dtype(dtype)
         with torch.device("meta"):
             model = cls(ckpt.config, block_size=block_size, num_kv_blocks=num_kv_blocks)
-        model.to_empty(device=device)
-        model.load_state_dict({k: v.to(dtype) for k, v in ckpt.state_dict.items()}, strict=True)
-        model.to(dtype=dtype)
+        model.to_empty(device=device).to(dtype=dtype)
+        params = dict(model.named_parameters())
+        if set(params) != set(ckpt.state_dict):
+            missing, extra = sorted(set(params) - set(ckpt.state_dict)), sorted(set(ckpt.state_dict) - set(params))
+            raise ValueError(f"{ckpt.source}: state dict does not match the model: missing {missing}, "
+                             f"unexpected {extra}")
+        with torch.no_grad():
+            for name, tensor in _progress(ckpt.state_dict.items(), len(params), "loading weights", progress):
+                params[name].copy_(tensor)  # casts to the model's dtype, one tensor at a time
         model.generation_defaults = dict(ckpt.generation)
         model.source = ckpt.source
         model.tokenizer_dir = ckpt.tokenizer_dir
@@ -342,6 +351,14 @@ class GPT2(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _progress(items, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=desc, unit="tensor", leave=False)
 
 
 def _check_dtype(dtype) -> None:

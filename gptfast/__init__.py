@@ -20,12 +20,14 @@ _LAZY = {
     "GPT2": "model",
     "generate": "generation",
     "GenerateOutput": "generation",
+    "patch_hf_generate": "generation",
+    "unpatch_hf_generate": "generation",
     "Engine": "engine",
     "SamplingParams": "engine",
 }
 
 __all__ = ["GPT2", "GPT2Config", "PRESETS", "get_config", "generate", "GenerateOutput", "Engine",
-           "SamplingParams", "__version__"]
+           "SamplingParams", "patch_hf_generate", "unpatch_hf_generate", "__version__"]
 
 
 def __getattr__(name):

@@ -638,3 +638,33 @@ class _Run:
     def new_tokens(self) -> torch.Tensor:
         width = max((len(t) for t in self.tokens), default=0)
         return self._tokens_tensor(width)
+
+
+def patch_hf_generate(hf_model):
+    """Make a transformers GPT2LMHeadModel's own `.generate(...)` run on gptfast.
+
+    The model is converted on first use (and again whenever its weights change); arguments and
+    outputs follow HF's. `unpatch_hf_generate` restores HF's method. Returns the model.
+
+    Examples
+    --------
+    >>> model = gptfast.patch_hf_generate(GPT2LMHeadModel.from_pretrained("gpt2"))
+    >>> model.generate(input_ids, max_new_tokens=20)  # gptfast underneath
+    """
+    _as_gptfast(hf_model)  # validates the model (and converts it once now)
+
+    def generate_on_gptfast(inputs=None, **kwargs):
+        input_ids = kwargs.pop("input_ids", inputs)
+        return generate(hf_model, input_ids, **kwargs)
+
+    generate_on_gptfast.__doc__ = generate.__doc__
+    generate_on_gptfast._gptfast_patched = True
+    hf_model.generate = generate_on_gptfast
+    return hf_model
+
+
+def unpatch_hf_generate(hf_model):
+    """Undo `patch_hf_generate`: the model's `.generate` is HF's again. Returns the model."""
+    if getattr(hf_model.__dict__.get("generate"), "_gptfast_patched", False):
+        del hf_model.generate
+    return hf_model

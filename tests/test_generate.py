@@ -645,3 +645,23 @@ def test_bf16_cpu_linear_follows_weight_changes():
     with torch.no_grad():
         lin.weight.mul_(-2.0)  # in place: the prepacked copy must be rebuilt
     assert (lin(x).float() - ref(x, lin.weight, lin.bias).float()).abs().max() < 2e-2
+
+
+def test_patch_hf_generate_runs_hf_calls_on_gptfast(monkeypatch):
+    import gptfast.generation as generation
+
+    hf = make_hf_model(get_config("tiny-odd"), seed=29)
+    ids, mask = _batch(hf.config.vocab_size, [5, 3], seed=29)
+    kw = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=0)
+    ref = _hf_generate(hf, ids, **kw)
+    assert gptfast.patch_hf_generate(hf) is hf
+    calls = []
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = hf.generate(ids, **kw)
+    got_kw = hf.generate(input_ids=ids, **kw)
+    assert calls == [1, 1], "the patched method did not run on gptfast"
+    assert torch.equal(got, ref) and torch.equal(got_kw, ref)
+    gptfast.unpatch_hf_generate(hf)
+    assert "generate" not in hf.__dict__
+    assert torch.equal(_hf_generate(hf, ids, **kw), ref)

@@ -47,6 +47,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
 
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -137,7 +143,6 @@ class Engine:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
-        self._ids = itertools.count()
         self._arrivals = itertools.count()
         # Counters for tests and benchmarks.
         self.num_prefill_tokens = 0  # tokens computed by prefill steps (cache hits excluded)
@@ -152,14 +157,23 @@ class Engine:
             raise ValueError("a prompt needs at least one token")
         if not seeds:
             raise ValueError("add() needs at least one seed (one per sequence)")
-        need = -(-(len(prompt) + params.max_new_tokens) // self.block_size)
+        config = self.model.config
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        if len(prompt) + params.max_new_tokens > config.n_positions:
+            raise ValueError(f"{len(prompt)} prompt + {params.max_new_tokens} new tokens exceed the "
+                             f"model's n_positions ({config.n_positions})")
+        # The last generated token is never fed back, so its K/V needs no slot.
+        need = -(-(len(prompt) + params.max_new_tokens - 1) // self.block_size)
         if need > self.manager.total_blocks:
             raise ValueError(
                 f"a sequence of {len(prompt)} prompt + {params.max_new_tokens} new tokens needs "
                 f"{need} KV blocks of {self.block_size} tokens, but the pool has only "
                 f"{self.manager.total_blocks}; load the model with a larger num_kv_blocks")
         arrival = next(self._arrivals)
-        seqs = [Sequence(next(self._ids), len(prompt), list(prompt), params, seed, arrival)
+        # NOTE: ids come from the cache: engines sharing a model share its block manager.
+        seqs = [Sequence(self.cache.new_sequence_id(), len(prompt), list(prompt), params, seed, arrival)
                 for seed in seeds]
         head, head.fork_children = seqs[0], seqs[1:]
         for s in seqs:
@@ -168,9 +182,10 @@ class Engine:
         return [s.seq_id for s in seqs]
 
     def cancel(self, seq_id: int) -> None:
-        """Stop a sequence now (finish reason "stop") and release its blocks."""
-        seq = self.seqs[seq_id]
-        if seq.status == FINISHED:
+        """Stop a sequence now (finish reason "stop") and release its blocks. Cancelling a
+        sequence that already finished does nothing."""
+        seq = self.seqs.get(seq_id)
+        if seq is None or seq.status == FINISHED:
             return
         if seq.status == RUNNING:
             self.running.remove(seq)
@@ -208,6 +223,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = FINISHED, reason
+        self.seqs.pop(seq.seq_id, None)
 
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
@@ -226,8 +242,11 @@ class Engine:
 
     def _admit(self) -> list[Sequence]:
         admitted, budget = [], self.max_prefill_tokens
-        while self.waiting and len(self.running) + len(admitted) < self.max_num_seqs:
+        while self.waiting:
             seq = self.waiting[0]
+            # fork children run as soon as their parent's prefill is done
+            if self.running and len(self.running) + 1 + len(seq.fork_children) > self.max_num_seqs:
+                break
             if admitted and len(seq.tokens) > budget:
                 break
             tokens = np.asarray(seq.tokens, dtype=np.int64)
@@ -237,6 +256,9 @@ class Engine:
             self.waiting.popleft()
             seq.in_cache = cached
             seq.status = RUNNING
+            # NOTE: running from the moment it holds blocks, so an error before its prefill
+            # completes frees them (and drops the prefix hashes registered for them).
+            self.running.append(seq)
             admitted.append(seq)
             budget -= len(seq.tokens) - cached
         return admitted
@@ -266,7 +288,6 @@ class Engine:
             is_decode=False,
         )
         last = self._to_device(cu[1:].astype(np.int64) - 1)
-        self.running.extend(seqs)  # NOTE: before the forward, so an error there frees them
         logits = self.model.forward_paged(self._to_device(tokens), self._to_device(positions),
                                           meta, last)  # (B, V) fp32
         for s in seqs:
@@ -344,10 +365,13 @@ class Engine:
         warped = None
         if self.keep_scores:
             warped = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
-        outs = []
+        outs, error = [], None
         for i, s in enumerate(seqs):
             if status[i] != 0:
-                raise NonFiniteLogitsError(s.seq_id, s.num_generated, status[i])
+                # Finish it (no token) and raise once every other row is consistent.
+                error = error or NonFiniteLogitsError(s.seq_id, s.num_generated, status[i])
+                self._finish(s, "error")
+                continue
             tok = tokens[i]
             index = s.num_generated
             s.tokens.append(tok)
@@ -363,6 +387,8 @@ class Engine:
             for s in done:
                 self.manager.free(s.seq_id)
             self.running = [s for s in self.running if s.status != FINISHED]
+        if error is not None:
+            raise error
         return outs
 
     # ------------------------------------------------------------------ helpers

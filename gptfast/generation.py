@@ -193,6 +193,12 @@ def _as_gptfast(model):
                     f"got {cls.__module__}.{cls.__name__}")
 
 
+def forget_conversion(hf_model) -> None:
+    """Drop the cached gptfast conversion of `hf_model`: the next call converts it afresh. Needed
+    only after writes that PyTorch's version counters do not see (through `.data`)."""
+    _CONVERTED.pop(hf_model, None)
+
+
 def _apply_config(args: dict, cfg: dict, where: str) -> None:
     """Merge generation-config fields into `args`; unsupported settings are errors, never ignored."""
     for key, value in cfg.items():
@@ -591,12 +597,14 @@ class _Run:
                 scores = torch.full((self.rows, self.vocab), float("-inf"))
                 for r in live:
                     scores[r] = self.row_scores[r][t]
+                    self.row_scores[r][t] = None  # copied out: let the step's tensor go
                 if self.want_scores:
                     self.scores.append(scores.to(self.device))
             if self.want_logits:
                 logits = torch.full((self.rows, self.vocab), float("-inf"))
                 for r in live:
                     logits[r] = self.row_logits[r][t]
+                    self.row_logits[r][t] = None
                 self.logits.append(logits.to(self.device))
             self.emitted = t + 1
             if self.streamer is not None:

@@ -12,6 +12,7 @@ the tensors and turns the manager's answers into the per-step metadata the atten
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,11 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]
         self.manager = _C.BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self._seq_ids = itertools.count()
+
+    def new_sequence_id(self) -> int:
+        """A sequence id unused in this cache's manager (shared by every engine on the model)."""
+        return next(self._seq_ids)
 
     @property
     def total_blocks(self) -> int:

@@ -665,3 +665,13 @@ def test_patch_hf_generate_runs_hf_calls_on_gptfast(monkeypatch):
     gptfast.unpatch_hf_generate(hf)
     assert "generate" not in hf.__dict__
     assert torch.equal(_hf_generate(hf, ids, **kw), ref)
+
+
+def test_forget_conversion_after_a_data_write():
+    hf = make_hf_model(get_config("tiny-odd"), seed=30)
+    ids, _ = _batch(hf.config.vocab_size, [5], seed=30)
+    kw = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    gptfast.generate(hf, ids, **kw)
+    hf.transformer.h[0].mlp.c_fc.weight.data.mul_(-3.0)  # invisible to version counters
+    gptfast.generation.forget_conversion(hf)
+    assert torch.equal(gptfast.generate(hf, ids, **kw), _hf_generate(hf, ids, **kw))

@@ -30,7 +30,12 @@ __all__ = ["GPT2", "GPT2Config", "PRESETS", "get_config", "generate", "GenerateO
            "SamplingParams", "patch_hf_generate", "unpatch_hf_generate", "__version__"]
 
 
+_SUBMODULES = {"model", "engine", "generation", "kv_cache", "weights", "tokenizer", "ops", "bench", "cli"}
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value

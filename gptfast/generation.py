@@ -8,8 +8,8 @@ with `pad_token_id` after a row ends.
 
 Differences from HF, by design:
 - Each row is computed alone (no padding inside the model), so a row of a padded batch gets the
-  tokens it would get alone. HF's repetition penalty also penalises the pad token id in padded
-  rows; gptfast penalises only a row's real tokens.
+  tokens it would get alone. The repetition penalty sees only a row's real tokens (as in
+  transformers 5.24; some versions also penalise the pad id in padded rows).
 - `output_scores` / `output_logits` rows of sequences that already finished hold -inf (HF keeps
   running finished rows on pad tokens; those values carry no information).
 - Sampling draws from Philox streams keyed by a per-row seed and the token index, not from

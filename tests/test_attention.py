@@ -362,8 +362,15 @@ def test_decode_attention_rejects_bad_inputs():
 
 def test_benchmark_cases_cpu():
     cases = A.benchmark_cases("cpu", quick=True)
-    assert {c.op for c in cases} == {"prefill_attention", "decode_attention"}
-    for case in cases:
+    assert {c.op for c in cases} == {"prefill_attention", "decode_attention", "kv_cache_write"}
+    for case in [c for c in cases if c.op == "kv_cache_write"]:
+        # in place: the launcher and the reference must leave identical caches
+        args_fast = case.make_args()
+        args_ref = tuple(a.clone() for a in args_fast)
+        assert A.kv_cache_write(*args_fast) is None and A.kv_cache_write_ref(*args_ref) is None
+        for got, want in zip(args_fast[2:4], args_ref[2:4]):
+            assert_close(got, want, atol=0, rtol=0, name=case.label)
+    for case in [c for c in cases if c.op != "kv_cache_write"]:
         args = case.make_args()
         fast, ref = getattr(A, case.op), getattr(A, case.op + "_ref")
         expected = ref(*args)

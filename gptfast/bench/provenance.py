@@ -79,7 +79,11 @@ def _repo_root() -> Path | None:
 def _git() -> tuple[str | None, bool | None]:
     root = _repo_root()
     if root is None:
-        return None, None
+        # A copy of the tree without .git (as sent to a GPU machine): the caller says which
+        # commit it is (see benchmarks/gpu_check.sh).
+        commit = os.environ.get("GPTFAST_GIT_COMMIT") or None
+        dirty = os.environ.get("GPTFAST_GIT_DIRTY")
+        return commit, (dirty not in ("0", "false", "") if dirty is not None else None)
     commit = _run(["git", "rev-parse", "HEAD"], cwd=root)
     # --no-optional-locks: never take index.lock, other people may be committing in this tree.
     status = _run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=root)

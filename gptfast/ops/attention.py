@@ -177,7 +177,9 @@ def _prefill_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+# NOTE: sizes that change from step to step are not specialised on (Triton would otherwise compile
+# a variant for 1, for multiples of 16 and for the rest, inside timed or captured runs).
+@triton.jit(do_not_specialize=["stride_bt", "max_blocks", "num_m_blocks"])
 def _prefill_kernel(
     out_ptr,
     q_ptr,
@@ -257,7 +259,7 @@ def _prefill_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "stride_bt", "max_blocks"])
 def _decode_split_kernel(
     out_ptr,
     part_acc_ptr,

@@ -308,7 +308,9 @@ def _resolve_head(state_dict: dict, config: GPT2Config) -> tuple[GPT2Config, dic
     if config.tie_word_embeddings:
         warnings.warn(
             "the config ties lm_head to wte (tie_word_embeddings=True) but the checkpoint stores a "
-            "different lm_head.weight; using the stored head untied, as transformers does"
+            "different lm_head.weight; using the stored head untied, as transformers does",
+            UserWarning,
+            stacklevel=3,
         )
     return config.replace(tie_word_embeddings=False), state_dict
 

@@ -285,7 +285,7 @@ def test_streamer_skips_the_prompt_and_stamps_each_token():
 
 def test_padded_batches_fit_the_context():
     batches = e2e.padded_batches([(120, 32), (5, 32), (60, 10)], batch_size=2, vocab=100, n_positions=128, seed=0)
-    for ids, mask, new, useful in batches:
+    for ids, mask, new, _useful in batches:
         assert ids.shape[1] + new <= 128
         assert torch.equal(mask.sum(1) > 0, torch.ones(ids.shape[0], dtype=torch.bool))
         assert (ids[mask == 0] == e2e.PAD_ID).all()

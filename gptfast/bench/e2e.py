@@ -434,7 +434,7 @@ def run_e2e(
                     log(f"e2e: fp32 check, {label}: identical up to a {tie}")
                     report = None
             if report is not None:
-                row = dict(base, key=f"check | gptfast | fp32", scenario="fp32 check", engine="gptfast",
+                row = dict(base, key="check | gptfast | fp32", scenario="fp32 check", engine="gptfast",
                            dtype="fp32", status="FAIL", note=f"{label}: {report}", report=report)
                 return [row], notes
     log(f"e2e: fp32 greedy tokens identical to HF ({plan.parity_tokens} new tokens; batch 1 and a "

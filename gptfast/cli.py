@@ -60,15 +60,14 @@ class _PrintStreamer:
 def _load(args):
     import torch
 
-    from .config import PRESETS
-    from .model import load_model
+    from .model import is_preset, load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
     print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
     model = load_model(args.model, dtype=dtype, device=device, progress=True)
-    if args.model in PRESETS:
+    if is_preset(args.model):
         print(f"NOTE: preset {args.model!r} has randomly initialised weights: the text is noise",
               file=sys.stderr)
     tokenizer = None
@@ -84,10 +83,10 @@ def _load(args):
 def _run_generate(args) -> int:
     import torch
 
-    from .config import PRESETS
     from .generation import generate
+    from .model import is_preset
 
-    if args.prompt is not None and args.model in PRESETS:
+    if args.prompt is not None and is_preset(args.model):
         print("error: --prompt needs a checkpoint folder with a tokenizer; a preset has none "
               "(use --ids)", file=sys.stderr)
         return 2
@@ -99,13 +98,16 @@ def _run_generate(args) -> int:
 
     def one(prompt_ids):
         input_ids = None if prompt_ids is None else torch.tensor([prompt_ids], dtype=torch.long)
-        kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=model.generation_defaults.get(
-            "pad_token_id") or model.generation_defaults.get("eos_token_id") or 0)
+        pad = model.generation_defaults.get("pad_token_id")
+        if pad is None:
+            eos = model.generation_defaults.get("eos_token_id")
+            pad = (eos[0] if isinstance(eos, list) and eos else eos) if eos is not None else 0
+        kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad)
         if args.greedy:
             kw["do_sample"] = False
         else:
             kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, seed=args.seed)
+                      top_p=args.top_p)
         for i in range(args.num_samples):
             if args.num_samples > 1:
                 print(f"{'=' * 20} sample {i + 1} {'=' * 20}")

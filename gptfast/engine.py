@@ -8,7 +8,7 @@ recomputed from its prompt and the tokens it already produced (prefix caching us
 cheap). Sampling randomness is keyed by each sequence's seed and the index of the token being
 drawn, never by the schedule, so preemption and batch composition do not change any output.
 
-The engine knows nothing of HF argument names: `generate.py` translates them into
+The engine knows nothing of HF argument names: `generation.py` translates them into
 `SamplingParams`.
 """
 
@@ -48,10 +48,24 @@ class SamplingParams:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.min_new_tokens < 0:
-            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        def check(name, ok, allowed):
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+
+        def integer(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        check("max_new_tokens", lambda v: integer(v) and v >= 1, "an int >= 1")
+        check("min_new_tokens", lambda v: integer(v) and v >= 0, "an int >= 0")
+        check("top_k", lambda v: integer(v) and v >= 0, "an int >= 0 (0: off)")
+        check("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1: off)")
+        check("repetition_penalty", lambda v: v > 0, "> 0 (1: off)")
+        if self.do_sample:
+            check("temperature", lambda v: v > 0, "> 0 when sampling")
+        check("eos_token_ids", lambda v: all(integer(t) and t >= 0 for t in v),
+              "a sequence of token ids")
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -66,7 +80,7 @@ class Sequence:
     seed: int  # Philox key of this sequence's draws
     arrival: int  # admission order; the newest running sequence is preempted first
     status: str = WAITING
-    finish_reason: str | None = None  # "eos", "length", "stop" (cancelled)
+    finish_reason: str | None = None  # "eos", "length", "stop" (cancelled), "error" (no token)
     # Sequences forked from this one right after its prefill (num_return_sequences).
     fork_children: list["Sequence"] = field(default_factory=list)
     in_cache: int = 0  # tokens whose K/V are in the cache (all but the newest while running)
@@ -113,7 +127,8 @@ class Engine:
     max_num_seqs : int
         Most sequences in one decode step.
     max_prefill_tokens : int or None
-        Most new tokens in one prefill step (None: 8 full-length sequences on CUDA, 2048 on CPU).
+        Most new tokens in one prefill step (None: 8 full-length sequences on CUDA,
+        max(2048, n_positions) on the CPU).
     keep_scores : bool
         Return each step's raw logits and processed scores in the `StepOutput`s.
 
@@ -151,8 +166,21 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt: list[int], params: SamplingParams, seeds: list[int]) -> list[int]:
-        """Queue `len(seeds)` sequences continuing `prompt`; the prompt is computed once and
-        shared by all of them. Returns their ids, in the order of `seeds`."""
+        """Queue sequences continuing `prompt`.
+
+        Parameters
+        ----------
+        prompt : list of int
+            Token ids, at least one.
+        params : SamplingParams
+        seeds : list of int
+            One per sequence: each sequence's Philox key. The prompt is computed once and
+            shared by all of them.
+
+        Returns
+        -------
+        list of int: the sequences' ids, in the order of `seeds`.
+        """
         if not prompt:
             raise ValueError("a prompt needs at least one token")
         if not seeds:
@@ -214,10 +242,11 @@ class Engine:
         interrupted = bool(self.running)
         for seq in self.running:
             self.manager.free(seq.seq_id)
-        for seq in itertools.chain(self.running, self.waiting):
+        for seq in itertools.chain(self.running, self.waiting, *(s.fork_children for s in self.waiting)):
             seq.status = FINISHED
         self.running.clear()
         self.waiting.clear()
+        self.seqs.clear()
         if interrupted:
             self.manager.reset_prefix_cache()
 

@@ -249,12 +249,12 @@ def _eos_list(eos) -> tuple[int, ...]:
         return ()
     if isinstance(eos, torch.Tensor):
         eos = eos.flatten().tolist()
-    if isinstance(eos, int):
+    if isinstance(eos, numbers.Integral):
         eos = [eos]
     eos = list(eos)
-    if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos):
+    if not all(isinstance(e, numbers.Integral) and not isinstance(e, bool) for e in eos):
         raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
-    return tuple(eos)
+    return tuple(int(e) for e in eos)
 
 
 def _integer(name, value, ok, allowed) -> int:
@@ -300,7 +300,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         Prompts, left-padded for a batch. None: unconditional samples from `bos_token_id`
         (`<|endoftext|>`, 50256, for GPT-2).
     attention_mask : (B, T) 0/1 tensor or None
-        0 marks padding. None: every token is real (HF also infers no mask from pad tokens here).
+        0 marks padding. None: inferred as HF does: tokens equal to `pad_token_id` are padding
+        when it is set, occurs in `input_ids` and is not an EOS id; otherwise every token is real.
     generation_config : transformers.GenerationConfig or dict, optional
         Defaults for the arguments below; explicit keyword arguments win.
     streamer : object with `put(tokens)` / `end()`, optional
@@ -388,9 +389,11 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         input_ids = torch.tensor([[bos]], dtype=torch.long)
         if attention_mask is not None:
             raise ValueError("attention_mask was given without input_ids")
+    mask_source = "attention_mask"
     if attention_mask is None:
         attention_mask = _infer_attention_mask(input_ids, pad, eos)
-    prompts, attention_mask = _ragged_prompts(input_ids, attention_mask, config)
+        mask_source = f"the attention mask inferred from pad_token_id={pad}"
+    prompts, attention_mask = _ragged_prompts(input_ids, attention_mask, config, mask_source)
     B, T = input_ids.shape
     criteria = _criteria_list(stopping_criteria)
     # A user's MaxLengthCriteria replaces the length limit, as in HF.
@@ -486,7 +489,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     )
 
 
-def _ragged_prompts(input_ids, attention_mask, config):
+def _ragged_prompts(input_ids, attention_mask, config, mask_source="attention_mask"):
     """Each row's real tokens (attention_mask == 1), checked."""
     from .model import _check_ids
 
@@ -511,14 +514,14 @@ def _ragged_prompts(input_ids, attention_mask, config):
     mask = mask.bool()
     empty = (~mask.any(1)).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"attention_mask marks no real token in row(s) {empty}; every prompt "
+        raise ValueError(f"{mask_source} marks no real token in row(s) {empty}; every prompt "
                          "needs at least one")
     if bool((~mask[:, -1]).any()):
         warnings.warn("A decoder-only architecture is being used, but right-padding was detected! "
                       "gptfast generates from each row's real tokens (attention_mask == 1) and "
                       "appends the new tokens after the padding, as HF lays them out; set "
                       "`padding_side='left'` when initializing the tokenizer for the usual layout.",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=4)
     return [ids[b][mask[b]].tolist() for b in range(B)], mask
 
 

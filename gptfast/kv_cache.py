@@ -116,7 +116,8 @@ class KVCache:
 
     def stats(self) -> dict:
         """Pool occupancy: total_blocks, free_blocks (cached-but-unused blocks count as free),
-        used_blocks, cached_blocks, prefix_hit_tokens (cumulative), block_size, bytes."""
+        used_blocks, cached_blocks, prefix_hit_tokens (cumulative), running_sequences,
+        block_size, bytes (of the K/V tensors)."""
         m = self.manager
         free = m.num_free_blocks()
         return {
@@ -142,9 +143,7 @@ class KVCache:
         self.k[:, dst] = self.k[:, src]  # [L, n, bs, H, D]
         self.v[:, dst] = self.v[:, src]
 
-    def reset(self) -> None:
-        """Forget every sequence and every cached prefix (after an error left the pool in an
-        unknown state, or to start afresh)."""
-        from . import _C
-
-        self.manager = _C.BlockManager(self.num_blocks, self.block_size, self.enable_prefix_caching)
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, so that no later prompt reuses K/V computed before now
+        (needed after weights change in a way PyTorch's version counters do not see)."""
+        self.manager.reset_prefix_cache()

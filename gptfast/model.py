@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import GPT2Config, get_config
+from .config import PRESETS, GPT2Config, get_config
 from .kv_cache import AttnMetadata, KVCache
 
 _MKLDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -193,12 +193,33 @@ class GPT2(nn.Module):
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     block_size: int = 16, num_kv_blocks: int | None = None,
                     progress: bool = False) -> "GPT2":
-        """A randomly initialised model (GPT-2's init: N(0, 0.02), residual projections scaled
-        by 1/sqrt(2 * n_layer)). `seed` makes it reproducible without touching torch's global RNG.
+        """A randomly initialised model.
+
+        Parameters
+        ----------
+        config : GPT2Config or str
+            A config or a preset name (see `gptfast.PRESETS`).
+        seed : int or None
+            Makes the weights reproducible without touching torch's global RNG; None draws one
+            from torch's global RNG.
+        dtype, device, block_size, num_kv_blocks :
+            As for `from_pretrained`.
+        progress : bool
+            Show a progress bar.
+
+        Returns
+        -------
+        GPT2 with GPT-2's initialisation: N(0, 0.02) weights, residual projections scaled by
+        1/sqrt(2 * n_layer), zero biases, unit LayerNorm weights.
         """
         if isinstance(config, str):
             config = get_config(config)
         _check_dtype(dtype)
+        with torch.inference_mode(False):  # real parameters even when called in inference mode
+            return cls._random(config, seed, dtype, device, block_size, num_kv_blocks, progress)
+
+    @classmethod
+    def _random(cls, config, seed, dtype, device, block_size, num_kv_blocks, progress) -> "GPT2":
         model = cls(config, block_size=block_size, num_kv_blocks=num_kv_blocks)
         gen = torch.Generator().manual_seed(seed if seed is not None else
                                             int(torch.randint(0, 2**62, ()).item()))
@@ -236,11 +257,19 @@ class GPT2(nn.Module):
     def from_checkpoint(cls, ckpt: "Checkpoint", dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", block_size: int = 16,
                         num_kv_blocks: int | None = None, progress: bool = False) -> "GPT2":
+        """The model holding a loaded `gptfast.weights.Checkpoint` (see `from_pretrained`)."""
         dtype = torch.float32 if dtype is None else dtype
         _check_dtype(dtype)
+        # NOTE: outside inference mode (generate() converts HF models inside it): inference
+        # tensors keep no version counter, which the prefix cache and the bf16 packing rely on.
+        with torch.inference_mode(False):
+            return cls._load(ckpt, dtype, device, block_size, num_kv_blocks, progress)
+
+    @classmethod
+    def _load(cls, ckpt, dtype, device, block_size, num_kv_blocks, progress) -> "GPT2":
         with torch.device("meta"):
             model = cls(ckpt.config, block_size=block_size, num_kv_blocks=num_kv_blocks)
-        model.to_empty(device=device).to(dtype=dtype)
+        model = model.to(dtype=dtype).to_empty(device=device)  # cast while still on meta
         params = dict(model.named_parameters())
         if set(params) != set(ckpt.state_dict):
             missing, extra = sorted(set(params) - set(ckpt.state_dict)), sorted(set(ckpt.state_dict) - set(params))
@@ -274,11 +303,17 @@ class GPT2(nn.Module):
         return cache
 
     def _apply(self, fn, *args, **kwargs):
-        # Moving or casting the model drops the cache; the next use re-allocates it.
+        # Moving or casting the model drops the cache and the prepacked weights; the next use
+        # re-creates them.
         self._kv_cache = None
+        self._head._packed = None
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module._packed = None
         return super()._apply(fn, *args, **kwargs)
 
     def head_weight(self) -> torch.Tensor:
+        """The output projection's weight `[V, C]`: `wte`'s unless the config unties them."""
         return self.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     # ---------------------------------------------------------------- forward paths
@@ -386,10 +421,14 @@ def _check_ids(input_ids, config: GPT2Config, name: str) -> tuple[int, int]:
     return B, T
 
 
-def load_model(src: str | Path, dtype=None, device="cpu", **kwargs) -> GPT2:
-    """A preset name (random weights, seed 0) or anything `GPT2.from_pretrained` accepts."""
-    from .config import PRESETS
+def is_preset(src) -> bool:
+    """Whether `src` names a preset rather than a path (an existing path wins)."""
+    return isinstance(src, str) and src in PRESETS and not Path(src).exists()
 
-    if isinstance(src, str) and src in PRESETS:
+
+def load_model(src: str | Path, dtype=None, device="cpu", **kwargs) -> GPT2:
+    """A model from a preset name (random weights, seed 0) or anything `GPT2.from_pretrained`
+    accepts; an existing path wins over a preset of the same name."""
+    if is_preset(src):
         return GPT2.from_config(PRESETS[src], seed=0, dtype=dtype or torch.float32, device=device, **kwargs)
     return GPT2.from_pretrained(src, dtype=dtype, device=device, **kwargs)

@@ -80,3 +80,12 @@ def test_python_m_gptfast_help_is_fast():
             "print(any(m in sys.modules for m in ('torch', 'transformers', 'matplotlib')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_an_existing_folder_wins_over_a_preset_name(folder, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "tiny", "--prompt", "The dog", "--max-new-tokens", "2", "--seed", "0"]) == 0
+    assert "randomly initialised" not in capsys.readouterr().err

@@ -676,3 +676,36 @@ def test_forget_conversion_after_a_data_write():
     hf.transformer.h[0].mlp.c_fc.weight.data.mul_(-3.0)  # invisible to version counters
     gptfast.generation.forget_conversion(hf)
     assert torch.equal(gptfast.generate(hf, ids, **kw), _hf_generate(hf, ids, **kw))
+
+
+def test_hf_model_conversion_keeps_its_prefix_cache():
+    hf = make_hf_model(get_config("tiny-odd"), seed=31)
+    ids = torch.arange(1, 40).view(1, -1)
+    gptfast.generate(hf, ids, max_new_tokens=2, pad_token_id=0)
+    model = gptfast.generation._CONVERTED[hf][0]
+    assert not model.wte.weight.is_inference()
+    before = model.kv_cache.stats()["prefix_hit_tokens"]
+    gptfast.generate(hf, ids, max_new_tokens=2, pad_token_id=0)
+    assert model.kv_cache.stats()["prefix_hit_tokens"] > before
+
+
+def test_sampling_params_are_checked():
+    from gptfast import SamplingParams
+
+    for bad in (dict(max_new_tokens=0), dict(max_new_tokens=2.5), dict(max_new_tokens=2, top_k=-1),
+                dict(max_new_tokens=2, top_p=0.0), dict(max_new_tokens=2, repetition_penalty=0.0),
+                dict(max_new_tokens=2, do_sample=True, temperature=0.0),
+                dict(max_new_tokens=2, eos_token_ids=(1, -2))):
+        with pytest.raises(ValueError, match="SamplingParams"):
+            SamplingParams(**bad)
+    assert SamplingParams(max_new_tokens=2, eos_token_ids=[3, 4]).eos_token_ids == (3, 4)
+
+
+def test_numpy_integers_are_accepted():
+    import numpy as np
+
+    model = GPT2.from_config(get_config("tiny"), seed=0)
+    out = gptfast.generate(model, torch.tensor([[1, 2]]), max_new_tokens=np.int64(3),
+                           eos_token_id=np.int64(5), pad_token_id=np.int32(0), seed=np.int64(1),
+                           do_sample=True)
+    assert out.shape == (1, 5)

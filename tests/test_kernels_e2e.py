@@ -79,3 +79,16 @@ def test_low_precision_generate_on_gpu_within_policy(hf, dtype):
     ref_out = gptfast.generate(model32, ids, **kw)
     agree = (out[:, ids.shape[1]] == ref_out[:, ids.shape[1]]).float().mean().item()
     assert agree >= 0.5
+
+
+def test_compare_reports_infinities_and_nans(monkeypatch):
+    from gptfast.ops.common import compare, use_triton
+
+    inf = float("inf")
+    for got, want in ((0.0, -inf), (1.0, inf), (-inf, inf), (float("nan"), 1.0), (1.0, float("nan"))):
+        assert compare(torch.tensor([got]), torch.tensor([want]), 1e-5, 1e-5) is not None, (got, want)
+    for same in (inf, -inf, float("nan"), 2.5):
+        assert compare(torch.tensor([same]), torch.tensor([same]), 0.0, 0.0) is None
+    monkeypatch.delenv("GPTFAST_KERNELS", raising=False)
+    assert not use_triton()  # no tensor to judge by: the reference
+    assert not use_triton(torch.zeros(1)) and use_triton(torch.zeros(1), torch.zeros(1)) is False

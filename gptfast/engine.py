@@ -231,6 +231,7 @@ class Engine:
         self._finish(seq, "stop")
 
     def has_unfinished(self) -> bool:
+        """Whether any sequence is still waiting or running."""
         return bool(self.waiting or self.running)
 
     def abort(self) -> None:
@@ -257,7 +258,15 @@ class Engine:
     # ------------------------------------------------------------------ steps
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Run one prefill or decode step; returns the tokens it produced."""
+        """Run one step: a prefill of newly admitted sequences if any can be admitted, else a
+        decode step of every running sequence.
+
+        Returns
+        -------
+        list of StepOutput: one per token produced, in the order of the step's batch. Raises
+        NonFiniteLogitsError (after finishing that sequence) when a sequence's logits cannot be
+        sampled from; the engine stays usable.
+        """
         self.num_steps += 1
         admitted = self._admit()
         if admitted:

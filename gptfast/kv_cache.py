@@ -50,6 +50,7 @@ class AttnMetadata:
 
 
 def kv_bytes_per_token(config: GPT2Config, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token takes in the cache, over all layers."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * config.n_layer * config.n_embd * elem
 

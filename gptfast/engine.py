@@ -319,7 +319,7 @@ class Engine:
             self.manager.slot_mapping(s.seq_id, starts[i], lens[i], slots[a:b])
         meta = AttnMetadata(
             slot_mapping=self._to_device(slots),
-            block_tables=self._block_tables(seqs),
+            block_tables=self._block_tables(self._ids_array(seqs), max(lens)),
             seq_lens=self._to_device(np.asarray(lens, dtype=np.int32)),
             cu_seqlens_q=self._to_device(cu),
             max_seqlen_q=max(n_new),
@@ -348,13 +348,13 @@ class Engine:
         return self._sample(batch, logits)
 
     def _decode(self) -> list[StepOutput]:
-        need = self.manager.blocks_needed_for_append(self._ids_array(self.running))
-        while need > self.manager.num_free_blocks() and len(self.running) > 1:
+        ids = self._ids_array(self.running)
+        while (self.manager.blocks_needed_for_append(ids) > self.manager.num_free_blocks()
+               and len(self.running) > 1):
             self._preempt(max(self.running, key=lambda s: (s.arrival, s.seq_id)))
-            need = self.manager.blocks_needed_for_append(self._ids_array(self.running))
+            ids = self._ids_array(self.running)
         seqs = self.running
         B = len(seqs)
-        ids = self._ids_array(seqs)
         tokens = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=B)
         slots = np.empty(B, dtype=np.int64)
         cow = np.empty((B, 2), dtype=np.int64)
@@ -366,7 +366,7 @@ class Engine:
         lens = np.fromiter((len(s.tokens) for s in seqs), dtype=np.int32, count=B)
         meta = AttnMetadata(
             slot_mapping=self._to_device(slots),
-            block_tables=self._block_tables(seqs),
+            block_tables=self._block_tables(ids, int(lens.max())),
             seq_lens=self._to_device(lens),
             cu_seqlens_q=None,
             max_seqlen_q=1,
@@ -433,12 +433,11 @@ class Engine:
     def _ids_array(self, seqs: list[Sequence]) -> np.ndarray:
         return np.fromiter((s.seq_id for s in seqs), dtype=np.int64, count=len(seqs))
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def _block_tables(self, ids: np.ndarray, longest: int) -> torch.Tensor:
         # NOTE: the width is the longest table in this batch, so the CPU references never gather
         # more K/V than the longest sequence holds.
-        width = -(-max(len(s.tokens) for s in seqs) // self.block_size)
-        tables = np.empty((len(seqs), width), dtype=np.int32)
-        self.manager.block_tables(self._ids_array(seqs), tables)
+        tables = np.empty((len(ids), -(-longest // self.block_size)), dtype=np.int32)
+        self.manager.block_tables(ids, tables)
         return self._to_device(tables)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:

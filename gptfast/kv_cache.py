@@ -96,10 +96,8 @@ class KVCache:
             num_blocks = default_num_blocks(config, block_size, dtype, device)
         self.config = config
         self.block_size = block_size
-        self.num_blocks = num_blocks
         self.dtype = dtype
         self.device = device
-        self.enable_prefix_caching = enable_prefix_caching
         shape = (config.n_layer, num_blocks, block_size, config.n_head, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]

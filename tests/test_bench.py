@@ -293,7 +293,8 @@ def test_padded_batches_fit_the_context():
     assert batches[0][3] == 16 and batches[1][3] == 10
 
 
-def test_e2e_mismatch_is_reported_and_not_timed(monkeypatch):
+def _gptfast_off_by_one(monkeypatch):
+    """Make the e2e suite's gptfast return a wrong last token in every row."""
     GPT2, generate = e2e._gptfast_api()
 
     def off_by_one(model, input_ids=None, **kwargs):
@@ -302,6 +303,10 @@ def test_e2e_mismatch_is_reported_and_not_timed(monkeypatch):
         return out
 
     monkeypatch.setattr(e2e, "_gptfast_api", lambda: (GPT2, off_by_one))
+
+
+def test_e2e_mismatch_is_reported_and_not_timed(monkeypatch):
+    _gptfast_off_by_one(monkeypatch)
     monkeypatch.setattr(e2e, "_batch1", lambda *a, **k: pytest.fail("timed after a failed check"))
     monkeypatch.setattr(e2e, "_mixed", lambda *a, **k: pytest.fail("timed after a failed check"))
     rows, notes = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", progress=False, log=lambda s: None)
@@ -310,14 +315,7 @@ def test_e2e_mismatch_is_reported_and_not_timed(monkeypatch):
 
 
 def test_e2e_near_tie_is_noted_and_timed(monkeypatch):
-    GPT2, generate = e2e._gptfast_api()
-
-    def off_by_one(model, input_ids=None, **kwargs):
-        out = generate(model, input_ids=input_ids, **kwargs)
-        out[:, -1] = (out[:, -1] + 1) % model.config.vocab_size
-        return out
-
-    monkeypatch.setattr(e2e, "_gptfast_api", lambda: (GPT2, off_by_one))
+    _gptfast_off_by_one(monkeypatch)
     monkeypatch.setattr(e2e, "TIE_TOL", 1e9)  # every logit gap counts as a tie
     timed = []
 

@@ -70,7 +70,7 @@ def test_an_error_before_the_prefill_frees_everything(monkeypatch):
     engine = Engine(model)
     engine.add(list(range(1, 20)), SamplingParams(max_new_tokens=3), seeds=[0])
 
-    def boom(seqs):
+    def boom(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(engine, "_block_tables", boom)

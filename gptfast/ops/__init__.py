@@ -12,3 +12,9 @@ kv_cache_write = dispatch(attention.kv_cache_write, attention.kv_cache_write_ref
 prefill_attention = dispatch(attention.prefill_attention, attention.prefill_attention_ref)
 decode_attention = dispatch(attention.decode_attention, attention.decode_attention_ref)
 sample = dispatch(sampling.sample, sampling.sample_ref)
+
+from . import norm
+
+add_layernorm = dispatch(norm.add_layernorm, norm.add_layernorm_ref)
+embed_layernorm = dispatch(norm.embed_layernorm, norm.embed_layernorm_ref)
+linear_gelu = dispatch(norm.linear_gelu, norm.linear_gelu_ref)

@@ -1,0 +1,551 @@
+"""Tests of gptfast.ops.norm: add_layernorm, embed_layernorm (Triton), linear_gelu (cuBLASLt epilogue).
+
+Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) on small shapes in
+fp32/fp16/bf16 (no tl.dot, so bf16 interprets); `gpu` tests cover real sizes, the cuBLASLt path
+of linear_gelu and CUDA-graph capture. Kernel results are compared with the eager reference
+computed in fp32 on upcast inputs, and the references with float64 hand computations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptfast import ops
+from gptfast.ops import norm
+from gptfast.ops.common import TOLERANCES, assert_close, compare
+
+# the interpreter (numpy >= 1.25) warns on every scalar it indexes with; it is Triton's, not ours
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def dtype_id(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Make torch.empty return NaN-filled float tensors, so an output element a kernel forgets to
+    write shows up as NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def upcast(args):
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def strided_rows(t: torch.Tensor, pad: int, gen) -> torch.Tensor:
+    """`t` [N, C] as a view with row stride C + pad (random data in the gaps)."""
+    N, C = t.shape
+    big = torch.randn(N, C + pad, generator=gen).to(t.dtype).to(t.device)
+    big[:, pad // 2 : pad // 2 + C] = t
+    return big[:, pad // 2 : pad // 2 + C]
+
+
+def add_ln_inputs(N, C, dtype, device="cpu", seed=0, y_bias=True, weight=True, bias=True, pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (3.0 + 2.0 * torch.randn(N, C, generator=gen)).to(dtype).to(device)  # off-centre rows: the mean matters
+    y = torch.randn(N, C, generator=gen).to(dtype).to(device)
+    if pad:  # strided on the device itself (.to(device) would copy a view with gaps contiguous)
+        x, y = strided_rows(x, pad, gen), strided_rows(y, pad + 3, gen)
+    yb = (0.5 * torch.randn(C, generator=gen)).to(dtype) if y_bias else None
+    w = (1 + 0.3 * torch.randn(C, generator=gen)).to(dtype) if weight else None
+    b = (0.3 * torch.randn(C, generator=gen)).to(dtype) if bias else None
+    return tuple(t.to(device) if t is not None else None for t in (x, y, yb, w, b))
+
+
+def embed_inputs(N, C, V, P, dtype, device="cpu", seed=0, affine=True, pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (N,), generator=gen)
+    positions = torch.randint(0, P, (N,), generator=gen)
+    wte = torch.randn(V, C, generator=gen).to(dtype).to(device)
+    wpe = (0.5 + torch.randn(P, C, generator=gen)).to(dtype).to(device)
+    if pad:
+        wte, wpe = strided_rows(wte, pad, gen), strided_rows(wpe, pad + 1, gen)
+    w = (1 + 0.3 * torch.randn(C, generator=gen)).to(dtype) if affine else None
+    b = (0.3 * torch.randn(C, generator=gen)).to(dtype) if affine else None
+    return tuple(t.to(device) if t is not None else None for t in (tokens, positions, wte, wpe, w, b))
+
+
+def check_pair(out, expected, dtype, name):
+    """out = (s, h) from a kernel against the fp32 reference (s, h)."""
+    for label, got, want in zip(("s", "h"), out, expected):
+        assert got.dtype == dtype and got.is_contiguous(), f"{name} {label}: {got.dtype} {got.stride()}"
+        assert not torch.isnan(got).any(), f"{name} {label}: NaN (an unwritten element?)"
+        assert_close(got, want, **TOLERANCES[dtype], name=f"{name} {label}")
+
+
+# --------------------------------------------------------------------------------------------
+# the references against float64 hand computations
+# --------------------------------------------------------------------------------------------
+
+
+def layer_norm_by_hand(s, w, b, eps):
+    """s [N, C] float64, row by row."""
+    out = torch.empty_like(s)
+    C = s.shape[1]
+    for i in range(s.shape[0]):
+        mean = sum(s[i].tolist()) / C
+        var = sum((v - mean) ** 2 for v in s[i].tolist()) / C
+        out[i] = (s[i] - mean) / math.sqrt(var + eps)
+    if w is not None:
+        out = out * w
+    if b is not None:
+        out = out + b
+    return out
+
+
+def test_add_layernorm_ref_by_hand():
+    x, y, yb, w, b = add_ln_inputs(4, 13, torch.float64, seed=1)
+    s, h = norm.add_layernorm_ref(x, y, yb, w, b, 0.01)
+    expected_s = torch.tensor([[x[i, j].item() + y[i, j].item() + yb[j].item() for j in range(13)] for i in range(4)],
+                              dtype=torch.float64)
+    assert_close(s, expected_s, atol=1e-12, rtol=1e-12, name="s")
+    assert_close(h, layer_norm_by_hand(expected_s, w, b, 0.01), atol=1e-10, rtol=1e-10, name="h")
+    # no bias term, no affine terms
+    s, h = norm.add_layernorm_ref(x, y, None, None, None, 1e-5)
+    assert_close(h, layer_norm_by_hand(x + y, None, None, 1e-5), atol=1e-10, rtol=1e-10, name="h plain")
+
+
+def test_embed_layernorm_ref_by_hand():
+    tokens, positions, wte, wpe, w, b = embed_inputs(6, 11, 9, 5, torch.float64, seed=2)
+    s, h = norm.embed_layernorm_ref(tokens, positions, wte, wpe, w, b, 1e-5)
+    expected_s = torch.stack([wte[t] + wpe[p] for t, p in zip(tokens.tolist(), positions.tolist())])
+    assert torch.equal(s, expected_s)
+    assert_close(h, layer_norm_by_hand(expected_s, w, b, 1e-5), atol=1e-10, rtol=1e-10, name="h")
+
+
+def test_linear_gelu_ref_by_hand():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    weight = torch.randn(9, 7, generator=gen, dtype=torch.float64)
+    bias = torch.randn(9, generator=gen, dtype=torch.float64)
+    u = x @ weight.T + bias
+    expected = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+    assert_close(norm.linear_gelu_ref(x, weight, bias), expected, atol=1e-12, rtol=1e-12)
+    u = x @ weight.T
+    expected = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+    assert_close(norm.linear_gelu_ref(x, weight, None), expected, atol=1e-12, rtol=1e-12, name="no bias")
+
+
+# --------------------------------------------------------------------------------------------
+# add_layernorm
+# --------------------------------------------------------------------------------------------
+
+ADD_CASES = {
+    # id: (N, C, eps); BLOCK_R rows per program: C=1 -> 16, C=3 -> 16, C=96/100 -> 4, C=768 -> 1
+    "n1-c1": (1, 1, 1e-5),
+    "n3-c3": (3, 3, 1e-5),
+    "n33-c96": (33, 96, 1e-5),  # 9 programs of 4 rows, the last one partial
+    "n7-c100-eps0.1": (7, 100, 0.1),
+    "n17-c37": (17, 37, 1e-5),
+    "n5-c768": (5, 768, 1e-5),
+    "n2-c1600": (2, 1600, 1e-5),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", ADD_CASES.values(), ids=ADD_CASES.keys())
+def test_add_layernorm(case, dtype, poison_empty):
+    N, C, eps = case
+    args = (*add_ln_inputs(N, C, dtype, seed=N * 31 + C), eps)
+    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), dtype, f"add_layernorm N={N} C={C}")
+
+
+TERMS = {  # id: (y_bias, weight, bias)
+    "no-ybias": (False, True, True),
+    "no-affine": (True, False, False),
+    "weight-only": (True, True, False),
+    "bias-only": (False, False, True),
+}
+
+
+@pytest.mark.parametrize("terms", TERMS.values(), ids=TERMS.keys())
+def test_add_layernorm_optional_terms(terms, poison_empty):
+    yb, w, b = terms
+    args = (*add_ln_inputs(9, 100, torch.float16, seed=5, y_bias=yb, weight=w, bias=b), 1e-5)
+    assert [a is None for a in args[2:5]] == [not yb, not w, not b]
+    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), torch.float16, "add_layernorm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_add_layernorm_strided_rows(dtype, poison_empty):
+    # x, y as views with their own row strides (e.g. slices of wider buffers)
+    args = (*add_ln_inputs(11, 96, dtype, seed=6, pad=7), 1e-5)
+    assert args[0].stride(0) == 103 and args[1].stride(0) == 106
+    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), dtype, "strided add_layernorm")
+
+
+def test_add_layernorm_rounds_once():
+    # s is the fp32 sum rounded once: bit-identical to rounding the exact fp32 sum. fp16 only
+    # here: Triton 3.6's interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest
+    # even), so interpreted bf16 is up to 1 ulp low; test_add_layernorm_gpu checks bf16.
+    dtype = torch.float16
+    x, y, yb, w, b = add_ln_inputs(13, 100, dtype, seed=7)
+    s, _ = norm.add_layernorm(x, y, yb, w, b, 1e-5)
+    assert torch.equal(s, (x.float() + y.float() + yb.float()).to(dtype))
+    s, _ = norm.add_layernorm(x, y, None, w, b, 1e-5)
+    assert torch.equal(s, (x.float() + y.float()).to(dtype))
+
+
+def test_add_layernorm_normalises_the_rounded_sum():
+    # fp16 around 2048 has a spacing of 2: 2048 + y (0 <= y < 0.9) rounds to 2048 in every lane,
+    # so the rounded row is constant and h = bias, as eager fp16 computes; normalising the
+    # unrounded sum would instead give the normalised y
+    gen = torch.Generator().manual_seed(8)
+    C = 50
+    x = torch.full((3, C), 2048.0, dtype=torch.float16)
+    y = (0.9 * torch.rand(3, C, generator=gen)).to(torch.float16)
+    w = (1 + torch.rand(C, generator=gen)).to(torch.float16)
+    b = torch.randn(C, generator=gen).to(torch.float16)
+    s, h = norm.add_layernorm(x, y, None, w, b, 1e-5)
+    assert torch.equal(s, x)
+    assert torch.equal(h, b.expand(3, C))
+    s_ref, h_ref = norm.add_layernorm_ref(x, y, None, w, b, 1e-5)  # eager in fp16
+    assert torch.equal(s_ref, s) and torch.equal(h_ref, h)
+
+
+def test_add_layernorm_empty():
+    x, y, yb, w, b = add_ln_inputs(0, 96, torch.float32)
+    s, h = norm.add_layernorm(x, y, yb, w, b, 1e-5)
+    assert s.shape == h.shape == (0, 96)
+
+
+def test_add_layernorm_rejects_bad_inputs():
+    x, y, yb, w, b = add_ln_inputs(4, 16, torch.float32, seed=9)
+    good = (x, y, yb, w, b, 1e-5)
+    bad = {
+        "y dtype": (x, y.half(), yb, w, b, 1e-5),
+        "weight dtype": (x, y, yb, w.half(), b, 1e-5),
+        "x dtype must be one of": (x.double(), y.double(), yb, w, b, 1e-5),
+        "y must have x's shape": (x, y[:3], yb, w, b, 1e-5),
+        r"y_bias must be 1-D \[C=16\]": (x, y, yb[:15], w, b, 1e-5),
+        r"bias must be 1-D \[C=16\], got shape \(4, 16\)": (x, y, yb, w, y, 1e-5),
+        "x must be 2-D": (x[None], y, yb, w, b, 1e-5),
+        "last dimension must be contiguous": (x.t().contiguous().t(), y, yb, w, b, 1e-5),
+        "weight must be contiguous": (x, y, yb, torch.randn(32)[::2], b, 1e-5),
+        "eps": (*good[:5], float("nan")),
+        "C \\(the last dimension\\)": (torch.randn(1, 20000), torch.randn(1, 20000), None, None, None, 1e-5),
+        "one device; x is on cpu, y on meta": (x, y.to("meta"), yb, w, b, 1e-5),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=what):
+            norm.add_layernorm(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# embed_layernorm
+# --------------------------------------------------------------------------------------------
+
+EMBED_CASES = {
+    # id: (N, C, V, P)
+    "n1-c1-v1-p1": (1, 1, 1, 1),
+    "n6-c3-v10-p4": (6, 3, 10, 4),
+    "n33-c96-v50-p40": (33, 96, 50, 40),  # repeated ids
+    "n9-c100-v7-p12": (9, 100, 7, 12),
+    "n4-c768-v30-p16": (4, 768, 30, 16),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", EMBED_CASES.values(), ids=EMBED_CASES.keys())
+def test_embed_layernorm(case, dtype, poison_empty):
+    N, C, V, P = case
+    args = (*embed_inputs(N, C, V, P, dtype, seed=N + C + V), 1e-5)
+    check_pair(norm.embed_layernorm(*args), norm.embed_layernorm_ref(*upcast(args)), dtype,
+               f"embed_layernorm N={N} C={C}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_embed_layernorm_strided_tables_no_affine(dtype, poison_empty):
+    args = (*embed_inputs(10, 96, 20, 8, dtype, seed=11, affine=False, pad=5), 1e-5)
+    assert args[2].stride(0) == 101 and args[3].stride(0) == 102 and args[4] is None
+    # ids as strided views too (every other element of a longer vector)
+    args = (args[0].repeat_interleave(2)[::2], args[1].repeat_interleave(2)[::2], *args[2:])
+    assert args[0].stride(0) == 2
+    check_pair(norm.embed_layernorm(*args), norm.embed_layernorm_ref(*upcast(args)), dtype, "strided embed")
+
+
+def test_embed_layernorm_matches_eager_modules():
+    # what the model does without the fused op: nn.Embedding x2, add, nn.LayerNorm
+    torch.manual_seed(12)
+    wte, wpe, ln = torch.nn.Embedding(40, 24), torch.nn.Embedding(16, 24), torch.nn.LayerNorm(24, eps=1e-5)
+    with torch.no_grad():
+        ln.weight.normal_(1, 0.2)
+        ln.bias.normal_(0, 0.2)
+        tokens = torch.randint(0, 40, (13,))
+        positions = torch.arange(13) + 2
+        s_eager = wte(tokens) + wpe(positions)
+        expected = (s_eager, ln(s_eager))
+        out = norm.embed_layernorm(tokens, positions, wte.weight, wpe.weight, ln.weight, ln.bias, 1e-5)
+    check_pair(out, expected, torch.float32, "embed_layernorm vs modules")
+
+
+def test_embed_layernorm_clamps_out_of_range_ids(poison_empty):
+    _, _, wte, wpe, w, b = embed_inputs(5, 16, 7, 4, torch.float32, seed=13)
+    bad_tokens = torch.tensor([-3, 0, 6, 7, 100])
+    bad_positions = torch.tensor([4, -1, 2, 3, 50])
+    out = norm.embed_layernorm(bad_tokens, bad_positions, wte, wpe, w, b, 1e-5)
+    expected = norm.embed_layernorm_ref(bad_tokens.clamp(0, 6), bad_positions.clamp(0, 3), wte, wpe, w, b, 1e-5)
+    check_pair(out, expected, torch.float32, "clamped ids")
+    with pytest.raises(IndexError):
+        norm.embed_layernorm_ref(bad_tokens, bad_positions, wte, wpe, w, b, 1e-5)
+
+
+def test_embed_layernorm_empty():
+    tokens, positions, wte, wpe, w, b = embed_inputs(0, 8, 5, 3, torch.float16)
+    s, h = norm.embed_layernorm(tokens, positions, wte, wpe, w, b, 1e-5)
+    assert s.shape == h.shape == (0, 8) and s.dtype == torch.float16
+
+
+def test_embed_layernorm_rejects_bad_inputs():
+    tokens, positions, wte, wpe, w, b = embed_inputs(4, 8, 5, 3, torch.float32, seed=14)
+    bad = {
+        "tokens must be a 1-D int64": (tokens.int(), positions, wte, wpe, w, b, 1e-5),
+        "positions must be a 1-D int64": (tokens, positions[None], wte, wpe, w, b, 1e-5),
+        "positions must have tokens' shape": (tokens, positions[:3], wte, wpe, w, b, 1e-5),
+        "wpe must be": (tokens, positions, wte, wpe[:, :7], w, b, 1e-5),
+        "wpe dtype": (tokens, positions, wte, wpe.half(), w, b, 1e-5),
+        "wte's last dimension": (tokens, positions, wte.t().contiguous().t(), wpe, w, b, 1e-5),
+        r"weight must be 1-D \[C=8\]": (tokens, positions, wte, wpe, w[:4], b, 1e-5),
+        "at least one row": (tokens, positions, wte[:0], wpe, w, b, 1e-5),
+        "eps": (tokens, positions, wte, wpe, w, b, -1.0),
+        "one device; tokens is on cpu, positions on meta": (tokens, positions.to("meta"), wte, wpe, w, b, 1e-5),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=what):
+            norm.embed_layernorm(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# linear_gelu (CPU: the launcher takes the reference path)
+# --------------------------------------------------------------------------------------------
+
+
+def linear_inputs(N, K, M, dtype, device="cpu", seed=0, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, K, generator=gen).to(dtype)
+    weight = (1.5 / math.sqrt(K) * torch.randn(M, K, generator=gen)).to(dtype)  # pre-activations ~ N(0, 1.5^2)
+    b = (0.3 * torch.randn(M, generator=gen)).to(dtype) if bias else None
+    return tuple(t.to(device) if t is not None else None for t in (x, weight, b))
+
+
+def gelu_tanh_f64(x, weight, bias):
+    u = x.double() @ weight.double().T
+    if bias is not None:
+        u = u + bias.double()
+    return 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_linear_gelu_cpu(dtype, bias):
+    x, weight, b = linear_inputs(6, 40, 24, dtype, seed=15, bias=bias)
+    out = norm.linear_gelu(x, weight, b)
+    assert out.dtype == dtype and out.shape == (6, 24)
+    assert_close(out, gelu_tanh_f64(x, weight, b), **TOLERANCES[dtype], name="linear_gelu")
+    assert torch.equal(out, norm.linear_gelu_ref(x, weight, b))  # the CPU path is the reference
+    assert norm.linear_gelu(x[:0], weight, b).shape == (0, 24)
+
+
+def test_addmm_activation_is_erf_gelu_on_cpu():
+    # Why linear_gelu's CPU path does not call torch._addmm_activation: there it applies the
+    # exact (erf) GELU, not GPT-2's tanh approximation (the two differ by up to ~5e-4). If this
+    # starts failing, PyTorch changed the CPU semantics and the CPU path could use it.
+    x, weight, b = linear_inputs(64, 32, 48, torch.float64, seed=16)
+    out = torch._addmm_activation(b, x, weight.t(), use_gelu=True)
+    u = F.linear(x, weight, b)
+    assert_close(out, F.gelu(u), atol=1e-12, rtol=1e-12, name="erf gelu")
+    assert compare(out, F.gelu(u, approximate="tanh"), atol=1e-5, rtol=0) is not None
+
+
+def test_linear_gelu_rejects_bad_inputs():
+    x, weight, b = linear_inputs(3, 8, 5, torch.float32, seed=17)
+    bad = {
+        r"weight must be 2-D \[M, K=8\]": (x, weight[:, :7], b),
+        "weight dtype": (x, weight.half(), b),
+        r"bias must be None or 1-D \[M=5\]": (x, weight, b[:4]),
+        "bias dtype": (x, weight, b.double()),
+        "x must be a 2-D": (x[0], weight, b),
+        "one device; x is on cpu, weight on meta": (x, weight.to("meta"), b),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=what):
+            norm.linear_gelu(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch and benchmark cases
+# --------------------------------------------------------------------------------------------
+
+
+def test_dispatch(monkeypatch):
+    assert ops.add_layernorm.fast is norm.add_layernorm and ops.add_layernorm.ref is norm.add_layernorm_ref
+    assert ops.embed_layernorm.fast is norm.embed_layernorm and ops.embed_layernorm.ref is norm.embed_layernorm_ref
+    assert ops.linear_gelu.fast is norm.linear_gelu and ops.linear_gelu.ref is norm.linear_gelu_ref
+    args = (*add_ln_inputs(5, 24, torch.float16, seed=18), 1e-5)
+    eager = norm.add_layernorm_ref(*args)
+    kernel = norm.add_layernorm(*args)
+    assert not torch.equal(eager[0], kernel[0])  # double vs single rounding: the paths are told apart
+    monkeypatch.setenv("GPTFAST_KERNELS", "auto")
+    got = ops.add_layernorm(*args)  # CPU tensors -> the reference
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+    monkeypatch.setenv("GPTFAST_KERNELS", "triton")
+    got = ops.add_layernorm(*args)  # forced -> the kernel (interpreted)
+    assert torch.equal(got[0], kernel[0]) and torch.equal(got[1], kernel[1])
+
+
+def test_benchmark_cases_cpu():
+    cases = norm.benchmark_cases("cpu", quick=True)
+    assert {c.op for c in cases} == {"add_layernorm", "embed_layernorm", "linear_gelu"}
+    for case in cases:
+        args = case.make_args()
+        fast, ref = getattr(norm, case.op), getattr(norm, case.op + "_ref")
+        expected = ref(*args)
+        got = fast(*args)
+        for i, (a, e) in enumerate(zip(*(((o,) if isinstance(o, torch.Tensor) else o) for o in (got, expected)))):
+            assert_close(a, e, atol=case.atol, rtol=case.rtol, name=f"{case.label} output {i}")
+        for name, baseline in case.baselines.items():
+            assert isinstance(baseline(*args), torch.Tensor), name
+        assert case.bytes_moved > 0
+
+
+def test_benchmark_cases_cuda_listing_needs_no_gpu():
+    cases = norm.benchmark_cases("cuda", quick=True)
+    labels = [f"{c.op} {c.label}" for c in cases]
+    assert "add_layernorm N=256 C=1600 bfloat16" in labels and "linear_gelu N=1 K=768 M=3072 bfloat16" in labels
+    gelu = {c.params["N"]: c for c in cases if c.op == "linear_gelu"}
+    assert gelu[256].flops == 2 * 256 * 768 * 3072
+    assert gelu[1].bytes_moved == (768 + 3072 * 768 + 3072 + 3072) * 2
+    assert "2-row pad" in gelu[1].baselines and "2-row pad" not in gelu[64].baselines
+    assert len(norm.benchmark_cases("cuda", quick=False)) > len(cases)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: real sizes, the cuBLASLt path, CUDA graphs
+# --------------------------------------------------------------------------------------------
+
+GPU_ADD_CASES = {
+    # id: (N, C, row padding of x and y)
+    "n1-c768": (1, 768, 0),
+    "n256-c768-strided": (256, 768, 768 * 2),  # x, y as slices of [N, 3C]-like buffers
+    "n4096-c768": (4096, 768, 0),
+    "n64-c1600": (64, 1600, 0),
+    "n33-c1000-strided": (33, 1000, 24),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", GPU_ADD_CASES.values(), ids=GPU_ADD_CASES.keys())
+def test_add_layernorm_gpu(case, dtype, poison_empty):
+    N, C, pad = case
+    args = (*add_ln_inputs(N, C, dtype, "cuda", seed=N + C, pad=pad), 1e-5)
+    assert args[0].stride(0) == C + pad and args[1].stride(0) == (C + pad + 3 if pad else C)
+    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), dtype, f"add_layernorm N={N} C={C}")
+    if dtype != torch.float32:
+        s, _ = norm.add_layernorm(*args)
+        x, y, yb = args[:3]
+        assert torch.equal(s, (x.float() + y.float() + yb.float()).to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("N", [1, 256, 2048])
+def test_embed_layernorm_gpu(N, dtype, poison_empty):
+    args = (*embed_inputs(N, 768, 50257, 1024, dtype, "cuda", seed=N), 1e-5)
+    check_pair(norm.embed_layernorm(*args), norm.embed_layernorm_ref(*upcast(args)), dtype, f"embed_layernorm N={N}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("N", [1, 64, 256])
+def test_linear_gelu_gpu(N, dtype):
+    # N=1 takes PyTorch's non-Lt path (GEMM + gelu_(tanh)), 64 and 256 the GELU_BIAS epilogue
+    x, weight, b = linear_inputs(N, 768, 3072, dtype, "cuda", seed=N)
+    out = norm.linear_gelu(x, weight, b)
+    assert out.dtype == dtype and out.shape == (N, 3072)
+    assert_close(out, norm.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name=f"linear_gelu N={N}")
+    assert_close(norm.linear_gelu(x, weight, None), norm.linear_gelu_ref(*upcast((x, weight, None))),
+                 **TOLERANCES[dtype], name=f"linear_gelu N={N} no bias")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1, 2, 64])
+def test_linear_gelu_gpu_is_the_tanh_gelu(N):
+    # fp32 (no TF32) is accurate enough to tell the two GELUs apart (they differ by up to 4.7e-4):
+    # the cuBLASLt epilogue (N >= 2) and the fallback (N = 1) must both be the tanh form
+    x, weight, b = linear_inputs(N, 768, 3072, torch.float32, "cuda", seed=100 + N)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = norm.linear_gelu(x, weight, b).cpu()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    x, weight, b = x.cpu(), weight.cpu(), b.cpu()
+    err_tanh = (out.double() - gelu_tanh_f64(x, weight, b)).abs().max().item()
+    err_erf = (out.double() - F.gelu(x.double() @ weight.double().T + b.double())).abs().max().item()
+    # fp32 accumulation error is ~1e-6; an approximate tanh in the epilogue would show as ~1e-4
+    assert err_tanh < 3e-5 and err_erf > 2e-4, f"max abs error vs tanh GELU {err_tanh:.2e}, vs erf GELU {err_erf:.2e}"
+
+
+@pytest.mark.gpu
+def test_benchmark_cases_gpu():
+    # what `gptfast bench --suite ops --quick` checks, plus the baselines that compute the op
+    for case in norm.benchmark_cases("cuda", quick=True):
+        args = case.make_args()
+        got = getattr(norm, case.op)(*args)
+        expected = getattr(norm, case.op + "_ref")(*args)
+        for a, e in zip(*(((o,) if isinstance(o, torch.Tensor) else o) for o in (got, expected))):
+            assert_close(a, e, atol=case.atol, rtol=case.rtol, name=case.label)
+        if "2-row pad" in case.baselines:
+            assert_close(case.baselines["2-row pad"](*args), expected, atol=case.atol, rtol=case.rtol,
+                         name="2-row pad " + case.label)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    # the decode step's use: capture once on static buffers, copy new inputs in, replay
+    N, C, dtype = 8, 768, torch.bfloat16
+    _, y, yb, w, b = add_ln_inputs(N, C, dtype, "cuda", seed=20)
+    tokens, positions, wte, wpe, w1, b1 = embed_inputs(N, C, 50257, 1024, dtype, "cuda", seed=21)
+    _, fc_w, fc_b = linear_inputs(N, C, 4 * C, dtype, "cuda", seed=22)
+
+    def step():
+        s0, h0 = norm.embed_layernorm(tokens, positions, wte, wpe, w1, b1, 1e-5)
+        s1, h1 = norm.add_layernorm(s0, y, yb, w, b, 1e-5)
+        return s0, h0, s1, h1, norm.linear_gelu(h1, fc_w, fc_b)
+
+    side = torch.cuda.Stream()  # warm up (compile, cuBLAS workspaces) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for seed in (23, 24):
+        gen = torch.Generator().manual_seed(seed)
+        tokens.copy_(torch.randint(0, 50257, (N,), generator=gen))
+        positions.copy_(torch.randint(0, 1024, (N,), generator=gen))
+        y.copy_(torch.randn(N, C, generator=gen).to(dtype))
+        graph.replay()
+        s0, h0 = norm.embed_layernorm_ref(*upcast((tokens, positions, wte, wpe, w1, b1)), 1e-5)
+        # the rest from the graph's own (rounded) residual, as the runtime chains them
+        s1, h1 = norm.add_layernorm_ref(*upcast((outs[0], y, yb, w, b)), 1e-5)
+        fc = norm.linear_gelu_ref(*upcast((outs[3], fc_w, fc_b)))
+        for name, got, want in zip(("s0", "h0", "s1", "h1", "fc"), outs, (s0, h0, s1, h1, fc)):
+            assert_close(got, want, **TOLERANCES[dtype], name=f"replay {seed} {name}")

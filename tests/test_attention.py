@@ -370,7 +370,25 @@ def test_benchmark_cases_cpu():
         assert A.kv_cache_write(*args_fast) is None and A.kv_cache_write_ref(*args_ref) is None
         for got, want in zip(args_fast[2:4], args_ref[2:4]):
             assert_close(got, want, atol=0, rtol=0, name=case.label)
-    for case in [c for c in cases if c.op != "kv_cache_write"]:
+    appends = [c for c in cases if c.params.get("append")]
+    assert len(appends) == 1
+    for case in appends:
+        # the fused op against the separate write + decode it replaces: same output, same caches
+        args_fast = case.make_args()
+        q, k_new = args_fast[0], args_fast[6]
+        assert q.stride(0) == k_new.stride(0) == 3 * q.shape[1] * q.shape[2]  # views of one [B, 3, H, D]
+        args_ref, args_base = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args_fast)
+                               for _ in range(2))
+        kc_before = args_fast[1].clone()
+        out = A.decode_attention(*args_fast)
+        expected = A.decode_attention_ref(*args_ref)
+        baseline = case.baselines["write_then_decode"](*args_base)
+        assert_close(out, expected, atol=case.atol, rtol=case.rtol, name=case.label)
+        assert_close(baseline, expected, atol=case.atol, rtol=case.rtol, name="write_then_decode " + case.label)
+        assert not torch.equal(args_fast[1], kc_before)  # the new K was written ...
+        for i in (1, 2):  # ... exactly where the unfused step writes it
+            assert torch.equal(args_fast[i], args_ref[i]) and torch.equal(args_fast[i], args_base[i])
+    for case in [c for c in cases if c.op != "kv_cache_write" and c not in appends]:
         args = case.make_args()
         fast, ref = getattr(A, case.op), getattr(A, case.op + "_ref")
         expected = ref(*args)
@@ -382,6 +400,209 @@ def test_benchmark_cases_cpu():
         assert len(sdpa.inputs._by_q) == 1
         del args
         assert len(sdpa.inputs._by_q) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# decode with the K/V append fused
+# --------------------------------------------------------------------------------------------
+
+
+def append_inputs(lens, heads, head_dim, block_size, dtype, device, seed, skip=(), pad_slot=True, poison=True):
+    """Decode inputs whose new token (position seq_len - 1) the op appends.
+
+    q, k_new, v_new are strided views of one [B, 3, H, D] projection output (the model's layout).
+    slot_mapping: the new position's slot, -1 for the rows in `skip`; padding rows (seq_len 0)
+    get a valid slot in a never-referenced block when `pad_slot` (the op must still not write it),
+    else -1. With `poison`, the new positions' slots are NaN in both caches: a program reading a
+    new key from the cache instead of k_new shows up (a row in `skip` keeps its NaN). (Only the
+    new positions: the reference turns a NaN key under its mask into a NaN output.)
+    Returns (args, pad_slots).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, table = paged_cache(lens, heads, head_dim, block_size, dtype, "cpu", gen)
+    B = len(lens)
+    qkv = torch.randn(B, 3, heads, head_dim, generator=gen).to(dtype)  # [B, 3, H, D]
+    unused = sorted(set(range(1, k_cache.shape[0])) - set(table.flatten().tolist()))
+    slots, pad_slots = [], []
+    for b, n in enumerate(lens):
+        if n == 0:
+            s = unused[0] * block_size + b % block_size if pad_slot else -1
+            pad_slots += [s] if s >= 0 else []
+        else:
+            s = int(table[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+            if poison:
+                k_cache.view(-1, heads, head_dim)[s] = float("nan")
+                v_cache.view(-1, heads, head_dim)[s] = float("nan")
+        slots.append(-1 if b in skip else s)
+    qkv, k_cache, v_cache, table = (t.to(device) for t in (qkv, k_cache, v_cache, table))
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    args = (qkv[:, 0], k_cache, v_cache, table, seq_lens, head_dim**-0.5, qkv[:, 1], qkv[:, 2], slot_mapping)
+    return args, pad_slots
+
+
+def copy_args(args, dtype=None):
+    """Independent copies of the tensor args (views become contiguous), floats cast to `dtype` if given."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            a = a.clone()
+            if dtype is not None and a.is_floating_point():
+                a = a.to(dtype)
+        out.append(a)
+    return tuple(out)
+
+
+def run_append(args):
+    q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = args
+    return A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k_new=k_new, v_new=v_new,
+                              slot_mapping=slots)
+
+
+def check_append(args, dtype, name, pad_slots=(), run=run_append):
+    """The fused op (`run(args)`) against the fp32 reference (output) and against
+    kv_cache_write_ref (caches, every element, exactly): the new K/V land in their slots and
+    nothing else changes."""
+    q, k_cache, v_cache, _, seq_lens, _, k_new, v_new, slots = args
+    expected = A.decode_attention_ref(*copy_args(args, torch.float32))
+    H, D = q.shape[1], q.shape[2]
+    kc_want, vc_want = k_cache.clone(), v_cache.clone()
+    kc_before = k_cache.clone()
+    A.kv_cache_write_ref(k_new, v_new, kc_want, vc_want, torch.where(seq_lens > 0, slots, -1))
+    out = run(args)
+    assert out.dtype == dtype
+    assert not torch.isnan(out).any(), f"{name}: NaN in output (a new key read from its poisoned slot?)"
+    assert_close(out, expected, **TOLERANCES[dtype], name=name)
+    assert_close(k_cache, kc_want, atol=0, rtol=0, name=f"{name}: k_cache")  # NaN == NaN: skipped slots
+    assert_close(v_cache, vc_want, atol=0, rtol=0, name=f"{name}: v_cache")
+    flat_k, flat_before = k_cache.view(-1, H, D), kc_before.view(-1, H, D)
+    for b, s in enumerate(slots.tolist()):  # the expectation itself is not vacuous
+        if s >= 0 and int(seq_lens[b]) > 0:
+            assert torch.equal(flat_k[s], k_new[b]), f"{name}: row {b}'s K not in slot {s}"
+    for s in pad_slots:
+        assert torch.equal(flat_k[s], flat_before[s]), f"{name}: padding row wrote slot {s}"
+
+
+APPEND_CASES = {
+    # id: (seq_lens, H, D, block_size, rows with slot -1)
+    "b1-len1-h1-d16-bs16": ([1], 1, 16, 16, ()),  # the new token is the only key
+    "b4-block-edges-h2-d32-bs8": ([8, 9, 16, 13], 2, 32, 8, ()),  # last of a block, first, inside
+    "b5-pad-skip-h3-d16-bs4": ([0, 13, 0, 64, 5], 3, 16, 4, (4,)),  # padding rows, an uncached token
+    "b3-len300,65,1-h2-d64-bs32": ([300, 65, 1], 2, 64, 32, (1,)),  # 65: new key alone in its tile
+    "b2-h5-d80-bs7": ([63, 22], 5, 80, 7, ()),
+}
+
+
+@pytest.mark.parametrize("sm_count", [1, 4, 64], ids=lambda n: f"sms{n}")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", APPEND_CASES.values(), ids=APPEND_CASES.keys())
+def test_decode_attention_append(case, dtype, sm_count, poison_empty, monkeypatch):
+    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    lens, H, D, bs, skip = case
+    args, pad_slots = append_inputs(lens, H, D, bs, dtype, "cpu", seed=sum(lens) + D + sm_count, skip=skip)
+    check_append(args, dtype, f"append {lens} sms={sm_count}", pad_slots)
+
+
+def test_decode_append_splits_are_exercised():
+    # "b3-len300,65,1" above with sms 4 and 64: 3 and 6 splits, and the new key of the 300-key row
+    # (position 299) and of the 65-key row (64) belong to a later split than the first
+    block_n = A._decode_block_n(64)
+    for sms, splits in ((4, 3), (64, 6)):
+        assert A._decode_num_splits(3, 2, 11 * 32, block_n, sms) == splits
+        for n in (300, 65):
+            keys_per_split = math.ceil(math.ceil(n / block_n) / splits) * block_n
+            assert (n - 1) // keys_per_split > 0
+
+
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
+def test_decode_attention_append_random(seed, poison_empty, monkeypatch):
+    # random ragged batches; the fused op also agrees with the unfused kernels (write, then decode)
+    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", 1 + 7 * seed)
+    lens, _, H, D, bs = random_case(200 + seed)
+    lens[seed % len(lens)] = 0
+    dtype = CPU_DTYPES[seed % 2]
+    skip = (1,) if seed % 2 else ()
+    args, pad_slots = append_inputs(lens, H, D, bs, dtype, "cpu", seed=seed, skip=skip, pad_slot=seed < 2)
+    unfused = copy_args(args)
+    name = f"append {lens} H={H} D={D} bs={bs}"
+    check_append(args, dtype, name, pad_slots)
+    q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = unfused
+    if not skip:
+        A.kv_cache_write(k_new, v_new, k_cache, v_cache, torch.where(seq_lens > 0, slots, -1))
+        out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale)
+        assert_close(run_append(args), out, **TOLERANCES[dtype], name=f"{name} vs unfused")
+        assert torch.equal(k_cache, args[1]) and torch.equal(v_cache, args[2])
+
+
+def test_decode_attention_append_bf16_interpreted(poison_empty):
+    args, pad_slots = append_inputs([5, 0, 63, 97], 3, 32, 7, torch.bfloat16, "cpu", seed=8, skip=(2,))
+    check_append(args, torch.bfloat16, "append bf16", pad_slots)
+
+
+def test_decode_attention_append_contiguous_inputs(poison_empty):
+    # k_new/v_new/q need not be views: separate contiguous tensors work too
+    args, _ = append_inputs([30, 7], 2, 16, 8, torch.float32, "cpu", seed=4)
+    args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+    check_append(args, torch.float32, "append contiguous")
+
+
+def test_decode_attention_append_all_rows_empty(poison_empty):
+    # a bucket of padding rows only: zeros, no key read, nothing written (valid slots given)
+    args, pad_slots = append_inputs([0, 0, 0], 2, 16, 4, torch.float32, "cpu", seed=5)
+    assert len(pad_slots) == 3
+    k_cache, v_cache = args[1:3]
+    k_cache[1:].fill_(float("nan"))  # all but the null block (where the tables point): any read shows
+    v_cache[1:].fill_(float("nan"))
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out = run_append(args)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert_close(k_cache, k_before, atol=0, rtol=0, name="k_cache")  # NaN == NaN here
+    assert_close(v_cache, v_before, atol=0, rtol=0, name="v_cache")
+
+
+def test_decode_append_reference_is_write_then_decode():
+    # the reference's semantics: for rows whose slot is the new position's, the two-step
+    # write-then-attend; a skipped slot (-1) still attends to k_new, as if it had been written
+    lens, H, D, bs = [20, 0, 9, 33], 2, 16, 8
+    args, _ = append_inputs(lens, H, D, bs, torch.float64, "cpu", seed=12, skip=(2,))
+    q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = copy_args(args)
+    fused = A.decode_attention_ref(*args)
+    proper = slots.clone()
+    proper[2] = int(table[2, (9 - 1) // bs]) * bs + (9 - 1) % bs
+    proper[1] = -1
+    A.kv_cache_write_ref(k_new, v_new, k_cache, v_cache, proper)
+    assert_close(fused, A.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, scale), atol=1e-12,
+                 rtol=1e-12, name="append ref vs write-then-decode")
+    assert not torch.isnan(fused).any() and torch.equal(fused[1], torch.zeros_like(fused[1]))
+    # and the caches: row 2's slot kept its NaN (not written), the padding row's slot is untouched
+    assert torch.isnan(args[1].view(-1, H, D)[proper[2]]).all()
+    assert torch.equal(args[1].view(-1, H, D)[slots[1]], k_cache.view(-1, H, D)[slots[1]])
+
+
+def test_decode_attention_strided_q(poison_empty):
+    # without the append: q as a view of [B, 3, H, D] (the model then needs no q.contiguous())
+    q, k_cache, v_cache, table, seq_lens = decode_inputs([9, 40, 0], 2, 32, 8, torch.float32, "cpu", seed=3)
+    qkv = torch.randn(3, 3, 2, 32)
+    qkv[:, 0] = q
+    out = A.decode_attention(qkv[:, 0], k_cache, v_cache, table, seq_lens, 0.2)
+    assert_close(out, A.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.2), **TOLERANCES[torch.float32])
+
+
+def test_decode_attention_append_rejects_bad_inputs():
+    args, _ = append_inputs([3, 4], 2, 16, 4, torch.float32, "cpu", seed=2)
+    base, (k_new, v_new, slots) = args[:6], args[6:]
+    bad = {
+        "go together": dict(k_new=k_new, v_new=v_new),
+        "k_new must match": dict(k_new=k_new[:1], v_new=v_new, slot_mapping=slots),
+        "v_new must match": dict(k_new=k_new, v_new=v_new.double(), slot_mapping=slots),
+        "contiguous last": dict(k_new=k_new, v_new=v_new.transpose(1, 2).contiguous().transpose(1, 2),
+                                slot_mapping=slots),
+        "slot_mapping must be": dict(k_new=k_new, v_new=v_new, slot_mapping=slots.int()),
+    }
+    for what, kwargs in bad.items():
+        for fn in (A.decode_attention, A.decode_attention_ref):
+            with pytest.raises(ValueError, match=what):
+                fn(*base, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,3 +692,55 @@ def test_decode_attention_cuda_graph():
         graph.replay()
         expected = A.decode_attention_ref(*upcast((q, k_cache, v_cache, table, seq_lens, 0.125)))
         assert_close(out, expected, **TOLERANCES[torch.bfloat16], name=f"graph replay {new_lens}")
+
+
+GPU_APPEND_CASES = {
+    # id: (seq_lens, rows with slot -1); H=12, D=64, bs=16. H100: 16 splits, 1 (no merge), 1
+    "b1-ctx1024": ([1024], ()),
+    "b64-ragged": ([1024 - (i * 13) % 200 for i in range(64)], (5,)),
+    "b256-ragged-pad": ([1 + (i * 37) % 1024 for i in range(250)] + [0] * 6, (0, 100)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_APPEND_CASES.values(), ids=GPU_APPEND_CASES.keys())
+def test_decode_attention_append_gpu(case, poison_empty):
+    lens, skip = case
+    args, pad_slots = append_inputs(lens, 12, 64, 16, torch.bfloat16, "cuda", seed=len(lens), skip=skip)
+    check_append(args, torch.bfloat16, f"append B={len(lens)}", pad_slots)
+
+
+@pytest.mark.gpu
+def test_decode_attention_append_cuda_graph():
+    # capture the fused step once, then replay three decode steps: new q/k/v in place, seq_lens
+    # advanced, new slots, a row turning into graph padding (and one out of padding)
+    steps = [[700, 5, 1023, 64, 0], [701, 6, 1024, 65, 1], [702, 0, 1024, 66, 2]]
+    H, D, bs = 12, 64, 16
+    # pages for all steps; not poisoned: the last positions of these lengths lie past early steps' keys
+    args, _ = append_inputs([702, 6, 1024, 66, 2], H, D, bs, torch.bfloat16, "cuda", seed=9, poison=False)
+    q, table, seq_lens, k_new, v_new, slots = args[0], args[3], args[4], args[6], args[7], args[8]
+    assert q.stride(0) == k_new.stride(0) == 3 * H * D  # views of one [B, 3, H, D] output
+
+    def set_step(lens):
+        for t in (q, k_new, v_new):
+            t.copy_(torch.randn_like(t))
+        seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        pos = (seq_lens.long() - 1).clamp_min(0)
+        new_slots = table.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
+        slots.copy_(torch.where(seq_lens > 0, new_slots, -1))
+
+    set_step(steps[0])
+    run_append(args)  # compile outside the capture (its writes are redone by the first replay)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run_append(args)
+
+    def replay(_):
+        graph.replay()
+        return out
+
+    for lens in steps:
+        set_step(lens)
+        check_append(args, torch.bfloat16, f"graph replay {lens}", run=replay)
+

@@ -44,6 +44,14 @@ Kernels and their floors (fp16/bf16, e = 2 bytes per element; H100 ceilings from
   once) plus the fp32 partials, 8 * B * H * num_splits * (D + 2) bytes; FLOPs
   4 * H * D * sum_b seq_len_b: ~1 FLOP/byte, bandwidth-bound. B=8, context 1024, H=12, D=64:
   25 MB, 8.4 us at 3 TB/s; batch 1 is launch-latency-bound (3 MB, 1 us).
+  With the append (`k_new, v_new, slot_mapping`, the `APPEND` specialisation) the kernel also
+  does the decode step's `kv_cache_write`: the new token is key seq_len - 1; the one program
+  whose range holds it takes its K/V from `k_new`/`v_new` (requested before its cache loop, so
+  the latency hides) instead of the cache, adds it as one more online-softmax step after the
+  loop, and stores it to its slot. No program reads that slot, so the store needs no ordering
+  inside the grid. This saves the separate write's launch (a launch gap costs about as much as
+  the DRAM time of a per-layer kernel) and the re-read of the new key; bytes: K/V of the
+  seq_len - 1 cached keys read, k_new/v_new read and written once.
 
 Every path accumulates in fp32; scores of masked keys are -inf; a row with no valid key (a
 decode row with seq_len 0) outputs zeros, never NaN.
@@ -267,6 +275,9 @@ def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_new_ptr,
+    v_new_ptr,
+    slot_ptr,
     bt_ptr,
     seq_lens_ptr,
     qk_scale,
@@ -278,12 +289,17 @@ def _decode_split_kernel(
     stride_kh,
     stride_v_slot,
     stride_vh,
+    stride_knb,
+    stride_knh,
+    stride_vnb,
+    stride_vnh,
     stride_bt,
     max_blocks,
     H,
     num_splits,
     HEAD_DIM: tl.constexpr,
     SPLIT: tl.constexpr,
+    APPEND: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -306,6 +322,20 @@ def _decode_split_kernel(
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + h * stride_kh
     v_base = v_cache_ptr + h * stride_vh
+
+    if APPEND:
+        # The new token is key seq_len - 1. Its K/V come from registers (k_new, v_new), never
+        # from its cache slot, and only the program whose range holds that key stores them: no
+        # program reads the slot another one writes (there is no ordering inside the grid).
+        # A seq_len 0 row has no owner: it writes nothing.
+        last = seq_len - 1
+        owns_new = (last >= lo) & (last < hi)
+        # requested here so that their latency hides behind the cache loop
+        new_mask = mask_d & owns_new
+        k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d, mask=new_mask, other=0.0)
+        v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d, mask=new_mask, other=0.0)
+        new_slot = tl.load(slot_ptr + b)  # int64; negative: attend to the token but do not cache it
+        hi = tl.minimum(hi, last)  # the cache loop stops before the new key
 
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([], dtype=tl.float32)
@@ -333,6 +363,22 @@ def _decode_split_kernel(
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
         m_i = m_new
         offs_n = offs_next
+
+    if APPEND:  # compile-time; the run-time test below stays a separate branch
+        if owns_new:
+            # one more online-softmax step with a single key; m_i may still be -inf here (the new
+            # token alone in its range), then alpha = 0 and acc, l_i are 0: still no NaN
+            s_new = tl.sum(k_new.to(tl.float32) * q, 0)
+            m_with_new = tl.maximum(m_i, s_new)
+            alpha = tl.exp2(m_i - m_with_new)
+            p_new = tl.exp2(s_new - m_with_new)
+            l_i = l_i * alpha + p_new
+            acc = acc * alpha + p_new * v_new.to(tl.float32)
+            m_i = m_with_new
+            # k_cache: [num_blocks * block_size, H, D] row `new_slot`, head h
+            store_mask = mask_d & (new_slot >= 0)
+            tl.store(k_base + new_slot * stride_k_slot + offs_d, k_new, mask=store_mask)
+            tl.store(v_base + new_slot * stride_v_slot + offs_d, v_new, mask=store_mask)
 
     if not SPLIT:
         out = acc / tl.maximum(l_i, 1e-30)  # an empty row has acc = 0, l = 0: zeros
@@ -634,6 +680,30 @@ def _decode_num_splits(batch: int, heads: int, max_context: int, block_n: int, s
     return max(1, min(splits, triton.cdiv(max_context, block_n), _DECODE_MAX_SPLITS))
 
 
+def _check_append(
+    name: str,
+    q: torch.Tensor,
+    k_new: torch.Tensor | None,
+    v_new: torch.Tensor | None,
+    slot_mapping: torch.Tensor | None,
+) -> bool:
+    """Whether decode_attention appends the new token's K/V (all three given) or not (none)."""
+    given = {"k_new": k_new, "v_new": v_new, "slot_mapping": slot_mapping}
+    if all(t is None for t in given.values()):
+        return False
+    if any(t is None for t in given.values()):
+        seen = ", ".join(f"{k}={'None' if t is None else 'Tensor'}" for k, t in given.items())
+        raise ValueError(f"{name}: k_new, v_new and slot_mapping go together (all three or none), got {seen}")
+    for arg, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.stride(-1) != 1:
+            raise ValueError(
+                f"{name}: {arg} must match q's shape {tuple(q.shape)} and dtype {q.dtype} with a contiguous "
+                f"last dimension, got {tuple(t.shape)} {t.dtype} strides {t.stride()}"
+            )
+    _check_int_vector(name, "slot_mapping", slot_mapping, q.shape[0], torch.int64)
+    return True
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -641,18 +711,30 @@ def decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence over its paged K/V, split-KV (Triton).
+    """Attention of one query token per sequence over its paged K/V, split-KV (Triton);
+    optionally appending that token's K/V to the cache in the same launch.
 
-    CUDA-graph capturable: the grid and workspace depend only on shapes, `seq_lens` is read on
-    the device. Rows with `seq_lens[b] == 0` (graph padding) output zeros.
+    CUDA-graph capturable: the grid and workspace depend only on shapes, `seq_lens` (and
+    `slot_mapping`) are read on the device. Rows with `seq_lens[b] == 0` (graph padding) output
+    zeros (and write nothing).
+
+    With `k_new, v_new, slot_mapping` the call is `kv_cache_write(k_new, v_new, k_cache, v_cache,
+    slot_mapping)` followed by the attention, in one pass: the new token is the last key of row
+    b, at position `seq_lens[b] - 1`, and its K/V are taken from `k_new`/`v_new` (never read
+    back from the cache) and stored at `slot_mapping[b]`.
 
     Parameters
     ----------
     q : Tensor [B, H, D]
-        fp16/bf16/fp32, last dimension contiguous.
+        fp16/bf16/fp32, last dimension contiguous (batch and head strides are free: a view of a
+        fused QKV projection needs no copy).
     k_cache, v_cache : Tensor [num_blocks, block_size, H, D]
-        Contiguous, q's dtype; the current token's K/V already written.
+        Contiguous, q's dtype. Without the append the current token's K/V must already be in
+        them; with it they are written in place.
     block_tables : Tensor [B, max_blocks], int32
         Page ids per sequence (rows contiguous).
     seq_lens : Tensor [B], int32
@@ -660,6 +742,13 @@ def decode_attention(
         (larger values are clamped to the table's capacity).
     scale : float
         Score scale, e.g. `1 / sqrt(D)`.
+    k_new, v_new : Tensor [B, H, D], optional
+        The current token's K/V, q's dtype, last dimension contiguous, any batch/head strides.
+    slot_mapping : Tensor [B], int64, optional
+        Cache slot of the current token (`block_id * block_size + offset` of position
+        `seq_lens[b] - 1`); negative: attend to the token without caching it. Rows with
+        `seq_lens[b] == 0` store nothing, whatever their slot. NOTE: no other row of the batch
+        may read a row's slot (the block manager never shares a sequence's last block).
 
     Returns
     -------
@@ -668,6 +757,9 @@ def decode_attention(
     Examples
     --------
     >>> out = decode_attention(q, k_cache, v_cache, block_tables, seq_lens, D ** -0.5)
+    >>> q, k, v = qkv.unbind(1)  # qkv: [B, 3, H, D]
+    >>> out = decode_attention(q, k_cache, v_cache, block_tables, seq_lens, D ** -0.5,
+    ...                        k_new=k, v_new=v, slot_mapping=slots)
     """
     name = "decode_attention"
     _check_cache(name, q, k_cache, v_cache)
@@ -675,7 +767,9 @@ def decode_attention(
     _check_int_vector(name, "seq_lens", seq_lens, B, torch.int32)
     _check_block_tables(name, block_tables, B)
     qk_scale = _check_scale(name, scale) * _LOG2E
-    _check_launch_device(name, q, k_cache, v_cache, block_tables, seq_lens)
+    append = _check_append(name, q, k_new, v_new, slot_mapping)
+    _check_launch_device(name, q, k_cache, v_cache, block_tables, seq_lens,
+                         *((k_new, v_new, slot_mapping) if append else ()))
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
@@ -689,13 +783,18 @@ def decode_attention(
         part_ml = torch.empty((B, H, num_splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused: the split kernel writes `out` directly
+    if not append:  # unused by the kernel: placeholders of fixed types, so one compiled variant
+        k_new, v_new, slot_mapping = q, q, seq_lens
     _decode_split_kernel[(B, H, num_splits)](
-        out, part_acc, part_ml, q, k_cache, v_cache, block_tables, seq_lens, qk_scale,
+        out, part_acc, part_ml, q, k_cache, v_cache, k_new, v_new, slot_mapping, block_tables, seq_lens,
+        qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         block_tables.stride(0), max_blocks, H, num_splits,
         HEAD_DIM=D,
         SPLIT=num_splits > 1,
+        APPEND=append,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -806,13 +905,34 @@ def decode_attention_ref(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Eager reference of `decode_attention` (same signature): gather all pages of the block
-    tables, mask keys at or past `seq_lens`, softmax in fp32, cast to q's dtype. No host sync.
+    """Eager reference of `decode_attention` (same signature): with the append, first
+    `kv_cache_write_ref` of the new K/V (rows with seq_len 0 skipped); then gather all pages of
+    the block tables, mask keys at or past `seq_lens`, softmax in fp32, cast to q's dtype.
+
+    With the append, the key at the last position `min(seq_lens[b], capacity) - 1` is `k_new[b]`
+    (`v_new[b]`) whatever the cache holds there (the kernel's semantics; they differ from "write,
+    then attend" only when `slot_mapping[b]` is not that position's slot, e.g. negative). No host
+    sync without the append (on the CPU, see below); the write itself syncs on CUDA.
     """
     B, H, D = q.shape
+    append = _check_append("decode_attention_ref", q, k_new, v_new, slot_mapping)
+    if append:
+        # graph-padding rows (seq_len 0) cache nothing, as in the kernel
+        slots = torch.where(seq_lens > 0, slot_mapping, torch.full_like(slot_mapping, -1))
+        kv_cache_write_ref(k_new, v_new, k_cache, v_cache, slots)
     k = _gather_pages(k_cache, block_tables).transpose(1, 2)  # [B, H, max_blocks * bs, D]
     v = _gather_pages(v_cache, block_tables).transpose(1, 2)
+    if append and k.shape[2] > 0:
+        # k, v are fresh gathered copies: put the new token at its position in place, O(B * H * D)
+        has_key = (seq_lens > 0)[:, None, None]  # [B, 1, 1]
+        rows = torch.arange(B, device=q.device)
+        pos = (seq_lens.long().clamp(1, k.shape[2]) - 1)  # [B]; rows without a key keep their values
+        k[rows, :, pos] = torch.where(has_key, k_new.to(k.dtype), k[rows, :, pos])  # [B, H, D]
+        v[rows, :, pos] = torch.where(has_key, v_new.to(v.dtype), v[rows, :, pos])
     if q.device.type == "cpu" and B > 0:
         # On the CPU (the runtime's eager path) the lengths are host values: when every row is
         # full, skip the mask (the fused kernel is faster without one).
@@ -956,6 +1076,48 @@ def _decode_case(device, batch, context, heads, head_dim, dtype, block_size=16) 
     )
 
 
+def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_size=16) -> BenchCase:
+    """B sequences with `context` keys, the last of which (position context - 1) is the new token
+    that the op appends; q, k_new and v_new are views of one [B, 3, H, D] projection output.
+
+    Baseline "write_then_decode": the unfused step, `kv_cache_write` then `decode_attention`
+    (the Triton launchers on CUDA, the references elsewhere), on the same args.
+    """
+    gen = _lazy_generator(device, 5678 + context)
+    on_cuda = device.startswith("cuda")
+
+    def make_args():
+        g = gen()
+        k_cache, v_cache, block_tables, _, _ = _random_paged_cache(
+            batch, context, heads, head_dim, block_size, dtype, device, g
+        )
+        qkv = torch.randn(batch, 3, heads, head_dim, generator=g, device=device).to(dtype)  # [B, 3, H, D]
+        pos = context - 1
+        slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B]
+        lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+        return (qkv[:, 0], k_cache, v_cache, block_tables, lens, head_dim**-0.5, qkv[:, 1], qkv[:, 2], slots)
+
+    def write_then_decode(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots):
+        write, attend = (kv_cache_write, decode_attention) if on_cuda else (kv_cache_write_ref, decode_attention_ref)
+        write(k_new, v_new, k_cache, v_cache, slots)
+        return attend(q, k_cache, v_cache, block_tables, lens, scale)
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    return BenchCase(
+        op="decode_attention",
+        label=(f"B={batch} ctx={context} H={heads} D={head_dim} bs={block_size} "
+               f"{str(dtype).removeprefix('torch.')} +append"),
+        make_args=make_args,
+        # cached K/V read; q, k_new, v_new read; the new K/V and the output written
+        bytes_moved=(2 * batch * (context - 1) + 6 * batch) * heads * head_dim * e,
+        flops=4 * batch * heads * context * head_dim,
+        params=dict(B=batch, context=context, H=heads, D=head_dim, block_size=block_size, dtype=str(dtype),
+                    append=True),
+        baselines={"write_then_decode": write_then_decode},
+        **TOLERANCES[dtype],
+    )
+
+
 def _kv_write_case(device, tokens, heads, head_dim, dtype, block_size=16) -> BenchCase:
     """`tokens` new K/V rows scattered to random distinct slots of a cache with room for them."""
     gen = _lazy_generator(device, 99 + tokens)
@@ -991,25 +1153,32 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     bytes = K/V read. cpu: one tiny fp32 case of each (the reference runs against itself or the
     interpreter). Baseline "sdpa" on both: prefill = SDPA's flash backend on [B, H, T, D] views
     of contiguous q/K/V; decode = SDPA (its own backend choice) on a contiguous, already gathered
-    [B, H, context, D] cache. Baselines take the op's args; their extra inputs are built by
+    [B, H, context, D] cache. Decode with the K/V append fused ("+append", B 1..256 at context
+    1024) has baseline "write_then_decode": the separate `kv_cache_write` and `decode_attention`
+    launches it replaces. Baselines take the op's args; their extra inputs are built by
     make_args, so that setup is not timed.
     """
     if device == "cpu":
         return [
             _prefill_case("cpu", 2, 32, 2, 16, torch.float32, block_size=8),
             _decode_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
+            _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
             _kv_write_case("cpu", 5, 2, 16, torch.float32, block_size=8),
         ]
     fp16, bf16 = torch.float16, torch.bfloat16
     if quick:
         prefill = [(4, 1024, fp16), (4, 1024, bf16), (4, 128, bf16)]
         decode = [(1, 1024, bf16), (8, 1024, bf16), (64, 1024, bf16), (1, 4096, bf16), (256, 1024, bf16)]
+        append = [1, 256]
     else:
         prefill = [(4, t, dt) for dt in (fp16, bf16) for t in (128, 512, 1024)] + [(16, 512, bf16)]
         decode = [(b, c, bf16) for c in (128, 1024, 4096) for b in (1, 8, 64, 256) if b * c <= 256 * 1024]
         decode += [(8, 1024, fp16)]
+        append = [1, 64, 256]
     cases = [_prefill_case(device, b, t, 12, 64, dt) for b, t, dt in prefill]
     cases += [_decode_case(device, b, c, 12, 64, dt) for b, c, dt in decode]
+    # the decode step as the model runs it: K/V append fused, against write + decode
+    cases += [_decode_append_case(device, b, 1024, 12, 64, bf16) for b in append]
     # the decode step's append (one token per sequence) and a prefill's (whole prompts)
     cases += [_kv_write_case(device, n, 12, 64, bf16) for n in ((256, 8192) if quick else (1, 256, 8192))]
     return cases

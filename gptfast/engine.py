@@ -16,13 +16,28 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from . import ops
+from . import graphs, ops
 from .kv_cache import AttnMetadata
+
+# Largest decode batch captured as a CUDA graph; larger steps run eagerly.
+_GRAPH_MAX_BATCH = 256
+
+
+def graphs_setting() -> bool | None:
+    """`GPTFAST_CUDA_GRAPHS`: 0 switches the graph runner off, 1 on (on the CPU: its static-buffer
+    step run eagerly, to test that path), unset means on for CUDA models only."""
+    value = os.environ.get("GPTFAST_CUDA_GRAPHS", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"GPTFAST_CUDA_GRAPHS must be 0, 1 or unset, got {value!r}")
+    return value == "1"
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ class SamplingParams:
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     seq_id: int
     prompt_len: int
@@ -85,17 +100,15 @@ class Sequence:
     fork_children: list["Sequence"] = field(default_factory=list)
     in_cache: int = 0  # tokens whose K/V are in the cache (all but the newest while running)
     num_preemptions: int = 0
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.tokens) - self.prompt_len
+    # NOTE: len(tokens) - prompt_len, kept as a field: the decode step reads it for every row.
+    num_generated: int = 0
 
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
 
 
-@dataclass
+@dataclass(slots=True)
 class StepOutput:
     """One token produced by a step. `logits` / `scores`: the raw and the processed (filtered)
     logits row it was drawn from, fp32 (V,), when the engine keeps them."""
@@ -131,6 +144,12 @@ class Engine:
         max(2048, n_positions) on the CPU).
     keep_scores : bool
         Return each step's raw logits and processed scores in the `StepOutput`s.
+    cuda_graphs : bool or None
+        Run decode steps through the model's `gptfast.graphs.DecodeGraphRunner` (CUDA graphs
+        per batch-size bucket, captured once per model). None: the environment's
+        `GPTFAST_CUDA_GRAPHS` (0 or 1), else on for CUDA models. True on the CPU runs the
+        runner's static-buffer step eagerly (there is nothing to capture); the tests use it to
+        check that path.
 
     Examples
     --------
@@ -142,14 +161,22 @@ class Engine:
     """
 
     def __init__(self, model, max_num_seqs: int = 256, max_prefill_tokens: int | None = None,
-                 keep_scores: bool = False):
+                 keep_scores: bool = False, cuda_graphs: bool | None = None):
         self.model = model
         self.cache = model.kv_cache
         self.manager = self.cache.manager
         self.block_size = self.cache.block_size
         self.device = model.device
         self.vocab_size = model.config.vocab_size
+        if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         self.max_num_seqs = max_num_seqs
+        if cuda_graphs is None:
+            cuda_graphs = graphs_setting()
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        # NOTE: the runner is the model's (captured once per model), shared by its engines.
+        self.runner = graphs.graph_runner(model, min(max_num_seqs, _GRAPH_MAX_BATCH)) if cuda_graphs else None
         if max_prefill_tokens is None:
             n = model.config.n_positions
             max_prefill_tokens = 8 * n if self.device.type == "cuda" else max(2048, n)
@@ -233,6 +260,22 @@ class Engine:
     def has_unfinished(self) -> bool:
         """Whether any sequence is still waiting or running."""
         return bool(self.waiting or self.running)
+
+    def stream(self):
+        """Step until every sequence has finished, yielding each `StepOutput` as it is produced.
+
+        Requests may be added (`add`) and cancelled (`cancel`) between the outputs: they join or
+        leave at the next step. A request's tokens are the outputs with its `seq_id`.
+
+        Examples
+        --------
+        >>> [a] = engine.add(prompt_a, SamplingParams(max_new_tokens=16), seeds=[0])
+        >>> for out in engine.stream():
+        ...     if out.seq_id == a and out.index == 3:
+        ...         engine.add(prompt_b, SamplingParams(max_new_tokens=8), seeds=[1])
+        """
+        while self.has_unfinished():
+            yield from self.step()
 
     def abort(self) -> None:
         """Drop every sequence and give all their blocks back (after an error or interrupt).
@@ -355,14 +398,11 @@ class Engine:
             ids = self._ids_array(self.running)
         seqs = self.running
         B = len(seqs)
+        if self.runner is not None and B <= self.runner.max_batch:
+            return self._decode_static(seqs, ids)
         tokens = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=B)
         slots = np.empty(B, dtype=np.int64)
-        cow = np.empty((B, 2), dtype=np.int64)
-        n_cow = self.manager.append_tokens(ids, tokens, slots, cow)
-        if n_cow < 0:
-            raise RuntimeError(f"the KV-cache pool ({self.manager.total_blocks} blocks) cannot "
-                               f"hold one more token of the only running sequence")
-        self.cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
+        self._append(ids, tokens, slots)
         lens = np.fromiter((len(s.tokens) for s in seqs), dtype=np.int32, count=B)
         meta = AttnMetadata(
             slot_mapping=self._to_device(slots),
@@ -377,6 +417,52 @@ class Engine:
         for s in seqs:
             s.in_cache = len(s.tokens)
         return self._sample(list(seqs), logits)
+
+    def _append(self, ids: np.ndarray, tokens: np.ndarray, slots: np.ndarray) -> None:
+        """Give each running sequence a slot for its newest token (copy-on-write included)."""
+        cow = np.empty((len(ids), 2), dtype=np.int64)
+        n_cow = self.manager.append_tokens(ids, tokens, slots, cow)
+        if n_cow < 0:
+            raise RuntimeError(f"the KV-cache pool ({self.manager.total_blocks} blocks) cannot "
+                               f"hold one more token of the only running sequence")
+        if n_cow:
+            self.cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
+
+    def _decode_static(self, seqs: list[Sequence], ids: np.ndarray) -> list[StepOutput]:
+        """The decode step through the graph runner: its host buffers are filled in place (the
+        block manager writes slots and block tables straight into them), then one replay."""
+        runner, B = self.runner, len(seqs)
+        buf = runner.np
+        tokens = buf["tokens"][:B]
+        tokens[:] = [s.tokens[-1] for s in seqs]
+        self._append(ids, tokens, buf["slot_mapping"][:B])
+        lens = buf["seq_lens"][:B]
+        lens[:] = [len(s.tokens) for s in seqs]
+        buf["positions"][:B] = lens
+        buf["positions"][:B] -= 1
+        self.manager.block_tables(ids, buf["block_tables"][:B])
+        offsets = buf["offsets"][:B]
+        offsets[:] = [s.num_generated for s in seqs]
+        if runner.rows_owner is not self or runner.rows != seqs:
+            # NOTE: per-sequence constants are written only when the batch changed (the buffers
+            # are the model's: another engine on it may have written them since).
+            runner.rows_owner, runner.rows = self, list(seqs)
+            buf["seeds"][:B] = [s.seed for s in seqs]
+            buf["temperature"][:B] = [s.params.temperature if s.params.do_sample else 0.0 for s in seqs]
+            buf["top_k"][:B] = [s.params.top_k for s in seqs]
+            buf["top_p"][:B] = [s.params.top_p for s in seqs]
+            self._penalty = any(s.params.repetition_penalty != 1.0 for s in seqs)
+            self._min_new = max((s.params.min_new_tokens for s in seqs if s.params.eos_token_ids), default=0)
+        for s in seqs:
+            s.in_cache = len(s.tokens)
+        # The processors run while some row may be under its min_new_tokens (offsets: the counts);
+        # they mask only the rows that are.
+        if self.keep_scores or self._penalty or (self._min_new and int(offsets.min()) < self._min_new):
+            # The logits processors (and score outputs) see the logits before the draw: the
+            # graph stops at the logits and the sampler runs eagerly.
+            return self._sample(list(seqs), runner.run(B, sample=False))
+        tokens_out, status = runner.run(B, sample=True)
+        return self._commit(list(seqs), tokens_out, status, None, None)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -403,24 +489,36 @@ class Engine:
         warped = None
         if self.keep_scores:
             warped = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
-        outs, error = [], None
+        return self._commit(seqs, tokens, status, raw, warped)
+
+    def _commit(self, seqs: list[Sequence], tokens: list[int], status: list[int],
+                raw: torch.Tensor | None, warped: torch.Tensor | None) -> list[StepOutput]:
+        """Append the drawn tokens, finish sequences that ended, free their blocks."""
+        outs, error, done = [], None, []
         for i, s in enumerate(seqs):
             if status[i] != 0:
                 # Finish it (no token) and raise once every other row is consistent.
                 error = error or NonFiniteLogitsError(s.seq_id, s.num_generated, status[i])
                 self._finish(s, "error")
+                done.append(s)
                 continue
             tok = tokens[i]
             index = s.num_generated
             s.tokens.append(tok)
-            if tok in s.params.eos_token_ids:
+            s.num_generated = index + 1
+            params = s.params
+            finished = True
+            if tok in params.eos_token_ids:
                 self._finish(s, "eos")
-            elif s.num_generated >= s.params.max_new_tokens:
+            elif index + 1 >= params.max_new_tokens:
                 self._finish(s, "length")
-            outs.append(StepOutput(s.seq_id, tok, index, s.status == FINISHED,
+            else:
+                finished = False
+            if finished:
+                done.append(s)
+            outs.append(StepOutput(s.seq_id, tok, index, finished,
                                    raw[i] if raw is not None else None,
                                    warped[i] if warped is not None else None))
-        done = [s for s in seqs if s.status == FINISHED]
         if done:
             for s in done:
                 self.manager.free(s.seq_id)

@@ -584,6 +584,8 @@ class _Run:
 
     def _replay(self, row_seq) -> None:
         """Emit every step that all unfinished rows have produced."""
+        if not (self.streamer is not None or self.criteria or self.want_scores or self.want_logits):
+            return  # nobody watches the steps: the tokens are assembled at the end
         while True:
             t = self.emitted
             live = [r for r in range(self.rows) if self.end[r] is None or self.end[r] > t]

@@ -111,6 +111,22 @@ class Attention(nn.Module):
                                       meta.max_seqlen_q)
         return self.c_proj(y.reshape(N, C))  # (N, nh, hs) -> (N, C)
 
+    def forward_fused(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      meta: AttnMetadata) -> torch.Tensor:
+        """`forward_paged` with fewer kernels: no copy of q, the decode K/V append inside the
+        attention kernel, and c_proj without its bias (the caller's `add_layernorm` adds it)."""
+        N, C = x.shape
+        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias).view(N, 3, self.n_head, self.head_dim)
+        q, k, v = qkv.unbind(1)  # each (N, nh, hs), strided views
+        if meta.is_decode:
+            y = ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
+                                     k_new=k, v_new=v, slot_mapping=meta.slot_mapping)
+        else:
+            ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
+            y = ops.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                      meta.seq_lens, self.scale, meta.max_seqlen_q)
+        return F.linear(y.reshape(N, C), self.c_proj.weight)  # (N, nh, hs) -> (N, C), no bias
+
 
 class MLP(nn.Module):
     def __init__(self, config: GPT2Config):
@@ -118,9 +134,19 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, config.mlp_dim, bias=config.bias)
         self.c_proj = Linear(config.mlp_dim, config.n_embd, bias=config.bias)
         self.act = _activation(config.activation)
+        self.gelu_tanh = config.activation == "gelu_tanh"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
+
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP with bias + GELU as the c_fc matmul's epilogue and c_proj without its bias
+        (the caller's `add_layernorm` adds it)."""
+        if self.gelu_tanh:
+            h = ops.linear_gelu(x, self.c_fc.weight, self.c_fc.bias)
+        else:
+            h = self.act(F.linear(x, self.c_fc.weight, self.c_fc.bias))
+        return F.linear(h, self.c_proj.weight)
 
 
 class Block(nn.Module):
@@ -183,6 +209,7 @@ class GPT2(nn.Module):
             "pad_token_id": config.pad_token_id,
         }
         self._kv_cache: KVCache | None = None
+        self._graph_runner = None  # (fingerprint, gptfast.graphs.DecodeGraphRunner)
         self._head = _PackedHolder()  # the head's prepacked weight (see `linear`)
         self.eval()
         self.requires_grad_(False)
@@ -306,6 +333,7 @@ class GPT2(nn.Module):
         # Moving or casting the model drops the cache and the prepacked weights; the next use
         # re-creates them.
         self._kv_cache = None
+        self._graph_runner = None
         self._head._packed = None
         for module in self.modules():
             if isinstance(module, Linear):
@@ -372,6 +400,8 @@ class GPT2(nn.Module):
         logits : (M, vocab_size) fp32 tensor.
         """
         cache = self.kv_cache
+        if ops.use_triton(tokens):
+            return self._forward_fused(tokens, positions, meta, logits_indices, cache)
         x = self.wte(tokens) + self.wpe(positions)  # (N, C)
         for i, block in enumerate(self.h):
             x = block.forward_paged(x, cache.k[i], cache.v[i], meta)
@@ -379,6 +409,26 @@ class GPT2(nn.Module):
             x = x.index_select(0, logits_indices)  # (M, C)
         x = self.ln_f(x)
         return linear(x, self.head_weight(), None, self._head).float()  # (M, V)
+
+    def _forward_fused(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
+        """`forward_paged` with the fused ops (the path on CUDA): each residual add, the bias of
+        the projection before it and the LayerNorm after it are one kernel, and so are the
+        embedding and the first LayerNorm. x is the residual stream, h its normalised copy."""
+        eps = self.config.layer_norm_epsilon
+        blocks = self.h
+        ln = blocks[0].ln_1
+        x, h = ops.embed_layernorm(tokens, positions, self.wte.weight, self.wpe.weight,
+                                   ln.weight, ln.bias, eps)  # (N, C) each
+        for i, block in enumerate(blocks):
+            y = block.attn.forward_fused(h, cache.k[i], cache.v[i], meta)
+            x, h = ops.add_layernorm(x, y, block.attn.c_proj.bias, block.ln_2.weight,
+                                     block.ln_2.bias, eps)
+            y = block.mlp.forward_fused(h)
+            ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.ln_f
+            x, h = ops.add_layernorm(x, y, block.mlp.c_proj.bias, ln.weight, ln.bias, eps)
+        if logits_indices is not None:
+            h = h.index_select(0, logits_indices)  # (M, C)
+        return F.linear(h, self.head_weight()).float()  # (M, V)
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):

@@ -134,3 +134,22 @@ def test_cancel_of_a_finished_sequence_is_a_no_op():
         engine.step()
     engine.cancel(sid)
     _clean(engine.model)
+
+
+def test_stream_accepts_requests_and_cancels_while_streaming():
+    model = _model(block_size=4)
+    engine = Engine(model)
+    params = SamplingParams(max_new_tokens=10, do_sample=True, top_p=0.9)
+    [a] = engine.add([1, 2, 3, 4], params, seeds=[5])
+    got: dict[int, list[int]] = {a: []}
+    b = None
+    for out in engine.stream():
+        got.setdefault(out.seq_id, []).append(out.token)
+        if out.seq_id == a and out.index == 2:
+            [b] = engine.add([9, 8, 7], params, seeds=[6])
+        if out.seq_id == a and out.index == 6:
+            engine.cancel(a)
+    assert got[a] == _alone([1, 2, 3, 4], 10, seed=5, do_sample=True, top_p=0.9)[:7]
+    assert got[b] == _alone([9, 8, 7], 10, seed=6, do_sample=True, top_p=0.9)
+    assert not engine.has_unfinished()
+    _clean(model)

@@ -510,6 +510,7 @@ def test_generation_config_and_checkpoint_defaults(tiny, tmp_path):
 def test_bad_arguments_raise_clear_errors(tiny, kwargs, match):
     _, model = tiny
     ids, _ = _batch(model.config.vocab_size, [4], seed=20)
+    kwargs = dict(kwargs)  # the parameter's dict is shared by every run of this test
     kwargs.setdefault("max_new_tokens", 3)
     with pytest.raises(ValueError, match=match):
         gptfast.generate(model, ids, pad_token_id=kwargs.pop("pad_token_id", 0), **kwargs)

@@ -36,8 +36,35 @@ def _batch():
     return ids, mask
 
 
-def test_greedy_through_kernels_matches_hf(hf, monkeypatch):
+@pytest.fixture(params=["0", "1"], ids=["eager-decode", "graph-runner"])
+def graphs(request, monkeypatch):
+    """Decode steps eager, or through the graph runner (captured on a GPU, its static-buffer
+    step run eagerly on the CPU)."""
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", request.param)
+    return request.param == "1"
+
+
+def _count_fused_calls(monkeypatch) -> dict:
+    """Count calls of the fused ops the model's kernel path uses."""
+    from gptfast import ops
+
+    calls = {}
+    for name in ("embed_layernorm", "add_layernorm", "linear_gelu", "decode_attention"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            if _name == "decode_attention":
+                calls["decode_append"] = calls.get("decode_append", 0) + ("k_new" in kwargs)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    return calls
+
+
+def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
     monkeypatch.setenv("GPTFAST_KERNELS", "triton")
+    calls = _count_fused_calls(monkeypatch)
     model = GPT2.from_pretrained(hf, device=_device(), block_size=4)
     ids, mask = _batch()
     kw = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=0, eos_token_id=None)
@@ -47,9 +74,16 @@ def test_greedy_through_kernels_matches_hf(hf, monkeypatch):
     assert torch.equal(got, ref), f"kernels: {got.tolist()}\nHF: {ref.tolist()}"
     stats = model.kv_cache.stats()
     assert stats["free_blocks"] == stats["total_blocks"]
+    # the fused path ran: per step one embed+LN, two add+LN per layer, K/V appended in attention
+    layers = CONFIG.n_layer
+    assert calls["embed_layernorm"] >= 6 and calls["add_layernorm"] == 2 * layers * calls["embed_layernorm"]
+    assert calls["linear_gelu"] == layers * calls["embed_layernorm"]
+    assert calls["decode_append"] == calls["decode_attention"] == layers * (calls["embed_layernorm"] - 1)
+    if graphs:
+        assert model._graph_runner[1].num_replays == 5
 
 
-def test_sampling_through_kernels_is_seeded_and_top_k_1_is_greedy(hf, monkeypatch):
+def test_sampling_through_kernels_is_seeded_and_top_k_1_is_greedy(hf, monkeypatch, graphs):
     monkeypatch.setenv("GPTFAST_KERNELS", "triton")
     model = GPT2.from_pretrained(hf, device=_device(), block_size=4)
     ids, mask = _batch()

@@ -1,0 +1,233 @@
+"""The decode step as CUDA graphs: static buffers, one graph per batch-size bucket.
+
+A decode step of GPT-2 124M at batch 1 is ~120 small kernels of ~1 µs of DRAM time each; launched
+one by one from Python it is bound by the host (tens of µs per layer). `DecodeGraphRunner`
+captures the whole step (embedding, every block, the final LayerNorm, the head and the sampler)
+once per batch-size bucket and replays it: one graph launch per step, no host sync inside it.
+
+Everything the step reads lives in static buffers at fixed addresses, packed in one pinned host
+buffer and one device buffer of the same layout, so a step's inputs go over in a single copy:
+
+    tokens, positions, slot_mapping : [max_batch] int64
+    seeds, offsets                  : [max_batch] int64  (Philox key and token index per row)
+    seq_lens, top_k                 : [max_batch] int32
+    temperature, top_p              : [max_batch] fp32
+    block_tables                    : [max_batch, max_blocks] int32, max_blocks = n_positions / block_size
+
+A batch of B rows replays the smallest bucket >= B; rows B.. of the bucket are padding: slot -1
+(the K/V write is skipped), seq_len 0 (attention outputs zeros), greedy, so they read nothing of
+the cache and cost one row of compute. Each bucket has two graphs: "sample" (the whole step, the
+sampled tokens and status come back) and "logits" (up to the fp32 logits, for steps whose logits
+processors or score outputs must see the logits before the draw; the sampler then runs eagerly).
+The "logits" graphs are captured on first use.
+
+On the CPU there is nothing to capture: the runner runs the same step function on the same static
+buffers eagerly. That is how the CPU tests check the graph path's padding and bookkeeping.
+
+The graphs hold the addresses of the weights and the KV cache: `graph_runner(model)` rebuilds the
+runner when a parameter or the cache is replaced (in-place weight updates need nothing).
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+
+import numpy as np
+import torch
+
+from . import ops
+from .kv_cache import AttnMetadata
+
+# Batch-size buckets: every size up to 8, then steps of 8 up to 64, then of 32 (padding waste
+# stays under ~15% of a step while capture stays at a few dozen graphs).
+_BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, *range(16, 65, 8), *range(96, 257, 32)]
+
+# (name, dtype, per-row width); width 0 means the block-table width.
+_FIELDS = [
+    ("tokens", torch.int64, 1), ("positions", torch.int64, 1), ("slot_mapping", torch.int64, 1),
+    ("seeds", torch.int64, 1), ("offsets", torch.int64, 1),
+    ("seq_lens", torch.int32, 1), ("top_k", torch.int32, 1),
+    ("temperature", torch.float32, 1), ("top_p", torch.float32, 1),
+    ("block_tables", torch.int32, 0),
+]
+
+
+def buckets_up_to(max_batch: int) -> list[int]:
+    """The bucket sizes a runner for `max_batch` rows captures (the last one is `max_batch`)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes = [b for b in _BUCKETS if b < max_batch]
+    return sizes + [max_batch]
+
+
+class _Buffers:
+    """Named views into one byte buffer (all fields 8-byte aligned)."""
+
+    def __init__(self, max_batch: int, max_blocks: int, device: torch.device, pin: bool):
+        layout, offset = [], 0
+        for name, dtype, width in _FIELDS:
+            cols = max_blocks if width == 0 else width
+            nbytes = max_batch * cols * torch.empty((), dtype=dtype).element_size()
+            layout.append((name, dtype, cols, offset, nbytes))
+            offset += -(-nbytes // 8) * 8
+        self.raw = torch.zeros(offset, dtype=torch.uint8, device=device, pin_memory=pin)
+        for name, dtype, cols, start, nbytes in layout:
+            view = self.raw[start:start + nbytes].view(dtype)
+            setattr(self, name, view.view(max_batch, cols) if name == "block_tables" else view)
+
+
+class DecodeGraphRunner:
+    """One decode step of a `GPT2` over static buffers, as a CUDA graph per batch-size bucket.
+
+    Parameters
+    ----------
+    model : gptfast.GPT2
+    max_batch : int
+        Largest batch captured (default 256); larger batches run eagerly.
+
+    Attributes
+    ----------
+    buckets : list of int
+        Batch sizes captured.
+    capture_seconds : float
+        Wall time spent warming up and capturing, all graphs so far.
+    num_replays : int
+        Steps run through the runner.
+    captured : bool
+        Whether steps replay CUDA graphs (False on the CPU: the step runs eagerly).
+    """
+
+    def __init__(self, model, max_batch: int = 256):
+        self.model = model
+        config = model.config
+        self.device = model.device
+        self.block_size = model.block_size
+        self.max_blocks = -(-config.n_positions // self.block_size)
+        self.max_batch = max_batch
+        self.buckets = buckets_up_to(max_batch)
+        self.captured = self.device.type == "cuda"
+        self.capture_seconds = 0.0
+        self.num_replays = 0
+        # The engine that last wrote the per-sequence rows (seeds, sampling parameters) and the
+        # sequences they belong to: an engine rewrites them only when its batch changed.
+        self.rows_owner = None
+        self.rows: list = []
+        self.host = _Buffers(max_batch, self.max_blocks, torch.device("cpu"), pin=self.captured)
+        self.dev = self.host if not self.captured else _Buffers(max_batch, self.max_blocks, self.device, False)
+        # numpy views of the host buffers: the block manager writes straight into them
+        self.np = {name: getattr(self.host, name).numpy() for name, _, _ in _FIELDS}
+        self.cache = model.kv_cache  # NOTE: the graphs hold its tensors' addresses
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, bool], tuple] = {}
+        self._pool = None
+        self._clear_rows(0, max_batch)
+        if self.captured:
+            self.dev.raw.copy_(self.host.raw)  # padding everywhere before the warm-ups
+            self._out_host = torch.empty((2, max_batch), dtype=torch.int64, pin_memory=True)
+            t0 = time.perf_counter()
+            for b in reversed(self.buckets):  # largest first: smaller ones reuse its memory
+                self._capture(b, sample=True)
+            self.capture_seconds += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ the step
+    def _step(self, batch: int, sample: bool):
+        d = self.dev
+        meta = AttnMetadata(
+            slot_mapping=d.slot_mapping[:batch],
+            block_tables=d.block_tables[:batch],
+            seq_lens=d.seq_lens[:batch],
+            cu_seqlens_q=None,
+            max_seqlen_q=1,
+            is_decode=True,
+        )
+        logits = self.model.forward_paged(d.tokens[:batch], d.positions[:batch], meta)  # (B, V) fp32
+        if not sample:
+            return (logits,)
+        tokens, status = ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],
+                                    d.seeds[:batch], d.offsets[:batch])
+        return tokens, status
+
+    def _capture(self, batch: int, sample: bool) -> None:
+        with torch.inference_mode():
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._step(batch, sample)  # warm-up: compiles every kernel, runs on padding rows
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._step(batch, sample)
+            torch.cuda.synchronize(self.device)
+        self._graphs[(batch, sample)] = graph
+        self._outputs[(batch, sample)] = out
+
+    def bucket(self, batch: int) -> int | None:
+        """The bucket a batch of `batch` rows runs in, or None when it is larger than all."""
+        i = bisect.bisect_left(self.buckets, batch)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def _clear_rows(self, start: int, stop: int) -> None:
+        n = self.np
+        for name in ("tokens", "positions", "seq_lens", "top_k", "seeds", "offsets", "temperature"):
+            n[name][start:stop] = 0
+        n["top_p"][start:stop] = 1.0
+        n["slot_mapping"][start:stop] = -1
+        n["block_tables"][start:stop] = 0
+
+    # ------------------------------------------------------------------ run
+    def run(self, batch: int, sample: bool):
+        """Run the step on rows `0:batch` of the host buffers (the caller filled them).
+
+        Returns (tokens, status) as host int lists when `sample`, else the fp32 logits (batch, V)
+        in a static device buffer that the next step overwrites.
+        """
+        bucket = self.bucket(batch)
+        if bucket is None:
+            raise ValueError(f"batch {batch} is larger than the runner's largest bucket {self.max_batch}")
+        if bucket > batch:
+            self._clear_rows(batch, bucket)
+        self.num_replays += 1
+        if not self.captured:
+            out = self._step(bucket, sample)
+        else:
+            self.dev.raw.copy_(self.host.raw, non_blocking=True)
+            key = (bucket, sample)
+            if key not in self._graphs:
+                t0 = time.perf_counter()
+                self._capture(bucket, sample)
+                self.capture_seconds += time.perf_counter() - t0
+            self._graphs[key].replay()
+            out = self._outputs[key]
+        if not sample:
+            return out[0][:batch]
+        tokens, status = out
+        if self.captured:
+            host = self._out_host
+            host[0, :bucket].copy_(tokens, non_blocking=True)
+            host[1, :bucket].copy_(status, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return host[0, :batch].tolist(), host[1, :batch].tolist()
+        return tokens[:batch].tolist(), status[:batch].tolist()
+
+
+def _fingerprint(model) -> tuple:
+    cache = model.kv_cache
+    return (id(cache), tuple(p.data_ptr() for p in model.parameters()))
+
+
+def graph_runner(model, max_batch: int = 256) -> DecodeGraphRunner:
+    """The model's decode runner, built (and on CUDA captured) on first use and kept on the model.
+
+    Rebuilt when the KV cache or any parameter tensor was replaced since (the graphs hold their
+    addresses), or when a larger `max_batch` is asked for.
+    """
+    key = _fingerprint(model)
+    runner = getattr(model, "_graph_runner", None)
+    if runner is None or runner[0] != key or runner[1].max_batch < max_batch:
+        model._graph_runner = None  # free the old graphs' memory before capturing new ones
+        runner = (key, DecodeGraphRunner(model, max_batch))
+        model._graph_runner = runner
+    return runner[1]

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptfast import get_config
 from gptfast.bench import add_bench_arguments, run_bench
 from gptfast.bench import e2e, provenance, results, runner
 from gptfast.bench.ceilings import Ceilings
@@ -305,10 +307,14 @@ def _gptfast_off_by_one(monkeypatch):
     monkeypatch.setattr(e2e, "_gptfast_api", lambda: (GPT2, off_by_one))
 
 
+def _no_timing(monkeypatch):
+    for name in ("_batch1", "_mixed", "_continuous"):
+        monkeypatch.setattr(e2e, name, lambda *a, **k: pytest.fail("timed after a failed check"))
+
+
 def test_e2e_mismatch_is_reported_and_not_timed(monkeypatch):
     _gptfast_off_by_one(monkeypatch)
-    monkeypatch.setattr(e2e, "_batch1", lambda *a, **k: pytest.fail("timed after a failed check"))
-    monkeypatch.setattr(e2e, "_mixed", lambda *a, **k: pytest.fail("timed after a failed check"))
+    _no_timing(monkeypatch)
     rows, notes = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", progress=False, log=lambda s: None)
     assert len(rows) == 1 and rows[0]["status"] == "FAIL"
     assert "tokens differ" in rows[0]["note"] and "RANDOMLY INITIALISED" in notes[0]
@@ -325,30 +331,320 @@ def test_e2e_near_tie_is_noted_and_timed(monkeypatch):
 
     monkeypatch.setattr(e2e, "_batch1", stub)
     monkeypatch.setattr(e2e, "_mixed", stub)
+    monkeypatch.setattr(e2e, "_continuous", lambda *a, **k: timed.append(1) or {}[0])  # raises KeyError
     rows, notes = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", progress=False, log=lambda s: None)
-    assert timed == [1, 1], "a near-tie must not stop the timing"
+    assert timed == [1, 1, 1], "a near-tie must not stop the timing"
     assert any("near-tie" in n for n in notes)
     assert not any(r["status"] == "FAIL" for r in rows)
+    continuous = [r for r in rows if "continuous" in r["scenario"]]
+    assert [r["status"] for r in continuous] == ["ERROR"] and "KeyError" in continuous[0]["note"]
+
+
+def test_e2e_engine_api_mismatch_fails_the_check(monkeypatch):
+    """The continuous-batching path is checked against HF in fp32 like generate() is."""
+    real = e2e.serve_continuous
+
+    def one_wrong_token(model, requests, device):
+        out = real(model, requests, device)
+        out["tokens"][-1][-1] = (out["tokens"][-1][-1] + 1) % model.config.vocab_size
+        return out
+
+    monkeypatch.setattr(e2e, "serve_continuous", one_wrong_token)
+    _no_timing(monkeypatch)
+    rows, _ = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", progress=False, log=lambda s: None)
+    assert [r["status"] for r in rows] == ["FAIL"]
+    assert "through the Engine API" in rows[0]["note"] and "1 tokens differ" in rows[0]["note"]
+    assert rows[0]["key"].startswith("tiny | ")
 
 
 @pytest.mark.slow
 def test_e2e_tiny_runs_and_matches_hf():
     rows, notes = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", ceilings=CEILINGS, progress=False,
                               log=lambda s: None)
-    by = {(r["scenario"].split(",")[0].split(":")[0], r["engine"]): r for r in rows}
+    by = {(r["scenario"].split(",")[-1].strip() if r["scenario"].startswith("mixed") else "batch 1", r["engine"]): r
+          for r in rows}
+    assert all(r["model"] == "tiny" and r["key"].startswith("tiny | ") for r in rows)
+    assert len({r["key"] for r in rows}) == len(rows)
     fast = by[("batch 1", "gptfast")]
     assert fast["status"] == "PASS" and fast["tok_s"] > 0 and fast["ttft_ms"] > 0
     assert fast["itl_p99_ms"] >= fast["itl_p50_ms"] > 0 and fast["pct_bw"] > 0 and fast["speedup_hf"] > 0
-    assert by[("mixed", "gptfast")]["tok_s"] > 0 and by[("mixed", "HF generate (eager, sdpa)")]["status"] == "ref"
+    padded = by[("padded batches of 8", "gptfast")]
+    assert padded["tok_s"] > 0 and by[("padded batches of 8", e2e.HF_EAGER)]["status"] == "ref"
+    cont = by[("continuous batching", "gptfast")]
+    plan = e2e.make_plan("cpu", True, get_config("tiny").n_positions)
+    assert cont["status"] == "PASS" and cont["useful_tokens"] == sum(o for _, o in plan.requests)
+    assert cont["tok_s"] > 0 and cont["ttft_p99_ms"] >= cont["ttft_ms"] > 0
+    assert cont["itl_p99_ms"] >= cont["itl_p50_ms"] > 0 and cont["speedup_hf"] > 0
+    assert cont["speedup_hf"] == pytest.approx(cont["tok_s"] / by[("padded batches of 8", e2e.HF_EAGER)]["tok_s"])
+    # on the CPU: no compiled engines and no reference-ops engine (that is gptfast itself there)
+    engines = {r["engine"] for r in rows}
+    assert engines == {e2e.HF_EAGER, e2e.GPTFAST}
+    assert any("torch.compile skipped on the CPU" in n for n in notes)
     assert any("weights read per decode step" in n for n in notes)
+    assert not any("kernels" in n for n in notes)  # CUDA only
 
 
+def test_e2e_compiled_reference_rows(monkeypatch):
+    """The CUDA-only batch-1 engines, on the CPU: HF static cache and the static-cache eager
+    reference (here uncompiled: the compiled one is tests/test_static_ref.py's job)."""
+    from gptfast.bench.static_ref import StaticCacheGenerator
+
+    real_plan = e2e.make_plan
+
+    def plan_with_compiled_refs(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        plan.compile_refs = True
+        return plan
+
+    def eager_static(model, max_len):
+        gens = {}
+
+        def generate(ids, mask, new, streamer=None):
+            gen = gens.setdefault("g", StaticCacheGenerator(model, batch_size=1, max_len=max_len))
+            return gen.generate(ids, new, streamer=streamer)
+
+        return generate
+
+    resets = []
+    monkeypatch.setattr(e2e, "make_plan", plan_with_compiled_refs)
+    monkeypatch.setattr(e2e, "_static_compiled", eager_static)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    rows, _ = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", ceilings=CEILINGS, progress=False,
+                          log=lambda s: None)
+    batch1 = {r["engine"]: r for r in rows if r["scenario"].startswith("batch 1")}
+    assert list(batch1) == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST]
+    ref = batch1[e2e.REF_COMPILE]
+    assert ref["status"] == "ref", ref.get("note")
+    assert ref["tok_s"] > 0 and ref["weight_gbps"] > 0 and ref["pct_bw"] > 0 and ref["speedup_hf"] > 0
+    assert ref["note"].startswith("greedy: first 8/8 tokens = HF fp32, 16/16 = HF fp32"), ref["note"]
+    fast = batch1[e2e.GPTFAST]
+    assert fast["speedup_compile"] == pytest.approx(fast["tok_s"] / ref["tok_s"])
+    assert f"x {e2e.REF_COMPILE}" in fast["note"]
+    assert batch1[e2e.HF_STATIC]["status"] == "ref"
+    mixed = {r["engine"] for r in rows if r["scenario"].startswith("mixed")}
+    assert mixed == {e2e.HF_EAGER, e2e.GPTFAST}  # static caches are timed at batch 1 only
+    assert resets == [1]
+
+
+def test_cuda_step_facts_wiring(monkeypatch):
+    """`cuda_step_facts` on a CPU model, the kernel count faked: what goes into rows and notes."""
+    import gptfast
+
+    from gptfast.bench import kernel_count
+
+    model = gptfast.GPT2.from_config("tiny", seed=0)
+    calls = []
+
+    def fake_count(m, batch_size, graphs):
+        calls.append((batch_size, graphs))
+        return dict(batch_size=batch_size, graphs=graphs, kernels=40 if not graphs else 39,
+                    kernels_per_layer=20.0, copies=2, launch_calls=41 if not graphs else 1,
+                    top=[("gemv_kernel", 9), ("layer_norm", 5)])
+
+    monkeypatch.setattr(kernel_count, "kernels_per_decode_step", fake_count)
+    monkeypatch.delenv("GPTFAST_CUDA_GRAPHS", raising=False)
+    fields, notes = e2e.cuda_step_facts(model)
+    assert calls == [(1, False), (1, True)]
+    assert fields["kernels_per_step"] == 40 and fields["launch_calls_per_step_graphs"] == 1
+    assert fields["graph_capture_s"] == 0.0  # the CPU runner captures nothing
+    assert any(n.startswith("CUDA graphs: ") and "captured in 0.00 s" in n for n in notes), notes
+    assert any("40 kernels (20.0 per layer of 2)" in n and "gemv_kernel ×9" in n for n in notes), notes
+    assert any("39 kernels from 1 host launch calls" in n for n in notes), notes
+
+    calls.clear()
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
+    monkeypatch.setattr(kernel_count, "kernels_per_decode_step",
+                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no CUPTI")))
+    fields, notes = e2e.cuda_step_facts(model)
+    assert fields == {}
+    assert notes == ["CUDA graphs off (GPTFAST_CUDA_GRAPHS=0): no capture time",
+                     "kernel count failed: RuntimeError: no CUPTI"]
+
+
+def test_plans():
+    cuda = e2e.make_plan("cuda", quick=False, n_positions=1024)
+    assert len(cuda.requests) == 256 and cuda.batch_size == 64 and cuda.compile_refs
+    assert all(16 <= p <= 512 and 16 <= o <= 256 for p, o in cuda.requests)
+    assert (cuda.prompt_len, cuda.new_tokens) == (128, 256)
+    quick = e2e.make_plan("cuda", quick=True, n_positions=1024)
+    assert len(quick.requests) == 64 and not quick.compile_refs and any("--quick" in n for n in quick.notes)
+    cpu = e2e.make_plan("cpu", quick=True, n_positions=1024)
+    assert len(cpu.requests) == 8 and not cpu.compile_refs
+    assert sorted(o for _, o in cpu.requests) == [8, 11, 15, 18, 22, 25, 29, 32]  # mixed outputs
+    clipped = e2e.make_plan("cpu", quick=True, n_positions=128)
+    assert all(p + o <= 128 for p, o in clipped.requests) and (120, 8) in clipped.requests
+
+
+def test_serve_continuous_gives_each_request_its_own_tokens():
+    import gptfast
+    from checkpoints import make_hf_model
+
+    model = gptfast.GPT2.from_pretrained(make_hf_model(gptfast.get_config("tiny-odd"), seed=5))
+    gen = torch.Generator().manual_seed(5)
+    shape = [(1, 4), (7, 1), (30, 12), (50, 3), (13, 9)]  # (prompt, new tokens)
+    requests = [(torch.randint(0, 997, (p,), generator=gen).tolist(), n) for p, n in shape]
+    got = e2e.serve_continuous(model, requests, "cpu")
+    for (prompt, n), tokens in zip(requests, got["tokens"]):
+        alone = gptfast.generate(model, input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)[0, len(prompt):].tolist()
+        assert tokens == alone
+    assert len(got["ttft_s"]) == len(shape) and all(0 < t <= got["seconds"] for t in got["ttft_s"])
+    assert len(got["gaps_s"]) == sum(n - 1 for _, n in shape) and min(got["gaps_s"]) > 0
+    assert got["steps"] == max(n for _, n in shape) and got["preemptions"] == 0  # one prefill, then decodes
+
+
+def test_reference_ops_engine_runs_eagerly_without_graphs(monkeypatch):
+    monkeypatch.delenv("GPTFAST_KERNELS", raising=False)
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "1")
+    seen = []
+
+    def fake_generate(model, **kwargs):
+        seen.append((os.environ.get("GPTFAST_KERNELS"), os.environ.get("GPTFAST_CUDA_GRAPHS")))
+        return kwargs["input_ids"]
+
+    engines = e2e._engines(None, "model", fake_generate, "cpu", compile_refs=False, reference_ops=True)
+    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.REF_OPS, e2e.GPTFAST]
+    ids = torch.tensor([[1, 2]])
+    engines[1].generate(ids, torch.ones_like(ids), 3)
+    engines[2].generate(ids, torch.ones_like(ids), 3)
+    assert seen == [("reference", "0"), (None, "1")]
+    assert "GPTFAST_KERNELS" not in os.environ and os.environ["GPTFAST_CUDA_GRAPHS"] == "1"
+
+
+def test_compiled_reference_engine_is_built_once_in_reduce_overhead_mode(monkeypatch):
+    from gptfast.bench import static_ref
+
+    built = []
+
+    class FakeGenerator:
+        def __init__(self, model, batch_size, max_len, compile, mode):
+            built.append(dict(model=model, batch_size=batch_size, max_len=max_len, compile=compile, mode=mode))
+
+        def generate(self, ids, new, streamer=None):
+            return torch.cat([ids, ids[:, -1:].repeat(1, new)], dim=1)
+
+    monkeypatch.setattr(static_ref, "StaticCacheGenerator", FakeGenerator)
+    engines = e2e._engines(None, "model", None, "cpu", compile_refs=True, reference_ops=False, max_len=48)
+    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST]
+    assert set(e2e.BATCH1_ONLY) == {e2e.HF_STATIC, e2e.REF_COMPILE}
+    ids = torch.tensor([[4, 5, 6]])
+    for _ in range(2):
+        assert engines[2].generate(ids, torch.ones_like(ids), 2).tolist() == [[4, 5, 6, 6, 6]]
+    assert built == [dict(model="model", batch_size=1, max_len=48, compile=True, mode="reduce-overhead")]
+    with pytest.raises(ValueError, match="without padding"):
+        engines[2].generate(ids, torch.tensor([[0, 1, 1]]), 2)
+
+
+def test_bench_runs_every_model_in_every_dtype(monkeypatch, tmp_path, capsys):
+    from gptfast.bench import ceilings
+
+    calls = []
+
+    def fake_run_e2e(device, dtype, quick, model, seed, ceilings, progress):
+        calls.append((model, dtype))
+        if (model, dtype) == ("tiny-odd", "bf16"):
+            raise RuntimeError("out of memory\nsecond line")
+        row = dict(suite="e2e", key=f"{model} | batch 1 | gptfast | {dtype}", model=model, scenario="batch 1",
+                   engine="gptfast", dtype=dtype, status="PASS", tok_s=1.0, primary="tok_s")
+        return [row], [f"weights for {model}"]
+
+    monkeypatch.setattr(e2e, "run_e2e", fake_run_e2e)
+    monkeypatch.setattr(ceilings, "measure", lambda device, quick=False: CEILINGS)
+    args = _parse(["--device", "cpu", "--models", "tiny, tiny-odd", "--dtype", "fp32,bf16", "--out", str(tmp_path),
+                   "--formats", "json", "--no-progress"])
+    assert run_bench(args) == 1  # one run errored
+    assert calls == [("tiny", "fp32"), ("tiny", "bf16"), ("tiny-odd", "fp32"), ("tiny-odd", "bf16")]
+    [path] = tmp_path.glob("e2e-*.json")
+    doc = json.loads(path.read_text())
+    assert [r["status"] for r in doc["rows"]] == ["PASS", "PASS", "PASS", "ERROR"]
+    assert doc["rows"][3]["key"] == "tiny-odd | e2e | bf16" and doc["rows"][3]["note"] == "RuntimeError: out of memory"
+    assert "tiny bf16: weights for tiny" in doc["notes"]
+    assert "model" in doc["columns"]
+    assert _parse(["--dtype", "fp16"]).dtype == ["fp16"] and _parse([]).model == ["gpt2"]
+    with pytest.raises(SystemExit):
+        _parse(["--dtype", "bf16,fp8"])
+    assert "dtypes must be comma-separated" in capsys.readouterr().err
+
+
+def test_summary_prints_kernel_and_graph_notes(tmp_path):
+    from gptfast.bench import summary
+
+    rows = [dict(key="gpt2 | b1 | gptfast | bf16", model="gpt2", scenario="batch 1", engine="gptfast",
+                 dtype="bf16", status="PASS", tok_s=5000.0)]
+    notes = ["random weights", "decode step at batch 1 (CUDA graphs off, so every launch shows): 86 kernels",
+             "CUDA graphs: 24 batch-size buckets (1..256) captured in 3.10 s"]
+    results.save("e2e", rows, tmp_path, e2e.COLUMNS, notes=notes, formats=["json"])
+    text = summary.summarize(tmp_path, ["e2e suite: ok, 10s"])
+    assert "86 kernels" in text and "captured in 3.10 s" in text and "random weights" not in text
+    assert any(line.split()[:2] == ["model", "scenario"] for line in text.splitlines() if line.strip())
+    assert "86 kernels" in (tmp_path / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------------------ kernel count
+def test_count_device_events_separates_kernels_copies_and_launches():
+    from torch.autograd import DeviceType
+
+    from gptfast.bench.kernel_count import count_device_events
+
+    def ev(name, device=DeviceType.CUDA):
+        return types.SimpleNamespace(name=name, device_type=device)
+
+    events = ([ev("gemv")] * 5 + [ev("layer_norm")] * 3 + [ev("attn")] + [ev("Memcpy HtoD (Pinned -> Device)")] * 2
+              + [ev("Memset (Device)")] + [ev("cudaLaunchKernel", DeviceType.CPU)] * 8
+              + [ev("cuLaunchKernelEx", DeviceType.CPU), ev("cudaGraphLaunch", DeviceType.CPU)]
+              + [ev("aten::mm", DeviceType.CPU)] * 4 + [ev("cudaMemcpyAsync", DeviceType.CPU)])
+    counts = count_device_events(events, top=2)
+    assert counts == dict(kernels=9, copies=3, launch_calls=10, top=[("gemv", 5), ("layer_norm", 3)])
+
+
+def test_one_decode_step_is_profiled_on_the_cpu():
+    import gptfast
+    from torch.profiler import ProfilerActivity
+
+    from gptfast.bench.kernel_count import kernels_per_decode_step, profile_one_decode_step
+
+    model = gptfast.GPT2.from_config("tiny", seed=0)
+    calls = []
+    forward = model.forward_paged
+
+    def spy(tokens, positions, meta, *rest):
+        calls.append((torch.autograd._profiler_enabled(), meta.is_decode, tokens.shape[0]))
+        return forward(tokens, positions, meta, *rest)
+
+    model.forward_paged = spy
+    prof, outs = profile_one_decode_step(model, 3, False, [ProfilerActivity.CPU])
+    assert len(outs) == 3 and {o.index for o in outs} == {2}
+    assert [c for c in calls if c[0]] == [(True, True, 3)]  # exactly one forward while profiling: a decode of 3
+    assert calls[0] == (False, False, 3 * 32)  # the prefill of three 32-token prompts
+    assert any(e.name == "aten::linear" for e in prof.events())
+    with pytest.raises(RuntimeError, match="the model is on cpu, it needs a CUDA device"):
+        kernels_per_decode_step(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 64])
+def test_kernels_per_decode_step_on_cuda(batch):
+    import gptfast
+
+    from gptfast.bench.kernel_count import kernels_per_decode_step
+
+    model = gptfast.GPT2.from_config("gpt2", seed=0, dtype=torch.bfloat16, device="cuda")
+    eager = kernels_per_decode_step(model, batch_size=batch, graphs=False)
+    L = model.config.n_layer
+    # at least the four matmuls and the attention of every layer, and the head
+    assert eager["kernels"] >= 5 * L + 1, eager
+    assert eager["top"] == sorted(eager["top"], key=lambda t: -t[1]) and sum(n for _, n in eager["top"]) <= eager["kernels"]
+    graphed = kernels_per_decode_step(model, batch_size=batch, graphs=True)
+    assert graphed["kernels"] >= 5 * L + 1, graphed  # the graph's kernels are still seen
+    assert graphed["launch_calls"] <= graphed["kernels"] // 4, graphed  # but launched as one graph
+    assert eager["launch_calls"] > graphed["launch_calls"], (eager, graphed)
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs the whole check")
-def test_gpu_check_without_gpu_says_so_and_exits_0(tmp_path):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+@pytest.mark.parametrize("name", ["gpu_check", "gpu_e2e"])
+def test_gpu_scripts_without_gpu_say_so_and_exit_0(tmp_path, name):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.sh"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}  # no nvidia-smi on this PATH
     done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "NO GPU HERE" in done.stdout
-    assert (tmp_path / "out" / "gpu_check.log").exists()
+    assert (tmp_path / "out" / f"{name}.log").exists()

@@ -2,9 +2,12 @@
 
 Suites:
 
-- e2e (default, the main job): gptfast `generate` against Hugging Face `generate` on the same
-  randomly initialised GPT-2 weights: fp32 greedy tokens must match first; then tokens/s at batch 1
-  and for a set of mixed-length prompts, time to first token, inter-token latency, weight bandwidth.
+- e2e (default, the main job): gptfast against Hugging Face `generate` (eager; static cache +
+  torch.compile) and a torch.compile'd eager reference, on the same randomly initialised GPT-2
+  weights: fp32 greedy tokens must match first; then tokens/s at batch 1 and for a set of
+  mixed-length requests (padded batches; continuous batching), time to first token, inter-token
+  latency, weight bandwidth, kernels per decode step. `--model` and `--dtype` take
+  comma-separated lists: one run per (model, dtype), all rows in one result file.
 - ops: every op in `gptfast.ops` that declares `benchmark_cases`: fast path checked against its
   eager reference, then timed in µs, GB/s, TFLOP/s, % of the measured floor, speedups.
 
@@ -41,12 +44,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small workloads (what benchmarks/gpu_check.sh runs)")
     parser.add_argument("--device", default="auto",
                         help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)")
-    parser.add_argument("--dtype", choices=_DTYPES, default=None,
-                        help="e2e model dtype (default: bf16 on CUDA, fp32 on the CPU); "
-                             "correctness is always checked in fp32 first")
-    parser.add_argument("--model", default="gpt2",
-                        help="a gptfast preset (random weights: gpt2, gpt2-medium, ..., tiny) or an HF "
-                             "checkpoint folder (default: gpt2, the 124M shape)")
+    parser.add_argument("--dtype", "--dtypes", type=_dtype_list, default=None, metavar="DTYPE[,DTYPE...]",
+                        help="e2e model dtype(s), comma-separated from fp32,bf16,fp16 (default: bf16 on "
+                             "CUDA, fp32 on the CPU); correctness is always checked in fp32 first")
+    parser.add_argument("--model", "--models", type=_model_list, default=["gpt2"], metavar="MODEL[,MODEL...]",
+                        help="gptfast preset(s) (random weights: gpt2, gpt2-medium, gpt2-xl, ..., tiny) or "
+                             "HF checkpoint folders, comma-separated (default: gpt2, the 124M shape); "
+                             "e2e runs every model in every dtype")
     parser.add_argument("--ops", nargs="+", metavar="NAME",
                         help="ops suite: only these ops (op or module names, e.g. decode_attention sampling)")
     parser.add_argument("--out", type=Path, default=None,
@@ -65,6 +69,21 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     # Programs that call run_bench themselves (tests) must not have their process replaced.
     parser.add_argument("--no-reexec", dest="reexec", action="store_false", help=argparse.SUPPRESS)
+
+
+def _dtype_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in _DTYPES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"dtypes must be comma-separated from {','.join(_DTYPES)}; got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _model_list(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"--model needs at least one preset or folder, got {text!r}")
+    return list(dict.fromkeys(values))
 
 
 def _resolve_device(device: str) -> str:
@@ -115,7 +134,10 @@ def run_bench(args: argparse.Namespace) -> int:
                   flush=True)
             sys.stderr.flush()
             os.execve(sys.executable, sys.orig_argv, env)
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    # lists from the command line; a single string from callers that build the namespace themselves
+    dtypes = args.dtype or ["bf16" if device.startswith("cuda") else "fp32"]
+    dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
+    models = [args.model] if isinstance(args.model, str) else args.model
     out_dir = args.out if args.out is not None else default_out_dir()
     progress = not args.no_progress
 
@@ -165,22 +187,57 @@ def run_bench(args: argparse.Namespace) -> int:
         tables.append(f"ops on {facts['device']} ({device}); {ceiling_note}\n"
                       + results.format_table(rows, runner.COLUMNS))
     if args.suite in ("e2e", "all"):
+        rows, notes = _run_e2e_matrix(device, models, dtypes, args, ceil, progress)
+        notes = notes + [ceiling_note]
         from . import e2e
 
-        rows, notes = e2e.run_e2e(device, dtype, args.quick, model=args.model, seed=args.seed,
-                                  ceilings=ceil, progress=progress)
-        notes = notes + [ceiling_note]
         paths = results.save("e2e", rows, out_dir, e2e.COLUMNS, provenance=facts, notes=notes,
                              formats=formats)
         written += paths.values()
         failed |= _print_failures(rows)
-        tables.append(f"e2e on {facts['device']} ({device}, {dtype}, model {args.model}): " + notes[0]
-                      + "\n" + results.format_table(rows, e2e.COLUMNS))
+        tables.append(f"e2e on {facts['device']} ({device}; {', '.join(models)}; {', '.join(dtypes)}): "
+                      + notes[0] + "\n" + results.format_table(rows, e2e.COLUMNS))
 
     print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
     for table in tables:
         print("\n" + table)
     return 1 if failed else 0
+
+
+def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, ceil, progress: bool):
+    """The e2e suite for every (model, dtype), in that order; (all rows, notes). A run that raises
+    gives an ERROR row and the others still run. With several runs each note names its run."""
+    from . import e2e
+
+    rows: list[dict] = []
+    notes: list[str] = []
+    combos = [(m, d) for m in models for d in dtypes]
+    for model, dtype in combos:
+        label = f"{model} {dtype}: " if len(combos) > 1 else ""
+        if len(combos) > 1:
+            print(f"gptfast bench: e2e {model} {dtype}", flush=True)
+        try:
+            got, got_notes = e2e.run_e2e(device, dtype, args.quick, model=model, seed=args.seed,
+                                         ceilings=ceil, progress=progress)
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            note = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            got = [dict(suite="e2e", key=f"{model} | e2e | {dtype}", model=model, scenario="e2e", engine="-",
+                        dtype=dtype, status="ERROR", note=note, report=note)]
+            got_notes = [f"the e2e run raised {note}"]
+        finally:
+            import gc
+
+            gc.collect()
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.empty_cache()
+        rows += got
+        notes += [label + n for n in got_notes]
+    return rows, notes
 
 
 def _print_failures(rows) -> bool:

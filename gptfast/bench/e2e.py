@@ -1,27 +1,40 @@
-"""The end-to-end suite: gptfast `generate` against Hugging Face `generate` on the same weights.
+"""The end-to-end suite: gptfast against Hugging Face `generate` and eager PyTorch on the same weights.
 
 1. Weights: a GPT-2 preset built as a `transformers.GPT2LMHeadModel`, randomly initialised from a
    seed (or a checkpoint folder), loaded into gptfast with `GPT2.from_pretrained(hf_model)`. EOS is
-   disabled on both so every run generates exactly the requested number of tokens.
+   disabled everywhere so every run generates exactly the requested number of tokens.
 2. Correctness first, in fp32: greedy tokens of gptfast must equal HF's, token for token, for the
-   batch-1 prompt and the first padded batch of mixed-length prompts. On a mismatch the suite
-   reports where and times nothing.
+   batch-1 prompt, the first padded batch of mixed-length prompts, and the same prompts served
+   through the `Engine` API (the continuous-batching path). On a mismatch the suite reports where
+   and times nothing.
 3. Timing in the requested dtype, same prompts, the engines interleaved run by run (a burst of
    load on a shared machine then hits every engine, not just one):
    - batch 1: decode tokens/s (first to last streamed token), tokens/s with prefill, time to
      first token, inter-token latency p50/p99 (a streamer timestamps each `put`), weight
      bandwidth = bytes of weights read per decode step × steps/s, as % of the measured copy
-     bandwidth. Bytes per step: every parameter once, the tied head included, except the position
-     table (one row is read); for GPT-2 124M in bf16 that is ~247 MB.
-   - mixed: a set of requests with mixed prompt and output lengths, served in left-padded batches
-     sorted by output length (HF style, the same batches for both engines); useful tokens/s counts
-     each request's own output length.
+     bandwidth (the floor). Bytes per step: every parameter once, the tied head included, except
+     the position table (one row is read); for GPT-2 124M in bf16 that is ~247 MB.
+     Engines: HF generate (eager), and on CUDA without --quick HF with a static cache +
+     torch.compile and `static_ref` (gpt-fast-style eager reference over a static KV cache) under
+     torch.compile(mode="reduce-overhead"); on CUDA gptfast with every op through its eager
+     reference and CUDA graphs off; gptfast.
+   - mixed, padded batches: requests with mixed prompt and output lengths served in left-padded
+     batches sorted by output length (HF style, the same batches for every engine); useful
+     tokens/s counts each request's own output length.
+   - mixed, continuous batching: gptfast gets every request at once through the `Engine` API
+     (its own `max_new_tokens` each) and steps until all are done; useful tokens/s end to end,
+     time to first token p50 (every request arrives at t=0, so it includes queueing) and
+     inter-token latency p50/p99. Its "× HF" is over HF's padded batches: the issue's
+     256-request throughput target.
+   On CUDA the notes also give the kernels one decode step launches (`kernel_count`) and the
+   CUDA-graph capture time (`gptfast.graphs.graph_runner(model).capture_seconds`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -32,13 +45,22 @@ import torch
 from .ceilings import Ceilings
 
 COLUMNS = [
-    "scenario", "engine", "dtype", "status", "tok_s", "tok_s_prefill", "ttft_ms", "itl_p50_ms",
+    "model", "scenario", "engine", "dtype", "status", "tok_s", "tok_s_prefill", "ttft_ms", "itl_p50_ms",
     "itl_p99_ms", "weight_gbps", "pct_bw", "speedup_hf", "note",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 PAD_ID = 0
+
+HF_EAGER = "HF generate (eager, sdpa)"
+HF_FP32 = "HF fp32 generate (eager, sdpa)"
+HF_STATIC = "HF static cache + compile"
+REF_OPS = "gptfast eager reference ops"
+REF_COMPILE = "eager ref + compile (reduce-overhead)"
+GPTFAST = "gptfast"
+# Engines timed at batch 1 only: a static cache (and its compiled graph) has one batch shape.
+BATCH1_ONLY = (HF_STATIC, REF_COMPILE)
 
 
 @dataclass
@@ -52,12 +74,13 @@ class Plan:
     repeats: int  # timed batch-1 runs per engine (median reported)
     mixed_repeats: int  # timed passes over the mixed set per engine (median reported)
     parity_tokens: int  # new tokens in the fp32 correctness check
-    compile_hf: bool  # also time HF with a static cache + torch.compile (batch 1)
+    compile_refs: bool  # also time HF static cache + compile and the compiled eager reference (batch 1)
     notes: list[str] = field(default_factory=list)
 
 
 def make_plan(device: str, quick: bool, n_positions: int, seed: int = 0) -> Plan:
-    """CPU: batch 1 (32-token prompt, 32 new tokens) and 8 prompts of 5..120 tokens × 32 new tokens.
+    """CPU: batch 1 (32-token prompt, 32 new tokens; 16 with `quick`) and 8 requests of 5..120
+    prompt tokens × 8..32 new tokens.
     CUDA: batch 1 (128-token prompt, 256 new; 128 with `quick`) and 256 requests (64 with `quick`)
     of prompt 16..512 and output 16..256 tokens in batches of 64 (32 with `quick`).
     Lengths are clipped to the model's context."""
@@ -67,15 +90,18 @@ def make_plan(device: str, quick: bool, n_positions: int, seed: int = 0) -> Plan
         prompts = torch.randint(16, 513, (n,), generator=gen).tolist()
         outs = torch.randint(16, 257, (n,), generator=gen).tolist()
         plan = Plan(128, 128 if quick else 256, list(zip(prompts, outs)), 32 if quick else 64,
-                    repeats=3 if quick else 5, mixed_repeats=1, parity_tokens=16, compile_hf=not quick)
+                    repeats=3, mixed_repeats=1, parity_tokens=16, compile_refs=not quick)
         if quick:
-            plan.notes.append("HF static cache + torch.compile skipped in --quick (compilation takes minutes)")
+            plan.notes.append("HF static cache + torch.compile and the eager reference + torch.compile "
+                              "skipped in --quick (compilation takes minutes)")
     else:
         prompts = torch.linspace(5, 120, 8).round().long().tolist()
-        plan = Plan(32, 16 if quick else 32, [(p, 32) for p in prompts], 8,
+        outs = torch.linspace(8, 32, 8).round().long()[torch.randperm(8, generator=gen)].tolist()
+        plan = Plan(32, 16 if quick else 32, list(zip(prompts, outs)), 8,
                     repeats=1 if quick else 3, mixed_repeats=1,
-                    parity_tokens=8 if quick else 16, compile_hf=False)
-        plan.notes.append("HF static cache + torch.compile skipped on the CPU (compile time dominates)")
+                    parity_tokens=8 if quick else 16, compile_refs=False)
+        plan.notes.append("HF static cache + torch.compile and the eager reference + torch.compile "
+                          "skipped on the CPU (compile time dominates)")
     clip = []
     for p, o in plan.requests:
         p = min(p, n_positions - 1)
@@ -116,6 +142,21 @@ class TimingStreamer:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Environment variables set to `values` for the block, restored after."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -186,14 +227,20 @@ def _prompt(gen: torch.Generator, vocab: int, length: int) -> torch.Tensor:
     return torch.randint(0, vocab, (length,), generator=gen)
 
 
+def request_prompts(requests: list[tuple[int, int]], vocab: int, seed: int) -> list[tuple[torch.Tensor, int]]:
+    """The mixed set's prompts, in request order: [(prompt tokens [p], output length)]. The padded
+    and the continuous-batching scenarios serve these same prompts."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return [(_prompt(gen, vocab, p), o) for p, o in requests]
+
+
 def padded_batches(requests: list[tuple[int, int]], batch_size: int, vocab: int, n_positions: int, seed: int):
     """Requests sorted by output length (longest first) in left-padded batches:
     [(input_ids [b, T], attention_mask [b, T], max_new_tokens, useful tokens)].
 
     Every row of a batch generates the batch's longest output, so max_new_tokens is cut to what
     fits after the batch's longest prompt (T + max_new_tokens <= n_positions)."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    prompts = [(_prompt(gen, vocab, p), o) for p, o in requests]
+    prompts = request_prompts(requests, vocab, seed)
     prompts.sort(key=lambda po: -po[1])
     batches = []
     for i in range(0, len(prompts), batch_size):
@@ -244,16 +291,36 @@ def _near_tie(hf, mask: torch.Tensor, expected: torch.Tensor, got: torch.Tensor,
     return None
 
 
-HF_FP32 = "HF fp32 generate (eager, sdpa)"
-
-
 @dataclass
 class Engine:
     name: str
     generate: Callable[..., torch.Tensor]  # (input_ids, attention_mask, max_new_tokens, streamer)
 
 
-def _engines(hf, gpt_model, gpt_generate, device: str, compile_hf: bool) -> list[Engine]:
+def _static_compiled(gpt_model, max_len: int) -> Callable[..., torch.Tensor]:
+    """`generate` of the eager reference (`static_ref`) compiled with mode="reduce-overhead",
+    built on first call (the first call compiles) for that call's batch size."""
+    built: dict[str, Any] = {}
+
+    def generate(ids, mask, new, streamer=None):
+        if not bool(mask.all()):
+            raise ValueError("the static-cache reference takes prompts without padding")
+        if "gen" not in built:
+            from .static_ref import StaticCacheGenerator
+
+            built["gen"] = StaticCacheGenerator(gpt_model, batch_size=ids.shape[0], max_len=max_len,
+                                                compile=True, mode="reduce-overhead")
+        return built["gen"].generate(ids, new, streamer=streamer)
+
+    return generate
+
+
+def _engines(hf, gpt_model, gpt_generate, device: str, compile_refs: bool, reference_ops: bool,
+             max_len: int | None = None) -> list[Engine]:
+    """The engines in table order. `compile_refs`: HF static cache + compile and the eager
+    reference + torch.compile (batch 1, prompts + new tokens up to `max_len`). `reference_ops`:
+    gptfast with every op through its eager reference and no CUDA graphs (on the CPU that is
+    gptfast itself, so it is left out there)."""
     def hf_generate(ids, mask, new, streamer=None, **extra):
         return hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
                            do_sample=False, pad_token_id=PAD_ID, streamer=streamer, **extra)
@@ -262,27 +329,21 @@ def _engines(hf, gpt_model, gpt_generate, device: str, compile_hf: bool) -> list
         return gpt_generate(gpt_model, input_ids=ids.to(device), attention_mask=mask.to(device),
                             max_new_tokens=new, do_sample=False, pad_token_id=PAD_ID, streamer=streamer)
 
-    engines = [Engine("HF generate (eager, sdpa)", hf_generate)]
-    if compile_hf:
-        engines.append(Engine("HF static cache + compile",
-                              lambda ids, mask, new, streamer=None: hf_generate(
-                                  ids, mask, new, streamer, cache_implementation="static")))
-    if device != "cpu":
-        # gptfast's own eager path (every op through its PyTorch reference): what the kernels
-        # gain over eager PyTorch inside the same runtime. On the CPU that is gptfast itself.
+    engines = [Engine(HF_EAGER, hf_generate)]
+    if compile_refs:
+        engines.append(Engine(HF_STATIC, lambda ids, mask, new, streamer=None: hf_generate(
+            ids, mask, new, streamer, cache_implementation="static")))
+    if reference_ops:
+        # gptfast's own eager path (every op through its PyTorch reference, launched one by one):
+        # what the kernels and the CUDA graphs gain over eager PyTorch inside the same runtime.
         def gpt_reference(ids, mask, new, streamer=None):
-            before = os.environ.get("GPTFAST_KERNELS")
-            os.environ["GPTFAST_KERNELS"] = "reference"
-            try:
+            with environment(GPTFAST_KERNELS="reference", GPTFAST_CUDA_GRAPHS="0"):
                 return gpt_gen(ids, mask, new, streamer)
-            finally:
-                if before is None:
-                    del os.environ["GPTFAST_KERNELS"]
-                else:
-                    os.environ["GPTFAST_KERNELS"] = before
 
-        engines.append(Engine("gptfast eager reference ops", gpt_reference))
-    engines.append(Engine("gptfast", gpt_gen))
+        engines.append(Engine(REF_OPS, gpt_reference))
+    if compile_refs:
+        engines.append(Engine(REF_COMPILE, _static_compiled(gpt_model, max_len)))
+    engines.append(Engine(GPTFAST, gpt_gen))
     return engines
 
 
@@ -346,12 +407,13 @@ def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int,
 
 
 def _mixed(engines: list[Engine], batches, repeats: int, device: str) -> dict:
-    """The mixed set: a warm-up each on the first batch (2 tokens), then `repeats` rounds, each
-    engine serving every batch in turn. Returns {engine name: result dict or exception}."""
+    """The mixed set in padded batches: a warm-up each on the first batch (2 tokens, or what fits),
+    then `repeats` rounds, each engine serving every batch in turn. Returns {engine name: result
+    dict or exception}."""
     results: dict[str, Any] = {e.name: dict(times=[]) for e in engines}
     live = list(engines)
-    ids, mask, _, _ = batches[0]
-    _each(live, results, lambda e, r: e.generate(ids, mask, 2))
+    ids, mask, fits, _ = batches[0]
+    _each(live, results, lambda e, r: e.generate(ids, mask, min(2, fits)))
 
     def serve(e: Engine, r: dict) -> None:
         r["times"].append(_timed(device, lambda: [e.generate(i, m, n) for i, m, n, _ in batches])[1])
@@ -366,7 +428,163 @@ def _mixed(engines: list[Engine], batches, repeats: int, device: str) -> dict:
     return results
 
 
+def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) -> dict:
+    """Serve every request at once through one `gptfast.Engine` (continuous batching), greedy,
+    EOS disabled, and time it end to end (engine creation and `add`s included).
+
+    Parameters
+    ----------
+    model : gptfast.GPT2
+    requests : list of (prompt token ids, new tokens)
+    device : str
+        The model's device (synchronised before the clock starts).
+
+    Returns
+    -------
+    dict: tokens (list of each request's new tokens, in request order), seconds, ttft_s (per
+    request: from the start until its first token is back on the host), gaps_s (every
+    inter-token gap of every request), steps, preemptions (None when the engine keeps no count).
+    """
+    from gptfast.engine import Engine as GptEngine, SamplingParams
+
+    _sync(device)
+    t0 = time.perf_counter()
+    engine = GptEngine(model)
+    ids = [engine.add(list(prompt), SamplingParams(max_new_tokens=n), seeds=[i])[0]
+           for i, (prompt, n) in enumerate(requests)]
+    tokens: dict[int, list[int]] = {sid: [] for sid in ids}
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    gaps: list[float] = []
+    steps = 0
+    while engine.has_unfinished():
+        steps += 1
+        outs = engine.step()
+        now = time.perf_counter()  # step() returns after the tokens reached the host
+        for o in outs:
+            tokens[o.seq_id].append(o.token)
+            if o.seq_id in last:
+                gaps.append(now - last[o.seq_id])
+            else:
+                first[o.seq_id] = now - t0
+            last[o.seq_id] = now
+    seconds = time.perf_counter() - t0
+    return dict(tokens=[tokens[sid] for sid in ids], seconds=seconds, ttft_s=[first[sid] for sid in ids],
+                gaps_s=gaps, steps=steps, preemptions=getattr(engine, "num_preemptions", None))
+
+
+def _continuous(model, requests: list[tuple[list[int], int]], repeats: int, device: str) -> dict:
+    """The mixed set through continuous batching: a warm-up pass (every prompt, 4 new tokens at
+    most: compiles the kernels, captures the CUDA graphs), then `repeats` timed passes; the
+    median pass's numbers."""
+    serve_continuous(model, [(p, min(n, 4)) for p, n in requests], device)
+    runs = sorted((serve_continuous(model, requests, device) for _ in range(repeats)),
+                  key=lambda r: r["seconds"])
+    run = runs[len(runs) // 2]
+    useful = sum(n for _, n in requests)
+    got = sum(len(t) for t in run["tokens"])
+    if got != useful:
+        raise RuntimeError(f"continuous batching produced {got} tokens, expected {useful}")
+    gaps_ms = [g * 1e3 for g in run["gaps_s"]]
+    ttft_ms = [t * 1e3 for t in run["ttft_s"]]
+    return dict(tok_s=useful / run["seconds"], total_s=run["seconds"], useful_tokens=useful,
+                ttft_ms=_percentile(ttft_ms, 0.5), ttft_p99_ms=_percentile(ttft_ms, 0.99),
+                itl_p50_ms=_percentile(gaps_ms, 0.5), itl_p99_ms=_percentile(gaps_ms, 0.99),
+                steps=run["steps"], preemptions=run["preemptions"])
+
+
+def cuda_step_facts(model) -> tuple[dict, list[str]]:
+    """On CUDA: the kernels one decode step launches at batch 1 and the CUDA-graph capture time,
+    as row fields and note lines. Failures become notes (they never fail the suite)."""
+    config = model.config
+    fields: dict[str, Any] = {}
+    notes: list[str] = []
+    graphs_on = os.environ.get("GPTFAST_CUDA_GRAPHS", "").strip() != "0"
+    if graphs_on:
+        try:
+            from gptfast import graphs
+
+            runner = graphs.graph_runner(model)
+            fields["graph_capture_s"] = runner.capture_seconds
+            notes.append(f"CUDA graphs: {len(runner.buckets)} batch-size buckets ({runner.buckets[0]}.."
+                         f"{runner.buckets[-1]}) captured in {runner.capture_seconds:.2f} s (each "
+                         f"bucket's warm-up step included), {runner.num_replays} replays in this run")
+        except Exception as exc:  # the runner is optional for the suite
+            notes.append(f"CUDA-graph capture time unavailable: {type(exc).__name__}: {exc}"[:300])
+    else:
+        notes.append("CUDA graphs off (GPTFAST_CUDA_GRAPHS=0): no capture time")
+    try:
+        from .kernel_count import kernels_per_decode_step
+
+        eager = kernels_per_decode_step(model, batch_size=1, graphs=False)
+        fields.update(kernels_per_step=eager["kernels"], launch_calls_per_step=eager["launch_calls"])
+        top = ", ".join(f"{name} ×{n}" for name, n in eager["top"])
+        notes.append(f"decode step at batch 1 (CUDA graphs off, so every launch shows): {eager['kernels']} "
+                     f"kernels ({eager['kernels_per_layer']:.1f} per layer of {config.n_layer}), "
+                     f"{eager['copies']} memcpy/memset, {eager['launch_calls']} host launch calls; "
+                     f"most frequent: {top}")
+        if graphs_on:
+            replay = kernels_per_decode_step(model, batch_size=1, graphs=True)
+            fields["launch_calls_per_step_graphs"] = replay["launch_calls"]
+            notes.append(f"decode step at batch 1 through the CUDA graph: {replay['kernels']} kernels from "
+                         f"{replay['launch_calls']} host launch calls")
+    except Exception as exc:
+        notes.append(f"kernel count failed: {type(exc).__name__}: {exc}"[:300])
+    return fields, notes
+
+
+def _error_note(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
 # ------------------------------------------------------------------------------ the suite
+def _fp32_check(hf, gpt, gpt_generate, device: str, prompt, batches, plan: Plan, notes: list[str],
+                log: Callable[[str], None], progress: bool) -> tuple[str | None, torch.Tensor | None]:
+    """The fp32 correctness check: (None, HF's batch-1 new tokens) when gptfast matches HF
+    (near-ties noted), else (a report of the first mismatch, None)."""
+    from tqdm.auto import tqdm
+
+    ref_engine, gpt_engine = _engines(hf, gpt, gpt_generate, device, compile_refs=False, reference_ops=False)
+    parity_batch = batches[0]
+    checks = [("batch 1", prompt[None], torch.ones_like(prompt)[None], plan.parity_tokens),
+              (f"padded batch of {parity_batch[0].shape[0]}", parity_batch[0], parity_batch[1],
+               min(plan.parity_tokens, parity_batch[2]))]
+    reference_tokens = None
+    with torch.inference_mode():
+        for label, ids, mask, new in tqdm(checks, desc="e2e fp32 check", leave=False, disable=not progress):
+            expected = ref_engine.generate(ids, mask, new).cpu()
+            got = gpt_engine.generate(ids, mask, new).cpu()
+            if reference_tokens is None:
+                reference_tokens = expected[0, ids.shape[1]:]
+            tries = [(label, got)]
+            if ids.shape[0] > 1:
+                # the same prompts through the Engine API, all at once: the continuous-batching path
+                served = serve_continuous(gpt, [(row[m.bool()].tolist(), new) for row, m in zip(ids, mask)],
+                                          device)["tokens"]
+                engine_out = expected.clone()
+                engine_out[:, ids.shape[1]:] = torch.tensor(served, dtype=expected.dtype)
+                tries.append((f"{label}, through the Engine API (continuous batching)", engine_out))
+            for what, out in tries:
+                report = _first_mismatch(expected, out, ids.shape[1])
+                if report is not None and expected.shape == out.shape:
+                    tie = _near_tie(hf, mask, expected, out, device)
+                    if tie is not None:
+                        notes.append(f"fp32 check, {what}: identical up to a {tie}")
+                        log(f"e2e: fp32 check, {what}: identical up to a {tie}")
+                        report = None
+                if report is not None:
+                    return f"{what}: {report}", None
+    log(f"e2e: fp32 greedy tokens identical to HF ({plan.parity_tokens} new tokens; batch 1 and a "
+        f"padded batch of {parity_batch[0].shape[0]}, also through the Engine API)")
+    return None, reference_tokens
+
+
+def _free_device_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def run_e2e(
     device: str,
     dtype: str,
@@ -377,7 +595,9 @@ def run_e2e(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], list[str]]:
-    """Run the e2e suite; returns (rows, notes). See the module docstring for what is measured.
+    """Run the e2e suite for one (model, dtype); returns (rows, notes). See the module docstring
+    for what is measured. Row keys start with the model, so the rows of several runs can share a
+    result file.
 
     Parameters
     ----------
@@ -402,7 +622,7 @@ def run_e2e(
     gpt = GPT2.from_pretrained(hf, dtype=torch.float32, device=device)
     config = gpt.config
     plan = make_plan(device, quick, config.n_positions, seed)
-    notes = [origin, "EOS disabled on both engines: every run generates exactly the requested tokens",
+    notes = [origin, "EOS disabled on every engine: every run generates exactly the requested tokens",
              "correctness: greedy tokens in fp32 must equal HF's token for token before anything is timed"]
     notes += plan.notes
     for note in notes:
@@ -411,39 +631,23 @@ def run_e2e(
     gen = torch.Generator().manual_seed(seed)
     prompt = _prompt(gen, config.vocab_size, plan.prompt_len)
     batches = padded_batches(plan.requests, plan.batch_size, config.vocab_size, config.n_positions, seed)
-    base = dict(suite="e2e", dtype=dtype, primary="tok_s", higher_is_better=True)
+    requests = [(p.tolist(), o) for p, o in request_prompts(plan.requests, config.vocab_size, seed)]
+    base = dict(suite="e2e", model=model, dtype=dtype, primary="tok_s", higher_is_better=True)
 
     # 1. correctness in fp32
-    ref_engine, gpt_engine = _engines(hf, gpt, gpt_generate, device, compile_hf=False)
-    parity_batch = batches[0]
-    checks = [("batch 1", prompt[None], torch.ones_like(prompt)[None], plan.parity_tokens),
-              (f"padded batch of {parity_batch[0].shape[0]}", parity_batch[0], parity_batch[1],
-               min(plan.parity_tokens, parity_batch[2]))]
-    reference_tokens = None
-    with torch.inference_mode():
-        for label, ids, mask, new in tqdm(checks, desc="e2e fp32 check", leave=False, disable=not progress):
-            expected = ref_engine.generate(ids, mask, new).cpu()
-            got = gpt_engine.generate(ids, mask, new).cpu()
-            if reference_tokens is None:
-                reference_tokens = expected[0, ids.shape[1]:]
-            report = _first_mismatch(expected, got, ids.shape[1])
-            if report is not None and expected.shape == got.shape:
-                tie = _near_tie(hf, mask, expected, got, device)
-                if tie is not None:
-                    notes.append(f"fp32 check, {label}: identical up to a {tie}")
-                    log(f"e2e: fp32 check, {label}: identical up to a {tie}")
-                    report = None
-            if report is not None:
-                row = dict(base, key="check | gptfast | fp32", scenario="fp32 check", engine="gptfast",
-                           dtype="fp32", status="FAIL", note=f"{label}: {report}", report=report)
-                return [row], notes
-    log(f"e2e: fp32 greedy tokens identical to HF ({plan.parity_tokens} new tokens; batch 1 and a "
-        f"padded batch of {parity_batch[0].shape[0]})")
+    report, reference_tokens = _fp32_check(hf, gpt, gpt_generate, device, prompt, batches, plan, notes,
+                                           log, progress)
+    if report is not None:
+        row = dict(base, key=f"{model} | check | gptfast | fp32", scenario="fp32 check", engine=GPTFAST,
+                   dtype="fp32", status="FAIL", note=report, report=report)
+        return [row], notes
 
     # 2. timing in the requested dtype
     torch_dtype = DTYPES[dtype]
     hf32 = None
     if torch_dtype != torch.float32:
+        del gpt  # with its KV cache: the timed model's cache is sized from the memory left
+        _free_device_memory(device)
         gpt = GPT2.from_pretrained(hf, dtype=torch_dtype, device=device)
         if device == "cpu":
             # HF in fp32 too: the CPU target for low precision is stated against HF's fp32.
@@ -451,36 +655,46 @@ def run_e2e(
 
             hf32 = copy.deepcopy(hf)
         hf = hf.to(torch_dtype)
-    engines = _engines(hf, gpt, gpt_generate, device, plan.compile_hf)
+    engines = _engines(hf, gpt, gpt_generate, device, plan.compile_refs, reference_ops=device != "cpu",
+                       max_len=plan.prompt_len + plan.new_tokens)
     if hf32 is not None:
-        fp32_engine = _engines(hf32, gpt, gpt_generate, device, False)[0]
+        fp32_engine = _engines(hf32, gpt, gpt_generate, device, False, False)[0]
         engines.insert(1, Engine(HF_FP32, fp32_engine.generate))
     w_bytes = weight_bytes_per_step(config, torch_dtype)
     rows: list[dict] = []
     hf_speed: dict[str, float] = {}
     hf_tokens = None  # HF's batch-1 output in this dtype, to compare gptfast's with
-    bar = tqdm(total=2, desc="e2e timing", leave=False, disable=not progress)
-    with torch.inference_mode():
-        bar.set_postfix_str("batch 1")
-        batch1 = _batch1(engines, prompt, plan.new_tokens, plan.repeats, device)
-        bar.update()
-        bar.set_postfix_str("mixed")
-        # A static cache recompiles per batch shape: HF + compile is timed at batch 1 only.
-        mixed = _mixed([e for e in engines if not e.name.startswith("HF static")], batches,
-                       plan.mixed_repeats, device)
-        bar.update()
-    bar.close()
+    bar = tqdm(total=3, desc="e2e timing", leave=False, disable=not progress)
+    try:
+        with torch.inference_mode():
+            bar.set_postfix_str("batch 1")
+            batch1 = _batch1(engines, prompt, plan.new_tokens, plan.repeats, device)
+            bar.update()
+            bar.set_postfix_str("mixed, padded")
+            mixed = _mixed([e for e in engines if e.name not in BATCH1_ONLY], batches, plan.mixed_repeats,
+                           device)
+            bar.update()
+            bar.set_postfix_str("mixed, continuous batching")
+            try:
+                continuous: dict | Exception = _continuous(gpt, requests, plan.mixed_repeats, device)
+            except Exception as exc:
+                continuous = exc
+            bar.update()
+        step_fields, step_notes = cuda_step_facts(gpt) if device.startswith("cuda") else ({}, [])
+    finally:
+        bar.close()
+        engines.clear()
+        if plan.compile_refs:
+            torch._dynamo.reset()  # drops the compiled graphs and their CUDA-graph memory pools
 
     scenario = f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
-    for engine in engines:
-        row_dtype = "fp32" if engine.name == HF_FP32 else dtype
-        row = dict(base, key=f"{scenario} | {engine.name} | {row_dtype}", engine=engine.name,
-                   scenario=scenario, dtype=row_dtype,
-                   status="PASS" if engine.name == "gptfast" else "ref")
-        r = batch1[engine.name]
+    compiled_speed = None
+    for name, r in batch1.items():
+        row_dtype = "fp32" if name == HF_FP32 else dtype
+        row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name,
+                   scenario=scenario, dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
         if isinstance(r, Exception):
-            row.update(status="SKIP" if engine.name.startswith("HF static") else "ERROR",
-                       note=f"{type(r).__name__}: {r}".splitlines()[0][:200])
+            row.update(status="SKIP" if name in BATCH1_ONLY else "ERROR", note=_error_note(r))
             rows.append(row)
             continue
         tokens = r.pop("output")[0, plan.prompt_len:]
@@ -495,28 +709,40 @@ def run_e2e(
             row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9
             if ceilings is not None:
                 row["pct_bw"] = row["weight_gbps"] / ceilings.copy_gbps * 100
-        if engine.name.startswith("HF generate"):
+        if name == HF_EAGER:
             hf_speed["batch1"] = r["tok_s"]
-        elif engine.name == HF_FP32:
+        elif name == HF_FP32:
             hf_speed["batch1_fp32"] = r["tok_s"]
-        elif hf_speed.get("batch1") and r["tok_s"]:
-            row["speedup_hf"] = r["tok_s"] / hf_speed["batch1"]
-            if hf_speed.get("batch1_fp32"):
-                row["note"] += f"; {r['tok_s'] / hf_speed['batch1_fp32']:.2f}x HF fp32"
+        else:
+            if hf_speed.get("batch1") and r["tok_s"]:
+                row["speedup_hf"] = r["tok_s"] / hf_speed["batch1"]
+                if hf_speed.get("batch1_fp32"):
+                    row["note"] += f"; {r['tok_s'] / hf_speed['batch1_fp32']:.2f}x HF fp32"
+            if name == REF_COMPILE:
+                compiled_speed = r["tok_s"]
+            elif name == GPTFAST:
+                if compiled_speed and r["tok_s"]:
+                    row["speedup_compile"] = r["tok_s"] / compiled_speed
+                    row["note"] += f"; {row['speedup_compile']:.2f}x {REF_COMPILE}"
+                if "kernels_per_step" in step_fields:
+                    row["note"] += f"; {step_fields['kernels_per_step']} kernels/decode step"
+                if "graph_capture_s" in step_fields:
+                    row["note"] += f"; CUDA graphs captured in {step_fields['graph_capture_s']:.1f} s"
+                row.update(step_fields)
         rows.append(row)
 
-    scenario = f"mixed: {len(plan.requests)} req, batches of {plan.batch_size}"
+    scenario = f"mixed: {len(plan.requests)} req, padded batches of {plan.batch_size}"
     for name, r in mixed.items():
         row_dtype = "fp32" if name == HF_FP32 else dtype
-        row = dict(base, key=f"{scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
-                   dtype=row_dtype, status="PASS" if name == "gptfast" else "ref")
+        row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
+                   dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
         if isinstance(r, Exception):
-            row.update(status="ERROR", note=f"{type(r).__name__}: {r}".splitlines()[0][:200])
+            row.update(status="ERROR", note=_error_note(r))
             rows.append(row)
             continue
         row.update(r, note=f"{r['useful_tokens']} useful of {r['generated_tokens']} generated tokens "
                            f"in {r['total_s']:.2f} s")
-        if name.startswith("HF generate"):
+        if name == HF_EAGER:
             hf_speed["mixed"] = r["tok_s"]
         elif name == HF_FP32:
             hf_speed["mixed_fp32"] = r["tok_s"]
@@ -525,8 +751,26 @@ def run_e2e(
             if hf_speed.get("mixed_fp32"):
                 row["note"] += f"; {r['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32"
         rows.append(row)
+
+    scenario = f"mixed: {len(plan.requests)} req, continuous batching"
+    row = dict(base, key=f"{model} | {scenario} | {GPTFAST} | {dtype}", engine=GPTFAST, scenario=scenario,
+               status="PASS")
+    if isinstance(continuous, Exception):
+        row.update(status="ERROR", note=_error_note(continuous))
+    else:
+        row.update(continuous, note=(
+            f"all {len(requests)} requests at t=0 through the Engine API: {continuous['useful_tokens']} "
+            f"tokens in {continuous['total_s']:.2f} s, {continuous['steps']} steps, "
+            f"{continuous['preemptions']} preemptions; TTFT p50/p99 {continuous['ttft_ms']:.0f}/"
+            f"{continuous['ttft_p99_ms']:.0f} ms (queueing included); × HF is over HF's padded batches"))
+        if hf_speed.get("mixed"):
+            row["speedup_hf"] = continuous["tok_s"] / hf_speed["mixed"]
+            if hf_speed.get("mixed_fp32"):
+                row["note"] += f"; {continuous['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32 padded"
+    rows.append(row)
     notes.append(f"weights read per decode step: {w_bytes / 1e6:.1f} MB ({dtype}, tied head counted once "
                  f"as the head, one wpe row)")
+    notes += step_notes
     return rows, notes
 
 

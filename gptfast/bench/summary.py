@@ -16,8 +16,12 @@ from . import results
 SHORT = {
     "ops": ["op", "case", "status", "fast_us", "eager_us", "gbps", "tflops", "pct_floor", "speedup_eager",
             "speedup_baselines"],
-    "e2e": ["scenario", "engine", "dtype", "status", "tok_s", "ttft_ms", "itl_p50_ms", "itl_p99_ms", "pct_bw",
-            "speedup_hf"],
+    "e2e": ["model", "scenario", "engine", "dtype", "status", "tok_s", "ttft_ms", "itl_p50_ms", "itl_p99_ms",
+            "pct_bw", "speedup_hf"],
+}
+# Notes worth printing under the short table too (matched anywhere in the note).
+SHORT_NOTES = {
+    "e2e": ("decode step at batch 1", "CUDA graphs", "kernel count failed", "the e2e run raised"),
 }
 
 
@@ -46,7 +50,10 @@ def summarize(out_dir: Path, steps: list[str]) -> str:
         md += ["", results._markdown_table(doc["rows"], columns)]
         failures = [r for r in doc["rows"] if r.get("status") in ("FAIL", "ERROR")]
         md += [f"\n**{r['status']}** {r.get('key')}: {r.get('report') or r.get('note')}" for r in failures]
-        text.append(f"{path.name} ({facts.get('device')}):\n" + results.format_table(doc["rows"], columns))
+        wanted = SHORT_NOTES.get(doc.get("name"), ())
+        picked = [n for n in doc.get("notes", []) if any(w in n for w in wanted)]
+        text.append(f"{path.name} ({facts.get('device')}):\n" + results.format_table(doc["rows"], columns)
+                    + "".join(f"\n  {n}" for n in picked))
     (out_dir / "summary.md").write_text("\n".join(md) + "\n")
     return "\n\n".join(text)
 

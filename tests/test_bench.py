@@ -378,7 +378,12 @@ def test_e2e_tiny_runs_and_matches_hf():
     assert cont["speedup_hf"] == pytest.approx(cont["tok_s"] / by[("padded batches of 8", e2e.HF_EAGER)]["tok_s"])
     # on the CPU: no compiled engines and no reference-ops engine (that is gptfast itself there)
     engines = {r["engine"] for r in rows}
-    assert engines == {e2e.HF_EAGER, e2e.GPTFAST}
+    assert engines == {e2e.HF_EAGER, e2e.GPTFAST, *e2e.VARIANTS}
+    # the argument variants: batch 1 only, timed, their path named
+    for name, (_, path) in e2e.VARIANTS.items():
+        [v] = [r for r in rows if r["engine"] == name]
+        assert v["scenario"].startswith("batch 1") and v["status"] == "timed" and v["note"] == path
+        assert v["tok_s"] > 0 and v["speedup_hf"] > 0
     assert any("torch.compile skipped on the CPU" in n for n in notes)
     assert any("weights read per decode step" in n for n in notes)
     assert not any("kernels" in n for n in notes)  # CUDA only
@@ -412,7 +417,7 @@ def test_e2e_compiled_reference_rows(monkeypatch):
     rows, _ = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", ceilings=CEILINGS, progress=False,
                           log=lambda s: None)
     batch1 = {r["engine"]: r for r in rows if r["scenario"].startswith("batch 1")}
-    assert list(batch1) == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST]
+    assert list(batch1) == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST, *e2e.VARIANTS]
     ref = batch1[e2e.REF_COMPILE]
     assert ref["status"] == "ref", ref.get("note")
     assert ref["tok_s"] > 0 and ref["weight_gbps"] > 0 and ref["pct_bw"] > 0 and ref["speedup_hf"] > 0
@@ -503,7 +508,7 @@ def test_reference_ops_engine_runs_eagerly_without_graphs(monkeypatch):
         return kwargs["input_ids"]
 
     engines = e2e._engines(None, "model", fake_generate, "cpu", compile_refs=False, reference_ops=True)
-    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.REF_OPS, e2e.GPTFAST]
+    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.REF_OPS, e2e.GPTFAST, *e2e.VARIANTS]
     ids = torch.tensor([[1, 2]])
     engines[1].generate(ids, torch.ones_like(ids), 3)
     engines[2].generate(ids, torch.ones_like(ids), 3)
@@ -525,8 +530,9 @@ def test_compiled_reference_engine_is_built_once_in_reduce_overhead_mode(monkeyp
 
     monkeypatch.setattr(static_ref, "StaticCacheGenerator", FakeGenerator)
     engines = e2e._engines(None, "model", None, "cpu", compile_refs=True, reference_ops=False, max_len=48)
-    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST]
-    assert set(e2e.BATCH1_ONLY) == {e2e.HF_STATIC, e2e.REF_COMPILE}
+    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST,
+                                         *e2e.VARIANTS]
+    assert set(e2e.BATCH1_ONLY) == {e2e.HF_STATIC, e2e.REF_COMPILE, *e2e.VARIANTS}
     ids = torch.tensor([[4, 5, 6]])
     for _ in range(2):
         assert engines[2].generate(ids, torch.ones_like(ids), 2).tolist() == [[4, 5, 6, 6, 6]]

@@ -59,8 +59,20 @@ HF_STATIC = "HF static cache + compile"
 REF_OPS = "gptfast eager reference ops"
 REF_COMPILE = "eager ref + compile (reduce-overhead)"
 GPTFAST = "gptfast"
-# Engines timed at batch 1 only: a static cache (and its compiled graph) has one batch shape.
-BATCH1_ONLY = (HF_STATIC, REF_COMPILE)
+# gptfast with generate() arguments that change the decode path (batch 1, timed beside greedy):
+# sampling stays inside the CUDA graph; a repetition penalty stops the graph at the logits and
+# runs the processor and the sampler eagerly (README, "The fast decode path").
+GPTFAST_SAMPLED = "gptfast, sampling top_p=0.9"
+GPTFAST_PENALTY = "gptfast, repetition_penalty=1.2"
+VARIANTS = {
+    GPTFAST_SAMPLED: (dict(do_sample=True, top_k=0, top_p=0.9, seed=0),
+                      "sampled inside the decode graph"),
+    GPTFAST_PENALTY: (dict(repetition_penalty=1.2),
+                      "graph stops at the logits; penalty and sampler run eagerly"),
+}
+# Engines timed at batch 1 only: a static cache (and its compiled graph) has one batch shape; the
+# argument variants only show the cost of their path.
+BATCH1_ONLY = (HF_STATIC, REF_COMPILE, *VARIANTS)
 
 
 @dataclass
@@ -325,9 +337,10 @@ def _engines(hf, gpt_model, gpt_generate, device: str, compile_refs: bool, refer
         return hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
                            do_sample=False, pad_token_id=PAD_ID, streamer=streamer, **extra)
 
-    def gpt_gen(ids, mask, new, streamer=None):
+    def gpt_gen(ids, mask, new, streamer=None, **extra):
+        extra.setdefault("do_sample", False)
         return gpt_generate(gpt_model, input_ids=ids.to(device), attention_mask=mask.to(device),
-                            max_new_tokens=new, do_sample=False, pad_token_id=PAD_ID, streamer=streamer)
+                            max_new_tokens=new, pad_token_id=PAD_ID, streamer=streamer, **extra)
 
     engines = [Engine(HF_EAGER, hf_generate)]
     if compile_refs:
@@ -344,6 +357,9 @@ def _engines(hf, gpt_model, gpt_generate, device: str, compile_refs: bool, refer
     if compile_refs:
         engines.append(Engine(REF_COMPILE, _static_compiled(gpt_model, max_len)))
     engines.append(Engine(GPTFAST, gpt_gen))
+    for name, (kwargs, _) in VARIANTS.items():
+        engines.append(Engine(name, lambda ids, mask, new, streamer=None, _kw=kwargs: gpt_gen(
+            ids, mask, new, streamer, **_kw)))
     return engines
 
 
@@ -544,7 +560,7 @@ def _fp32_check(hf, gpt, gpt_generate, device: str, prompt, batches, plan: Plan,
     (near-ties noted), else (a report of the first mismatch, None)."""
     from tqdm.auto import tqdm
 
-    ref_engine, gpt_engine = _engines(hf, gpt, gpt_generate, device, compile_refs=False, reference_ops=False)
+    ref_engine, gpt_engine = _engines(hf, gpt, gpt_generate, device, compile_refs=False, reference_ops=False)[:2]
     parity_batch = batches[0]
     checks = [("batch 1", prompt[None], torch.ones_like(prompt)[None], plan.parity_tokens),
               (f"padded batch of {parity_batch[0].shape[0]}", parity_batch[0], parity_batch[1],
@@ -694,16 +710,21 @@ def run_e2e(
         row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name,
                    scenario=scenario, dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
         if isinstance(r, Exception):
-            row.update(status="SKIP" if name in BATCH1_ONLY else "ERROR", note=_error_note(r))
+            row.update(status="SKIP" if name in (HF_STATIC, REF_COMPILE) else "ERROR", note=_error_note(r))
             rows.append(row)
             continue
         tokens = r.pop("output")[0, plan.prompt_len:]
-        agree = [f"first {_agreement(reference_tokens, tokens)}/{len(reference_tokens)} tokens = HF fp32"]
-        if hf_tokens is None:
-            hf_tokens = tokens
+        if name in VARIANTS:
+            # not greedy: nothing to compare tokens with (tests/test_generate_graphs.py checks
+            # these paths against HF); the row is the cost of the path
+            row.update(r, status="timed", note=VARIANTS[name][1])
         else:
-            agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
-        row.update(r, note="greedy: " + ", ".join(agree))
+            agree = [f"first {_agreement(reference_tokens, tokens)}/{len(reference_tokens)} tokens = HF fp32"]
+            if hf_tokens is None:
+                hf_tokens = tokens
+            else:
+                agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
+            row.update(r, note="greedy: " + ", ".join(agree))
         if r["tok_s"] is not None:
             row_bytes = weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else w_bytes
             row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9

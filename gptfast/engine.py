@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -171,12 +172,20 @@ class Engine:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         self.max_num_seqs = max_num_seqs
+        reference = ops.kernel_backend() == "reference"
         if cuda_graphs is None:
             cuda_graphs = graphs_setting()
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
+            # the eager references sync with the host (they cannot be captured)
+            cuda_graphs = self.device.type == "cuda" and not reference
+        if cuda_graphs and reference and self.device.type == "cuda":
+            raise ValueError("CUDA graphs cannot capture the eager reference ops (they sync with the "
+                             "host): unset GPTFAST_KERNELS=reference or turn the graphs off "
+                             "(cuda_graphs=False or GPTFAST_CUDA_GRAPHS=0)")
         # NOTE: the runner is the model's (captured once per model), shared by its engines.
-        self.runner = graphs.graph_runner(model, min(max_num_seqs, _GRAPH_MAX_BATCH)) if cuda_graphs else None
+        self._graph_batch = min(max_num_seqs, _GRAPH_MAX_BATCH)
+        self.runner = graphs.graph_runner(model, self._graph_batch) if cuda_graphs else None
+        self._weights_epoch = graphs.weights_epoch()
         if max_prefill_tokens is None:
             n = model.config.n_positions
             max_prefill_tokens = 8 * n if self.device.type == "cuda" else max(2048, n)
@@ -311,6 +320,9 @@ class Engine:
         sampled from; the engine stays usable.
         """
         self.num_steps += 1
+        if self.model._kv_cache is not self.cache:
+            raise RuntimeError("the model was moved or cast while this Engine was using it (its KV "
+                               "cache was replaced); create a new Engine")
         admitted = self._admit()
         if admitted:
             return self._prefill(admitted)
@@ -370,7 +382,7 @@ class Engine:
         )
         last = self._to_device(cu[1:].astype(np.int64) - 1)
         logits = self.model.forward_paged(self._to_device(tokens), self._to_device(positions),
-                                          meta, last)  # (B, V) fp32
+                                          meta, last, cache=self.cache)  # (B, V) fp32
         for s in seqs:
             s.in_cache = len(s.tokens)
 
@@ -399,6 +411,10 @@ class Engine:
         seqs = self.running
         B = len(seqs)
         if self.runner is not None and B <= self.runner.max_batch:
+            if graphs.weights_epoch() != self._weights_epoch:
+                # parameter tensors may have been replaced: the graphs hold the old addresses
+                self.runner = graphs.graph_runner(self.model, self._graph_batch)
+                self._weights_epoch = graphs.weights_epoch()
             return self._decode_static(seqs, ids)
         tokens = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=B)
         slots = np.empty(B, dtype=np.int64)
@@ -413,7 +429,8 @@ class Engine:
             is_decode=True,
         )
         logits = self.model.forward_paged(self._to_device(tokens),
-                                          self._to_device(lens.astype(np.int64) - 1), meta)
+                                          self._to_device(lens.astype(np.int64) - 1), meta,
+                                          cache=self.cache)
         for s in seqs:
             s.in_cache = len(s.tokens)
         return self._sample(list(seqs), logits)
@@ -443,21 +460,21 @@ class Engine:
         self.manager.block_tables(ids, buf["block_tables"][:B])
         offsets = buf["offsets"][:B]
         offsets[:] = [s.num_generated for s in seqs]
-        if runner.rows_owner is not self or runner.rows != seqs:
+        if runner.rows_owner() is not self or runner.rows != seqs:
             # NOTE: per-sequence constants are written only when the batch changed (the buffers
             # are the model's: another engine on it may have written them since).
-            runner.rows_owner, runner.rows = self, list(seqs)
+            runner.rows_owner, runner.rows = weakref.ref(self), list(seqs)
             buf["seeds"][:B] = [s.seed for s in seqs]
             buf["temperature"][:B] = [s.params.temperature if s.params.do_sample else 0.0 for s in seqs]
             buf["top_k"][:B] = [s.params.top_k for s in seqs]
             buf["top_p"][:B] = [s.params.top_p for s in seqs]
             self._penalty = any(s.params.repetition_penalty != 1.0 for s in seqs)
-            self._min_new = max((s.params.min_new_tokens for s in seqs if s.params.eos_token_ids), default=0)
+            # each row's min_new_tokens where it has EOS ids to mask (0: nothing to mask)
+            self._min_new = np.array([s.params.min_new_tokens if s.params.eos_token_ids else 0
+                                      for s in seqs], dtype=np.int64)
         for s in seqs:
             s.in_cache = len(s.tokens)
-        # The processors run while some row may be under its min_new_tokens (offsets: the counts);
-        # they mask only the rows that are.
-        if self.keep_scores or self._penalty or (self._min_new and int(offsets.min()) < self._min_new):
+        if self.keep_scores or self._penalty or bool((offsets < self._min_new).any()):
             # The logits processors (and score outputs) see the logits before the draw: the
             # graph stops at the logits and the sampler runs eagerly.
             return self._sample(list(seqs), runner.run(B, sample=False))

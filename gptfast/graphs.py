@@ -31,7 +31,9 @@ runner when a parameter or the cache is replaced (in-place weight updates need n
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ from .kv_cache import AttnMetadata
 _BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, *range(16, 65, 8), *range(96, 257, 32)]
 
 # (name, dtype, per-row width); width 0 means the block-table width.
+# NOTE: block_tables last: a step uploads the buffer only up to its bucket's last block-table row.
 _FIELDS = [
     ("tokens", torch.int64, 1), ("positions", torch.int64, 1), ("slot_mapping", torch.int64, 1),
     ("seeds", torch.int64, 1), ("offsets", torch.int64, 1),
@@ -51,6 +54,24 @@ _FIELDS = [
     ("temperature", torch.float32, 1), ("top_p", torch.float32, 1),
     ("block_tables", torch.int32, 0),
 ]
+
+# Bumped whenever any module registers a parameter (`module.weight = nn.Parameter(...)`,
+# `load_state_dict(..., assign=True)`) or a GPT2 is moved or cast: an engine holding a runner
+# rechecks it then, since the graphs hold the old tensors' addresses.
+_weights_epoch = 0
+
+
+def _bump_weights_epoch(*_args) -> None:
+    global _weights_epoch
+    _weights_epoch += 1
+
+
+def weights_epoch() -> int:
+    """A counter that changes whenever parameter tensors may have been replaced."""
+    return _weights_epoch
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump_weights_epoch)
 
 
 def buckets_up_to(max_batch: int) -> list[int]:
@@ -71,10 +92,19 @@ class _Buffers:
             nbytes = max_batch * cols * torch.empty((), dtype=dtype).element_size()
             layout.append((name, dtype, cols, offset, nbytes))
             offset += -(-nbytes // 8) * 8
-        self.raw = torch.zeros(offset, dtype=torch.uint8, device=device, pin_memory=pin)
+        # NOTE: outside inference mode (engines are built inside it): the buffers are written
+        # in place from anywhere.
+        with torch.inference_mode(False):
+            self.raw = torch.zeros(offset, dtype=torch.uint8, device=device, pin_memory=pin)
         for name, dtype, cols, start, nbytes in layout:
             view = self.raw[start:start + nbytes].view(dtype)
             setattr(self, name, view.view(max_batch, cols) if name == "block_tables" else view)
+        self.tables_offset = layout[-1][3]
+        self.table_row_bytes = max_blocks * 4
+
+    def upload_bytes(self, bucket: int) -> int:
+        """Bytes of the buffer a step of `bucket` rows reads (every field, `bucket` table rows)."""
+        return self.tables_offset + bucket * self.table_row_bytes
 
 
 class DecodeGraphRunner:
@@ -99,7 +129,8 @@ class DecodeGraphRunner:
     """
 
     def __init__(self, model, max_batch: int = 256):
-        self.model = model
+        # NOTE: weak: the model keeps its runner, and a runner must not keep its model alive.
+        self._model = weakref.ref(model)
         config = model.config
         self.device = model.device
         self.block_size = model.block_size
@@ -109,9 +140,9 @@ class DecodeGraphRunner:
         self.captured = self.device.type == "cuda"
         self.capture_seconds = 0.0
         self.num_replays = 0
-        # The engine that last wrote the per-sequence rows (seeds, sampling parameters) and the
-        # sequences they belong to: an engine rewrites them only when its batch changed.
-        self.rows_owner = None
+        # The engine that last wrote the per-sequence rows (seeds, sampling parameters), weakly,
+        # and the sequences they belong to: an engine rewrites them only when its batch changed.
+        self.rows_owner = lambda: None
         self.rows: list = []
         self.host = _Buffers(max_batch, self.max_blocks, torch.device("cpu"), pin=self.captured)
         self.dev = self.host if not self.captured else _Buffers(max_batch, self.max_blocks, self.device, False)
@@ -123,12 +154,29 @@ class DecodeGraphRunner:
         self._pool = None
         self._clear_rows(0, max_batch)
         if self.captured:
-            self.dev.raw.copy_(self.host.raw)  # padding everywhere before the warm-ups
-            self._out_host = torch.empty((2, max_batch), dtype=torch.int64, pin_memory=True)
-            t0 = time.perf_counter()
-            for b in reversed(self.buckets):  # largest first: smaller ones reuse its memory
-                self._capture(b, sample=True)
-            self.capture_seconds += time.perf_counter() - t0
+            with torch.inference_mode(False):
+                self._out_host = torch.empty(2 * max_batch, dtype=torch.int64, pin_memory=True)
+            # NOTE: one warm-up stream for every capture: PyTorch keeps a cuBLAS workspace per
+            # stream for the life of the process.
+            self._warm_stream = torch.cuda.Stream(self.device)
+            self._uploaded = torch.cuda.Event()
+            with self._on_device():
+                self.dev.raw.copy_(self.host.raw)  # padding everywhere before the warm-ups
+                t0 = time.perf_counter()
+                for b in reversed(self.buckets):  # largest first: smaller ones reuse its memory
+                    self._capture(b, sample=True)
+                self.capture_seconds += time.perf_counter() - t0
+
+    @property
+    def model(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this DecodeGraphRunner was deleted")
+        return model
+
+    def _on_device(self):
+        # torch.cuda.graph captures on the current device's stream: make it the model's
+        return torch.cuda.device(self.device) if self.captured else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the step
     def _step(self, batch: int, sample: bool):
@@ -141,16 +189,18 @@ class DecodeGraphRunner:
             max_seqlen_q=1,
             is_decode=True,
         )
-        logits = self.model.forward_paged(d.tokens[:batch], d.positions[:batch], meta)  # (B, V) fp32
+        logits = self.model.forward_paged(d.tokens[:batch], d.positions[:batch], meta,
+                                          cache=self.cache)  # (B, V) fp32
         if not sample:
             return (logits,)
         tokens, status = ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],
                                     d.seeds[:batch], d.offsets[:batch])
-        return tokens, status
+        # one (2, B) int64 tensor: the host reads tokens and status back in a single copy
+        return (torch.stack((tokens, status.to(torch.int64))),)
 
     def _capture(self, batch: int, sample: bool) -> None:
         with torch.inference_mode():
-            stream = torch.cuda.Stream(self.device)
+            stream = self._warm_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 self._step(batch, sample)  # warm-up: compiles every kernel, runs on padding rows
@@ -182,7 +232,8 @@ class DecodeGraphRunner:
         """Run the step on rows `0:batch` of the host buffers (the caller filled them).
 
         Returns (tokens, status) as host int lists when `sample`, else the fp32 logits (batch, V)
-        in a static device buffer that the next step overwrites.
+        in a static device buffer that the next step overwrites. Either way the host buffers may
+        be rewritten as soon as it returns.
         """
         bucket = self.bucket(batch)
         if bucket is None:
@@ -192,8 +243,14 @@ class DecodeGraphRunner:
         self.num_replays += 1
         if not self.captured:
             out = self._step(bucket, sample)
-        else:
-            self.dev.raw.copy_(self.host.raw, non_blocking=True)
+            if not sample:
+                return out[0][:batch]
+            tokens, status = out[0][:, :batch].tolist()
+            return tokens, status
+        with self._on_device():
+            n = self.host.upload_bytes(bucket)
+            self.dev.raw[:n].copy_(self.host.raw[:n], non_blocking=True)
+            self._uploaded.record()
             key = (bucket, sample)
             if key not in self._graphs:
                 t0 = time.perf_counter()
@@ -201,16 +258,16 @@ class DecodeGraphRunner:
                 self.capture_seconds += time.perf_counter() - t0
             self._graphs[key].replay()
             out = self._outputs[key]
-        if not sample:
-            return out[0][:batch]
-        tokens, status = out
-        if self.captured:
-            host = self._out_host
-            host[0, :bucket].copy_(tokens, non_blocking=True)
-            host[1, :bucket].copy_(status, non_blocking=True)
+            if not sample:
+                # NOTE: the caller may rewrite the pinned host buffer once this returns: wait
+                # for the upload (recorded before the replay, so not for the step).
+                self._uploaded.synchronize()
+                return out[0][:batch]
+            host = self._out_host[:2 * bucket].view(2, bucket)  # contiguous, like out[0]
+            host.copy_(out[0], non_blocking=True)  # (2, bucket): tokens, status
             torch.cuda.current_stream(self.device).synchronize()
-            return host[0, :batch].tolist(), host[1, :batch].tolist()
-        return tokens[:batch].tolist(), status[:batch].tolist()
+        tokens, status = host[:, :batch].tolist()
+        return tokens, status
 
 
 def _fingerprint(model) -> tuple:

@@ -330,15 +330,24 @@ class GPT2(nn.Module):
         return cache
 
     def _apply(self, fn, *args, **kwargs):
-        # Moving or casting the model drops the cache and the prepacked weights; the next use
-        # re-creates them.
-        self._kv_cache = None
-        self._graph_runner = None
-        self._head._packed = None
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module._packed = None
-        return super()._apply(fn, *args, **kwargs)
+        # Moving or casting the model drops the cache, the decode graphs and the prepacked
+        # weights (the next use re-creates them); a `.to()` that changes nothing keeps them.
+        def tensors():
+            return [(p.data_ptr(), p.dtype, p.device) for p in self.parameters()]
+
+        before = tensors()
+        result = super()._apply(fn, *args, **kwargs)
+        if tensors() != before:
+            from .graphs import _bump_weights_epoch
+
+            self._kv_cache = None
+            self._graph_runner = None
+            self._head._packed = None
+            for module in self.modules():
+                if isinstance(module, Linear):
+                    module._packed = None
+            _bump_weights_epoch()
+        return result
 
     def head_weight(self) -> torch.Tensor:
         """The output projection's weight `[V, C]`: `wte`'s unless the config unties them."""
@@ -382,7 +391,8 @@ class GPT2(nn.Module):
         return F.linear(x, self.head_weight())  # (B, T, V)
 
     def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
-                      logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_indices: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
         """Run a flattened ragged batch through the model with the paged KV cache.
 
         Parameters
@@ -394,12 +404,15 @@ class GPT2(nn.Module):
         logits_indices : LongTensor (M,) or None
             Rows of the batch whose logits are wanted (the last token of each sequence);
             None means every row.
+        cache : KVCache or None
+            The cache `meta` refers to (an engine passes the one its block manager belongs to);
+            None: `self.kv_cache`.
 
         Returns
         -------
         logits : (M, vocab_size) fp32 tensor.
         """
-        cache = self.kv_cache
+        cache = self.kv_cache if cache is None else cache
         if ops.use_triton(tokens):
             return self._forward_fused(tokens, positions, meta, logits_indices, cache)
         x = self.wte(tokens) + self.wpe(positions)  # (N, C)

@@ -27,6 +27,7 @@ PROMPTS = [[5, 9, 2], list(range(1, 12)), [7], list(range(40, 61)), [3, 3, 3, 3,
 def _serve(model, params_list, cuda_graphs, seeds=None, keep_scores=False, max_num_seqs=256,
            cancel_after=None):
     """Run every prompt with its params; returns ({request index: tokens}, engine)."""
+    model.kv_cache.reset_prefix_cache()  # every run prefills alike (no hits from the last one)
     engine = Engine(model, keep_scores=keep_scores, cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
     ids = {}
     for i, (prompt, params) in enumerate(zip(PROMPTS, params_list)):
@@ -119,10 +120,11 @@ def test_num_return_sequences_through_the_static_path(monkeypatch):
     assert len({tuple(r) for r in got.tolist()}) > 1
 
 
-def test_padding_rows_write_nothing():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_padding_rows_write_nothing(device):
     """A batch of 5 runs in the bucket of 5..; with the runner limited to buckets of 8, 3 padding
     rows go through the step: only the 5 real slots of the cache may change."""
-    model = _model(block_size=4)
+    model = _model(block_size=4, device=device)
     engine = Engine(model, cuda_graphs=True, max_num_seqs=8)
     for i, p in enumerate(PROMPTS):
         engine.add(p, SamplingParams(max_new_tokens=3), seeds=[i])
@@ -133,6 +135,7 @@ def test_padding_rows_write_nothing():
     k0, v0 = cache.k.clone(), cache.v.clone()
     engine.step()  # decode
     slots = runner.np["slot_mapping"][:5].tolist()
+    assert runner.num_replays == 1
     assert runner.np["slot_mapping"][5:8].tolist() == [-1, -1, -1]
     bs = cache.block_size
     changed = ((cache.k != k0) | (cache.v != v0)).flatten(3).any(-1).any(0)  # [blocks, bs]
@@ -153,6 +156,59 @@ def test_runner_is_kept_per_model_and_rebuilt_when_weights_are_replaced():
     assert b is not a
     model.to(torch.float16)
     assert graph_runner(model) is not b
+
+
+def test_noop_moves_keep_the_cache_and_graphs_and_real_ones_stop_live_engines():
+    model = _model()
+    cache, runner = model.kv_cache, graph_runner(model)
+    model.to("cpu")
+    model.float()
+    assert model.kv_cache is cache and graph_runner(model) is runner
+    engine = Engine(model, cuda_graphs=True)
+    engine.add([1, 2, 3], SamplingParams(max_new_tokens=4), seeds=[0])
+    engine.step()
+    model.to(torch.float16)
+    with pytest.raises(RuntimeError, match="moved or cast while this Engine was using it"):
+        engine.step()
+
+
+def test_a_live_engine_follows_replaced_parameters():
+    """Replacing a parameter tensor mid-generation: the engine's next decode step uses a runner
+    built for the new tensors, and the tokens are those of an eager engine doing the same."""
+
+    def run(cuda_graphs):
+        model = _model()
+        engine = Engine(model, cuda_graphs=cuda_graphs)
+        [sid] = engine.add(PROMPTS[1], SamplingParams(max_new_tokens=10), seeds=[0])
+        tokens, first = [], graph_runner(model) if cuda_graphs else None
+        for out in engine.stream():
+            tokens.append(out.token)
+            if out.index == 3:
+                fc = model.h[0].mlp.c_fc
+                fc.weight = torch.nn.Parameter(torch.randn_like(fc.weight), requires_grad=False)
+        if cuda_graphs:
+            assert engine.runner is graph_runner(model) and engine.runner is not first
+        return tokens
+
+    torch.manual_seed(0)
+    want = run(False)
+    torch.manual_seed(0)
+    assert run(True) == want
+
+
+def test_the_runner_does_not_keep_its_model_alive():
+    import gc
+    import weakref
+
+    model = _model()
+    Engine(model, cuda_graphs=True).add([1, 2], SamplingParams(max_new_tokens=2), seeds=[0])
+    ref = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert ref() is None, "a reference cycle keeps the model (and its cache) alive"
+    finally:
+        gc.enable()
 
 
 def test_graph_setting_from_the_environment(monkeypatch):
@@ -181,6 +237,17 @@ def test_cuda_graph_decode_matches_eager_on_gpu(dtype):
         (got, _), fast = _serve(model, MIXES[mix], cuda_graphs=True)
         assert fast.runner.captured and fast.runner.capture_seconds > 0
         assert got == want, mix
+
+
+@pytest.mark.gpu
+def test_reference_ops_turn_the_graphs_off_on_gpu(monkeypatch):
+    model = GPT2.from_config(get_config("tiny"), seed=0, device="cuda")
+    monkeypatch.setenv("GPTFAST_KERNELS", "reference")
+    assert Engine(model).runner is None
+    with pytest.raises(ValueError, match="cannot capture the eager reference ops"):
+        Engine(model, cuda_graphs=True)
+    out = gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=4)
+    assert out.shape == (1, 7)
 
 
 @pytest.mark.gpu

@@ -613,9 +613,9 @@ def test_one_decode_step_is_profiled_on_the_cpu():
     calls = []
     forward = model.forward_paged
 
-    def spy(tokens, positions, meta, *rest):
+    def spy(tokens, positions, meta, *rest, **kwargs):
         calls.append((torch.autograd._profiler_enabled(), meta.is_decode, tokens.shape[0]))
-        return forward(tokens, positions, meta, *rest)
+        return forward(tokens, positions, meta, *rest, **kwargs)
 
     model.forward_paged = spy
     prof, outs = profile_one_decode_step(model, 3, False, [ProfilerActivity.CPU])

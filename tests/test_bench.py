@@ -382,7 +382,8 @@ def test_e2e_tiny_runs_and_matches_hf():
     # the argument variants: batch 1 only, timed, their path named
     for name, (_, path) in e2e.VARIANTS.items():
         [v] = [r for r in rows if r["engine"] == name]
-        assert v["scenario"].startswith("batch 1") and v["status"] == "timed" and v["note"] == path
+        assert v["scenario"].startswith("batch 1") and v["status"] == "timed"
+        assert v["note"] == "CPU: every step eager (no graphs)" and path.startswith(("sampled", "graph"))
         assert v["tok_s"] > 0 and v["speedup_hf"] > 0
     assert any("torch.compile skipped on the CPU" in n for n in notes)
     assert any("weights read per decode step" in n for n in notes)

@@ -717,7 +717,8 @@ def run_e2e(
         if name in VARIANTS:
             # not greedy: nothing to compare tokens with (tests/test_generate_graphs.py checks
             # these paths against HF); the row is the cost of the path
-            row.update(r, status="timed", note=VARIANTS[name][1])
+            path = VARIANTS[name][1] if device.startswith("cuda") else "CPU: every step eager (no graphs)"
+            row.update(r, status="timed", note=path)
         else:
             agree = [f"first {_agreement(reference_tokens, tokens)}/{len(reference_tokens)} tokens = HF fp32"]
             if hf_tokens is None:

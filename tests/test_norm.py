@@ -1,8 +1,10 @@
-"""Tests of gptfast.ops.norm: add_layernorm, embed_layernorm (Triton), linear_gelu (cuBLASLt epilogue).
+"""Tests of gptfast.ops.norm: add_layernorm, embed_layernorm, bias_gelu_ (Triton), linear_gelu
+(cuBLASLt epilogue, or a GEMM + bias_gelu_ for one row).
 
 Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) on small shapes in
-fp32/fp16/bf16 (no tl.dot, so bf16 interprets); `gpu` tests cover real sizes, the cuBLASLt path
-of linear_gelu and CUDA-graph capture. Kernel results are compared with the eager reference
+fp32/fp16/bf16 (no tl.dot, so bf16 interprets; bias_gelu_ only in fp32/fp16, see
+test_add_layernorm_rounds_once on the interpreter's bf16 casts); `gpu` tests cover real sizes,
+the two CUDA paths of linear_gelu (with their kernel counts) and CUDA-graph capture. Kernel results are compared with the eager reference
 computed in fp32 on upcast inputs, and the references with float64 hand computations.
 """
 
@@ -387,6 +389,149 @@ def test_linear_gelu_rejects_bad_inputs():
             norm.linear_gelu(*args)
 
 
+def test_linear_gelu_cpu_one_row_is_the_reference():
+    # the CUDA branch for one row (or K = 1, M = 1) must not leak into the CPU path
+    for N, K, M in ((1, 40, 24), (3, 1, 24), (3, 40, 1)):
+        x, weight, b = linear_inputs(N, K, M, torch.float16, seed=40 + K + M)
+        assert torch.equal(norm.linear_gelu(x, weight, b), norm.linear_gelu_ref(x, weight, b)), (N, K, M)
+
+
+# --------------------------------------------------------------------------------------------
+# bias_gelu_ (in place) and the 1-row linear_gelu path built on it
+# --------------------------------------------------------------------------------------------
+
+
+def bias_gelu_inputs(N, M, dtype, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    y = (1.5 * torch.randn(N, M, generator=gen)).to(dtype).to(device)  # GELU's curved range, both signs
+    bias = (0.5 * torch.randn(M, generator=gen)).to(dtype).to(device)
+    return y, bias
+
+
+def test_bias_gelu_ref_by_hand():
+    # fp32 (the reference computes in fp32 whatever the dtype) against float64 by hand
+    y, bias = bias_gelu_inputs(3, 7, torch.float32, seed=30)
+    u = [[y[i, j].item() + bias[j].item() for j in range(7)] for i in range(3)]
+    expected = torch.tensor([[0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3))) for v in row]
+                             for row in u], dtype=torch.float64)
+    out = norm.bias_gelu__ref(y, bias)
+    assert out is y
+    assert_close(y, expected, atol=1e-6, rtol=1e-6, name="bias_gelu__ref")
+    # fp16: computed in fp32, rounded once
+    y16, b16 = bias_gelu_inputs(4, 33, torch.float16, seed=31)
+    want = F.gelu(y16.float() + b16.float(), approximate="tanh").to(torch.float16)
+    assert torch.equal(norm.bias_gelu__ref(y16, b16), want)
+
+
+BIAS_GELU_SHAPES = [(n, m) for n in (1, 2, 5) for m in (1, 3, 100, 3072)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("shape", BIAS_GELU_SHAPES, ids=[f"n{n}-m{m}" for n, m in BIAS_GELU_SHAPES])
+def test_bias_gelu(shape, dtype):
+    N, M = shape
+    y, bias = bias_gelu_inputs(N, M, dtype, seed=N * 7 + M)
+    expected = norm.bias_gelu__ref(*upcast((y.clone(), bias)))  # fp32
+    ptr = y.data_ptr()
+    out = norm.bias_gelu_(y, bias)
+    assert out is y and y.data_ptr() == ptr and y.dtype == dtype  # in place
+    assert_close(y, expected, **TOLERANCES[dtype], name=f"bias_gelu_ N={N} M={M}")
+
+
+def gelu_tanh_of_sum_f64(y, bias):
+    u = y.double() + bias.double()
+    return 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+
+
+def test_bias_gelu_rounds_once():
+    # fp16: the fp32 result rounded once, so (nearly) the correctly rounded float64 GELU, while
+    # rounding y + bias to fp16 before the GELU would differ in a large fraction of elements.
+    # (The kernel's u * sigmoid(2z) keeps fp32 accuracy for negative u, where eager's
+    # 0.5 u (1 + tanh z) cancels: eager fp16 misses the correctly rounded value ~0.5% of the time.)
+    y, bias = bias_gelu_inputs(4, 3072, torch.float16, seed=32)
+    truth = gelu_tanh_of_sum_f64(y, bias)
+    twice = F.gelu((y + bias).float(), approximate="tanh").to(torch.float16)
+    got = norm.bias_gelu_(y.clone(), bias)
+    assert (got != truth.half()).float().mean().item() < 1e-3, "more than 0.1% of elements not correctly rounded"
+    assert (twice != truth.half()).float().mean().item() > 0.05  # the check can tell the two apart
+    got32 = norm.bias_gelu_(y.float(), bias.float())
+    rel = ((got32.double() - truth).abs() / truth.abs().clamp_min(1e-30)).max().item()
+    assert rel < 1e-5, f"fp32 max relative error {rel:.2e} vs float64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_bias_gelu_strided_rows_writes_only_its_window(dtype):
+    # y as a window of a NaN-filled buffer (row stride M + 9): the window is rewritten, the rest
+    # of the buffer must still be NaN afterwards
+    N, M = 5, 100
+    y0, bias = bias_gelu_inputs(N, M, dtype, seed=33)
+    buf = torch.full((N + 1, M + 9), float("nan"), dtype=dtype)
+    y = buf[:N, 4 : 4 + M]
+    y.copy_(y0)
+    assert y.stride() == (M + 9, 1)
+    out = norm.bias_gelu_(y, bias)
+    assert out is y
+    assert_close(y, norm.bias_gelu__ref(*upcast((y0, bias))), **TOLERANCES[dtype], name="strided bias_gelu_")
+    outside = torch.ones_like(buf, dtype=torch.bool)
+    outside[:N, 4 : 4 + M] = False
+    assert torch.isnan(buf[outside]).all(), "bias_gelu_ wrote outside y"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_bias_gelu_special_values(dtype):  # (the interpreter's numpy warns on the inf it computes)
+    # NaN stays NaN, +inf stays inf, -inf gives NaN (0.5 * -inf * 0), far-negative gives -0,
+    # far-positive gives itself: as eager computes them
+    big = 6e4 if dtype == torch.float16 else 1e30
+    row = torch.tensor([float("nan"), float("inf"), -float("inf"), big, -big, 0.0, -12.0, 12.0, -3.0, 0.5])
+    y = torch.stack([row, row.flip(0)]).to(dtype)
+    bias = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.0, -0.4, 0.5, 1.0, -1.0, 0.25]).to(dtype)
+    expected = norm.bias_gelu__ref(*upcast((y.clone(), bias)))
+    assert torch.isnan(expected).sum() == 4 and torch.isinf(expected).sum() == 2
+    got = norm.bias_gelu_(y.clone(), bias)
+    assert_close(got, expected, **TOLERANCES[dtype], name="special values")
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+
+
+def test_bias_gelu_empty():
+    for shape in ((0, 8), (3, 0)):
+        y = torch.randn(*shape).half()
+        assert norm.bias_gelu_(y, torch.randn(shape[1]).half()) is y
+
+
+def test_bias_gelu_rejects_bad_inputs():
+    y, bias = bias_gelu_inputs(3, 8, torch.float32, seed=34)
+    bad = {
+        r"y must be 2-D \[rows, C\]": (y[0], bias),
+        "y dtype must be one of": (y.double(), bias.double()),
+        "y's last dimension must be contiguous": (torch.randn(8, 3).t(), bias),
+        r"y's rows overlap \(row stride 0 < M=8\)": (y[:1].expand(3, 8), bias),
+        r"bias must be 1-D \[C=8\], got shape \(7,\)": (y, bias[:7]),
+        "bias dtype torch.float16 differs": (y, bias.half()),
+        "bias must be contiguous": (y, torch.randn(16)[::2]),
+        "one device; y is on cpu, bias on meta": (y, bias.to("meta")),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=what):
+            norm.bias_gelu_(*args)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor, got NoneType"):
+        norm.bias_gelu_(y, None)
+    with pytest.raises(TypeError, match="y must be a torch.Tensor"):
+        norm.bias_gelu_(y.tolist(), bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("sizes", [(1, 768, 3072), (1, 40, 24), (4, 1, 24), (3, 40, 1)], ids=lambda s: "n%d-k%d-m%d" % s)
+def test_linear_gelu_two_kernels(sizes, dtype):
+    # the CUDA path where cuBLASLt's epilogue is not taken (any of N, K, M is 1), run here with
+    # an interpreted bias_gelu_: a bias-less GEMM rounded to the dtype, then bias + GELU
+    x, weight, b = linear_inputs(*sizes, dtype, seed=sum(sizes))
+    out = norm._linear_gelu_two_kernels(x, weight, b)
+    assert out.dtype == dtype and out.shape == (sizes[0], sizes[2])
+    assert_close(out, gelu_tanh_f64(x, weight, b), **TOLERANCES[dtype], name=f"mm + bias_gelu_ {sizes}")
+    assert_close(out, norm.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name="vs reference")
+
+
 # --------------------------------------------------------------------------------------------
 # dispatch and benchmark cases
 # --------------------------------------------------------------------------------------------
@@ -396,6 +541,7 @@ def test_dispatch(monkeypatch):
     assert ops.add_layernorm.fast is norm.add_layernorm and ops.add_layernorm.ref is norm.add_layernorm_ref
     assert ops.embed_layernorm.fast is norm.embed_layernorm and ops.embed_layernorm.ref is norm.embed_layernorm_ref
     assert ops.linear_gelu.fast is norm.linear_gelu and ops.linear_gelu.ref is norm.linear_gelu_ref
+    assert ops.bias_gelu_.fast is norm.bias_gelu_ and ops.bias_gelu_.ref is norm.bias_gelu__ref
     args = (*add_ln_inputs(5, 24, torch.float16, seed=18), 1e-5)
     eager = norm.add_layernorm_ref(*args)
     kernel = norm.add_layernorm(*args)
@@ -408,19 +554,27 @@ def test_dispatch(monkeypatch):
     assert torch.equal(got[0], kernel[0]) and torch.equal(got[1], kernel[1])
 
 
+def fresh(args):
+    """A copy of each tensor argument: bias_gelu_ writes into its first, so fast and reference
+    each get their own."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def test_benchmark_cases_cpu():
     cases = norm.benchmark_cases("cpu", quick=True)
-    assert {c.op for c in cases} == {"add_layernorm", "embed_layernorm", "linear_gelu"}
+    assert {c.op for c in cases} == {"add_layernorm", "embed_layernorm", "linear_gelu", "bias_gelu_"}
     for case in cases:
         args = case.make_args()
         fast, ref = getattr(norm, case.op), getattr(norm, case.op + "_ref")
-        expected = ref(*args)
-        got = fast(*args)
+        expected = ref(*fresh(args))
+        got = fast(*fresh(args))
         for i, (a, e) in enumerate(zip(*(((o,) if isinstance(o, torch.Tensor) else o) for o in (got, expected)))):
             assert_close(a, e, atol=case.atol, rtol=case.rtol, name=f"{case.label} output {i}")
         for name, baseline in case.baselines.items():
-            assert isinstance(baseline(*args), torch.Tensor), name
+            assert isinstance(baseline(*fresh(args)), torch.Tensor), name
         assert case.bytes_moved > 0
+    gelu = next(c for c in cases if c.op == "bias_gelu_")
+    assert gelu.bytes_moved == (2 * 3 * 100 + 100) * 4
 
 
 def test_benchmark_cases_cuda_listing_needs_no_gpu():
@@ -431,6 +585,8 @@ def test_benchmark_cases_cuda_listing_needs_no_gpu():
     assert gelu[256].flops == 2 * 256 * 768 * 3072
     assert gelu[1].bytes_moved == (768 + 3072 * 768 + 3072 + 3072) * 2
     assert "2-row pad" in gelu[1].baselines and "2-row pad" not in gelu[64].baselines
+    assert "_addmm_activation" in gelu[1].baselines and "_addmm_activation" not in gelu[64].baselines
+    assert "bias_gelu_ N=1 M=3072 bfloat16" in labels and "bias_gelu_ N=256 M=3072 bfloat16" in labels
     assert len(norm.benchmark_cases("cuda", quick=False)) > len(cases)
 
 
@@ -474,7 +630,7 @@ def test_embed_layernorm_gpu(N, dtype, poison_empty):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
 @pytest.mark.parametrize("N", [1, 64, 256])
 def test_linear_gelu_gpu(N, dtype):
-    # N=1 takes PyTorch's non-Lt path (GEMM + gelu_(tanh)), 64 and 256 the GELU_BIAS epilogue
+    # N=1 takes mm + bias_gelu_, 64 and 256 the GELU_BIAS epilogue
     x, weight, b = linear_inputs(N, 768, 3072, dtype, "cuda", seed=N)
     out = norm.linear_gelu(x, weight, b)
     assert out.dtype == dtype and out.shape == (N, 3072)
@@ -487,7 +643,7 @@ def test_linear_gelu_gpu(N, dtype):
 @pytest.mark.parametrize("N", [1, 2, 64])
 def test_linear_gelu_gpu_is_the_tanh_gelu(N):
     # fp32 (no TF32) is accurate enough to tell the two GELUs apart (they differ by up to 4.7e-4):
-    # the cuBLASLt epilogue (N >= 2) and the fallback (N = 1) must both be the tanh form
+    # the cuBLASLt epilogue (N >= 2) and mm + bias_gelu_ (N = 1) must both be the tanh form
     x, weight, b = linear_inputs(N, 768, 3072, torch.float32, "cuda", seed=100 + N)
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -503,17 +659,88 @@ def test_linear_gelu_gpu_is_the_tanh_gelu(N):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(1, 3072), (2, 3072), (7, 1000), (4096, 3072), (3, 1)], ids=lambda s: "n%d-m%d" % s)
+def test_bias_gelu_gpu(shape, dtype):
+    N, M = shape
+    y, bias = bias_gelu_inputs(N, M, dtype, "cuda", seed=N + M)
+    expected = norm.bias_gelu__ref(*upcast((y.clone(), bias)))
+    truth = gelu_tanh_of_sum_f64(y, bias)
+    assert norm.bias_gelu_(y, bias) is y
+    assert_close(y, expected, **TOLERANCES[dtype], name=f"bias_gelu_ N={N} M={M}")
+    if dtype != torch.float32:  # rounded once: nearly always the correctly rounded value
+        assert (y != truth.to(dtype)).float().mean().item() < 1e-3
+    else:
+        # GPU exp/div are approximate (a few ulps, more for large |exponent|)
+        rel = ((y.double() - truth).abs() / truth.abs().clamp_min(1e-30)).max().item()
+        assert rel < 5e-5, f"fp32 max relative error {rel:.2e} vs float64"
+
+
+def device_kernel_names(fn) -> list[str]:
+    """Names of the device kernels (and copies, as "copy") one call of `fn` runs, after a warm-up
+    call (Triton compile, cuBLAS handles)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert names, f"the profiler recorded no CUDA kernel (torch {torch.__version__}: is CUPTI available?)"
+    return ["copy" if n.lower().startswith(("memcpy", "memset")) else n for n in names]
+
+
+@pytest.mark.gpu
+def test_linear_gelu_gpu_kernel_counts():
+    # one row: the bias-less GEMM plus _bias_gelu_kernel (PyTorch's own fallback adds a bias copy
+    # and a gelu_ kernel to the GEMM); two rows: the cuBLASLt GEMM with its GELU_BIAS epilogue
+    x, weight, b = linear_inputs(2, 768, 3072, torch.bfloat16, "cuda", seed=50)
+    x1 = x[:1]
+    gemm = device_kernel_names(lambda: torch.mm(x1, weight.t()))
+    one_row = device_kernel_names(lambda: norm.linear_gelu(x1, weight, b))
+    old = device_kernel_names(lambda: torch._addmm_activation(b, x1, weight.t(), use_gelu=True))
+    two_rows = device_kernel_names(lambda: norm.linear_gelu(x, weight, b))
+    counts = f"GEMM alone {gemm}\n1 row {one_row}\nPyTorch's 1-row fallback {old}\n2 rows {two_rows}"
+    assert sum("_bias_gelu_kernel" in n for n in one_row) == 1, counts
+    assert len(one_row) == len(gemm) + 1 and len(old) == len(gemm) + 2, counts
+    assert len(gemm) == 1, "cuBLAS ran the 1-row GEMM as more than one kernel\n" + counts
+    assert len(one_row) == 2 and len(two_rows) == 1, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_linear_gelu_gpu_one_row_in_cuda_graph(dtype):
+    # batch-1 decode's use: the mm + bias_gelu_ path captured once, replayed on new inputs
+    x, weight, b = linear_inputs(1, 768, 3072, dtype, "cuda", seed=51)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        norm.linear_gelu(x, weight, b)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = norm.linear_gelu(x, weight, b)
+    for seed in (52, 53):
+        x.copy_(torch.randn(1, 768, generator=torch.Generator().manual_seed(seed)).to(dtype))
+        graph.replay()
+        assert_close(out, norm.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name=f"replay {seed}")
+
+
+@pytest.mark.gpu
 def test_benchmark_cases_gpu():
     # what `gptfast bench --suite ops --quick` checks, plus the baselines that compute the op
     for case in norm.benchmark_cases("cuda", quick=True):
         args = case.make_args()
-        got = getattr(norm, case.op)(*args)
-        expected = getattr(norm, case.op + "_ref")(*args)
+        got = getattr(norm, case.op)(*fresh(args))
+        expected = getattr(norm, case.op + "_ref")(*fresh(args))
         for a, e in zip(*(((o,) if isinstance(o, torch.Tensor) else o) for o in (got, expected))):
             assert_close(a, e, atol=case.atol, rtol=case.rtol, name=case.label)
-        if "2-row pad" in case.baselines:
-            assert_close(case.baselines["2-row pad"](*args), expected, atol=case.atol, rtol=case.rtol,
-                         name="2-row pad " + case.label)
+        for name in ("2-row pad", "_addmm_activation", "add + gelu"):
+            if name in case.baselines:
+                assert_close(case.baselines[name](*fresh(args)), expected, atol=case.atol, rtol=case.rtol,
+                             name=f"{name} {case.label}")
 
 
 @pytest.mark.gpu

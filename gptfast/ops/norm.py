@@ -1,4 +1,5 @@
-"""The decode step's fused small ops: residual add + LayerNorm, embedding + LayerNorm, linear + GELU.
+"""The decode step's fused small ops: residual add + LayerNorm, embedding + LayerNorm, linear + GELU,
+bias + GELU.
 
 Math (C = embedding width; LN(s) over the last dimension, computed in fp32)::
 
@@ -7,6 +8,8 @@ Math (C = embedding width; LN(s) over the last dimension, computed in fp32)::
     embed_layernorm: s = round(wte[tokens] + wpe[positions]), h = LN(s)
     linear_gelu:     out = gelu_tanh(x @ weight.T + bias),
                      gelu_tanh(u) = 0.5 u (1 + tanh(sqrt(2 / pi) (u + 0.044715 u^3)))
+                                  = u * sigmoid(2 sqrt(2 / pi) (u + 0.044715 u^3))
+    bias_gelu_:      y <- round(gelu_tanh(y + bias))           (in place, fp32 math)
 
 `round` is the cast to the inputs' dtype: `s` is the new residual stream, and `h` is computed
 FROM THE ROUNDED `s`, like eager `s = x + y + b; F.layer_norm(s, ...)` in that dtype. The kernels
@@ -28,11 +31,16 @@ Kernels and their floors (e = bytes per element):
   latency (6 KB).
 - `embed_layernorm`: the same, the two rows gathered by token and position id. Bytes:
   (4 N C + 2 C) e + 16 N (ids).
-- `linear_gelu`: no Triton kernel. cuBLASLt's GELU_BIAS epilogue (reached through
+- `linear_gelu`: no Triton GEMM. cuBLASLt's GELU_BIAS epilogue (reached through
   `torch._addmm_activation`) applies bias and tanh-GELU to the accumulator before the store, so
   the op is one GEMM at cuBLAS speed; a Triton GEMM would have to be tuned per GPU to match it,
-  which cannot be done (or checked) without one. Bytes: (N K + M K + M + N M) e, the weight
-  dominating (4.7 MB for GPT-2's c_fc in bf16); FLOPs 2 N K M.
+  which cannot be done (or checked) without one. PyTorch does not take that path for a single
+  row (batch-1 decode): there `linear_gelu` runs `torch.mm` (cuBLAS GEMV, no bias) and then
+  `bias_gelu_` in place, 2 kernels instead of PyTorch's 3. Bytes: (N K + M K + M + N M) e, the
+  weight dominating (4.7 MB for GPT-2's c_fc in bf16); FLOPs 2 N K M.
+- `bias_gelu_`: grid `(N * cdiv(M, BLOCK_M),)`, one program per BLOCK_M columns of one row,
+  fp32 math, rounded once. Bytes: (2 N M + M) e (y read and written, bias read). N=1, M=3072,
+  bf16: 18 KB, pure launch latency; what it saves is a launch (~1-2 us inside a CUDA graph).
 
 References: Ba et al., "Layer Normalization" (2016); Hendrycks & Gimpel, "Gaussian Error Linear
 Units" (2016) for the tanh form GPT-2 uses; Triton tutorial 05 (layer norm) for the row-per-program
@@ -53,6 +61,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_C = 16384  # one row lives in registers: 16384 fp32 lanes over 16 warps is 32 per thread
 _MAX_ROWS = 16  # rows per program for small C
 _ROW_ELEMENTS = 512  # small C: rows per program chosen so a program holds about this many lanes
+_GELU_BLOCK = 1024  # bias_gelu_: columns per program (M=3072: 3 programs per row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,6 +168,26 @@ def _embed_layernorm_kernel(
     tl.store(s_ptr + out, s, mask=mask)
     h = _layernorm_rows(s.to(tl.float32), mask_c, cols, w_ptr, b_ptr, C, eps, HAS_W, HAS_B)
     tl.store(h_ptr + out, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_kernel(y_ptr, b_ptr, stride_y, M, BLOCK_M: tl.constexpr):
+    # program p: row p // blocks_per_row, columns [BLOCK_M * (p % blocks_per_row), ...)
+    pid = tl.program_id(0)
+    blocks_per_row = tl.cdiv(M, BLOCK_M)
+    row = (pid // blocks_per_row).to(tl.int64)
+    cols = (pid % blocks_per_row) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask = cols < M
+    ptrs = y_ptr + row * stride_y + cols  # y: [N, M], any row stride, unit column stride
+    u = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    u = u + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # 0.5 u (1 + tanh(z)) == u * sigmoid(2 z): no cancellation in 1 + tanh(z) for negative u
+    # (eager's form loses most bits there; this one stays within a few fp32 ulps).
+    # NOTE: the limits match eager's: u -> -big gives -0.0 (exp overflows to inf), u = +inf
+    # gives inf, u = -inf and NaN give NaN.
+    z2 = 1.5957691216057308 * (u + 0.044715 * u * u * u)  # 2 sqrt(2/pi) (u + 0.044715 u^3)
+    out = u / (1.0 + tl.exp(-z2))
+    tl.store(ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,10 +406,58 @@ def embed_layernorm(
     return s, h
 
 
-def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`gelu_tanh(x @ weight.T + bias)`: on CUDA one cuBLASLt GEMM with a bias + GELU epilogue.
+def bias_gelu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`y <- gelu_tanh(y + bias)` in place, in one pass (Triton); returns `y`.
 
-    No Triton kernel: cuBLASLt's GELU_BIAS epilogue already fuses both into the GEMM at cuBLAS
+    The sum and the GELU are computed in fp32 and rounded once to y's dtype. CUDA-graph
+    capturable (the grid depends only on N and M). `linear_gelu` uses it after a bias-less GEMM
+    when cuBLASLt's fused epilogue is not available (a single row).
+
+    Parameters
+    ----------
+    y : Tensor [N, M]
+        fp32/fp16/bf16; last dimension contiguous, any row stride. Overwritten.
+    bias : Tensor [M]
+        y's dtype, contiguous.
+
+    Returns
+    -------
+    Tensor: `y` itself (same storage), holding the result.
+
+    Examples
+    --------
+    >>> h = bias_gelu_(torch.mm(x, c_fc.weight.t()), c_fc.bias)
+    """
+    name = "bias_gelu_"
+    _check_rows(name, "y", y)
+    N, M = y.shape
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{name}: bias must be a torch.Tensor, got {type(bias).__name__}")
+    _check_vector(name, "bias", bias, M, y.dtype)
+    if N > 1 and M > 0 and y.stride(0) < M:  # e.g. an expand()ed row: in-place writes would race
+        raise ValueError(f"{name}: y's rows overlap (row stride {y.stride(0)} < M={M}); pass a tensor with distinct rows")
+    device = _check_same_device(name, y=y, bias=bias)
+    _check_launch_device(name, device)
+    if N == 0 or M == 0:
+        return y
+    block_m = min(_GELU_BLOCK, triton.next_power_of_2(M))
+    _bias_gelu_kernel[(N * triton.cdiv(M, block_m),)](
+        y, bias, y.stride(0), M, BLOCK_M=block_m, num_warps=max(1, min(4, block_m // 256))
+    )
+    return y
+
+
+def _linear_gelu_two_kernels(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`linear_gelu` as a bias-less GEMM and `bias_gelu_`: its CUDA path where cuBLASLt's
+    epilogue is not taken. The GEMM output is rounded to the dtype before the bias is added."""
+    return bias_gelu_(torch.mm(x, weight.t()), bias)  # (N, M)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`gelu_tanh(x @ weight.T + bias)`: on CUDA one cuBLASLt GEMM with a bias + GELU epilogue,
+    or, for a single row, a GEMM and the `bias_gelu_` kernel.
+
+    No Triton GEMM: cuBLASLt's GELU_BIAS epilogue already fuses both into the GEMM at cuBLAS
     speed, and a Triton GEMM competitive with it needs per-GPU tuning that cannot be done or
     checked off the GPU.
 
@@ -389,11 +466,18 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     `addmm_out_cuda_impl`): the cuBLASLt GELU_BIAS epilogue when the inputs qualify, otherwise
     cuBLAS GEMM (bias copied into the output, beta = 1) followed by an in-place
     `gelu_(out, "tanh")`. PyTorch falls back (3 kernels: bias copy, GEMM, GELU, the same as
-    eager) when N, K or M is 1 (cuBLASLt's heuristic rejects a single row or column, so batch-1
-    decode takes it), when `DISABLE_ADDMM_CUDA_LT=1`, when cuBLASLt finds no algorithm, and on
-    CUDA < 12.1 for 16-bit inputs that are not dense. CPU: `_addmm_activation` applies the exact
-    (erf) GELU there (torch/_decomp/decompositions.py says as much), which GPT-2 does not use, so
-    the CPU path is the reference, as is a CUDA call without a bias (there is no epilogue to use).
+    eager) when N, K or M is 1 (`isInputCompliesAddmmCudaLt` asks for every size > 1:
+    cuBLASLt's heuristic rejects a single row or column, so batch-1 decode takes it), when
+    `DISABLE_ADDMM_CUDA_LT=1`, when cuBLASLt finds no algorithm, and on CUDA < 12.1 for 16-bit
+    inputs that are not dense. For the size rule (N, K or M at most 1, 0 included) this function
+    runs `torch.mm(x, weight.t())` and then `bias_gelu_` in place instead: 2 kernels. That rounds
+    the GEMM output to the dtype before adding the bias in fp32 (the epilogue adds it to the fp32
+    accumulator; PyTorch's fallback rounds `acc + bias`, then rounds again after the GELU): one
+    extra rounding of the pre-activation, within the dtype's tolerance. The other fallbacks
+    cannot be seen from here and keep PyTorch's 3 kernels. CPU: `_addmm_activation` applies the
+    exact (erf) GELU there (torch/_decomp/decompositions.py says as much), which GPT-2 does not
+    use, so the CPU path is the reference, as is a CUDA call without a bias (there is no
+    epilogue to use).
 
     Parameters
     ----------
@@ -429,6 +513,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             raise ValueError(f"{name}: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
     device = _check_same_device(name, x=x, weight=weight, bias=bias)
     if device.type == "cuda" and bias is not None:
+        # NOTE: the condition of PyTorch's non-Lt fallback on sizes (see above); batch-1 decode
+        if min(x.shape[0], x.shape[1], weight.shape[0]) <= 1:
+            return _linear_gelu_two_kernels(x, weight, bias)
         return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
     return linear_gelu_ref(x, weight, bias)
 
@@ -472,6 +559,12 @@ def embed_layernorm_ref(
 def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Eager reference of `linear_gelu` (same signature): `F.gelu(F.linear(x, weight, bias), approximate="tanh")`."""
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def bias_gelu__ref(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Eager reference of `bias_gelu_` (same signature): `y <- gelu_tanh(y + bias)` computed in
+    fp32 and rounded once, written into y, which is returned."""
+    return y.copy_(F.gelu(y.float() + bias.float(), approximate="tanh").to(y.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,7 +645,8 @@ def _embed_layernorm_case(device, N, C, V, P, dtype) -> BenchCase:
 
 def _linear_gelu_case(device, N, K, M, dtype) -> BenchCase:
     """GPT-2's c_fc. Baselines: the GEMM alone (what the fused GELU costs), and at N=1 the GEMM
-    on x padded to 2 rows (cuBLASLt rejects one row; this measures whether padding would pay)."""
+    on x padded to 2 rows (cuBLASLt rejects one row; this measures whether padding would pay)
+    and `_addmm_activation` itself (PyTorch's 3-kernel fallback, which mm + bias_gelu_ replaces)."""
     gen = _lazy_generator(device, 3000 + N + K + M)
 
     def make_args():
@@ -572,8 +666,12 @@ def _linear_gelu_case(device, N, K, M, dtype) -> BenchCase:
             x2 = x.expand(2, K)  # addmm copies it to a dense [2, K]: one tiny copy kernel
             return torch._addmm_activation(bias, x2, weight.t(), use_gelu=True)[:1]
 
+        def addmm_activation(x, weight, bias):  # the 1-row path before bias_gelu_: 3 kernels
+            return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+
         if device.startswith("cuda"):  # on the CPU _addmm_activation is another function (erf GELU)
             baselines["2-row pad"] = padded_to_2_rows
+            baselines["_addmm_activation"] = addmm_activation
 
     e = torch.tensor([], dtype=dtype).element_size()
     return BenchCase(
@@ -588,6 +686,32 @@ def _linear_gelu_case(device, N, K, M, dtype) -> BenchCase:
     )
 
 
+def _bias_gelu_case(device, N, M, dtype) -> BenchCase:
+    """c_fc's bias + GELU after a bias-less GEMM. Baseline: eager `F.gelu(y + bias)` in the dtype
+    (2 kernels, out of place; PyTorch's fallback does the add inside the GEMM instead)."""
+    gen = _lazy_generator(device, 4000 + N + M)
+
+    def make_args():
+        g = gen()
+        y = torch.randn(N, M, generator=g, device=device).to(dtype)
+        bias = (0.1 * torch.randn(M, generator=g, device=device)).to(dtype)
+        return (y, bias)
+
+    def add_then_gelu(y, bias):
+        return F.gelu(y + bias, approximate="tanh")
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    return BenchCase(
+        op="bias_gelu_",
+        label=f"N={N} M={M} {_dtype_name(dtype)}",
+        make_args=make_args,
+        bytes_moved=(2 * N * M + M) * e,
+        params=dict(N=N, M=M, dtype=str(dtype)),
+        baselines={"add + gelu": add_then_gelu},
+        **TOLERANCES[dtype],
+    )
+
+
 def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     """The decode step's fused ops at GPT-2 sizes (C=768; 1600 is gpt2-xl).
 
@@ -596,25 +720,31 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     alone" = F.layer_norm on x (one eager kernel of the same size: the fused op's target).
     embed_layernorm: N in {1, 256}, C=768, V=50257, P=1024; bytes = the gathered rows + outputs +
     ids. linear_gelu: c_fc, N in {1, 64, 256}, K=768, M=3072; bytes dominated by the weight,
-    FLOPs 2 N K M; baselines "linear alone" and, at N=1, "2-row pad". The eager reference is the
-    unfused eager sequence each op replaces. cpu: one tiny fp32 case of each.
+    FLOPs 2 N K M; baselines "linear alone" and, at N=1, "2-row pad" and "_addmm_activation"
+    (the old 1-row path). bias_gelu_: N in {1, 256}, M=3072 (full: fp16 too); bytes = y read and
+    written + bias; baseline "add + gelu". The eager reference is the unfused eager sequence each
+    op replaces. cpu: one tiny fp32 case of each.
     """
     if device == "cpu":
         return [
             _add_layernorm_case("cpu", 5, 96, torch.float32),
             _embed_layernorm_case("cpu", 5, 96, 50, 20, torch.float32),
             _linear_gelu_case("cpu", 3, 32, 96, torch.float32),
+            _bias_gelu_case("cpu", 3, 100, torch.float32),
         ]
     fp16, bf16 = torch.float16, torch.bfloat16
     if quick:
         add = [(n, c, bf16) for c in (768, 1600) for n in (1, 256)] + [(256, 768, fp16)]
         embed = [(1, bf16), (256, bf16)]
         gelu = [(1, bf16), (64, bf16), (256, bf16)]
+        bias_gelu = [(1, bf16), (256, bf16)]
     else:
         add = [(n, c, dt) for dt in (bf16, fp16) for c in (768, 1600) for n in (1, 64, 256)]
         embed = [(n, dt) for dt in (bf16, fp16) for n in (1, 256)]
         gelu = [(n, bf16) for n in (1, 64, 256)] + [(256, fp16)]
+        bias_gelu = [(n, dt) for dt in (bf16, fp16) for n in (1, 256)]
     cases = [_add_layernorm_case(device, n, c, dt) for n, c, dt in add]
     cases += [_embed_layernorm_case(device, n, 768, 50257, 1024, dt) for n, dt in embed]
     cases += [_linear_gelu_case(device, n, 768, 3072, dt) for n, dt in gelu]
+    cases += [_bias_gelu_case(device, n, 3072, dt) for n, dt in bias_gelu]
     return cases

@@ -113,14 +113,18 @@ class Attention(nn.Module):
 
     def forward_fused(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttnMetadata) -> torch.Tensor:
-        """`forward_paged` with fewer kernels: no copy of q, the decode K/V append inside the
-        attention kernel, and c_proj without its bias (the caller's `add_layernorm` adds it)."""
+        """`forward_paged` with fewer kernels: no copy of q; in decode steps the c_attn bias and
+        the K/V append inside the attention kernel (a one-row F.linear with a bias is two kernels:
+        bias copy, GEMM); c_proj without its bias (the caller's `add_layernorm` adds it)."""
         N, C = x.shape
-        qkv = F.linear(x, self.c_attn.weight, self.c_attn.bias).view(N, 3, self.n_head, self.head_dim)
-        q, k, v = qkv.unbind(1)  # each (N, nh, hs), strided views
+        bias = self.c_attn.bias
+        fuse_bias = meta.is_decode and bias is not None
+        qkv = F.linear(x, self.c_attn.weight, None if fuse_bias else bias)
+        q, k, v = qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)  # each (N, nh, hs), strided views
         if meta.is_decode:
+            qkv_bias = bias.view(3, self.n_head, self.head_dim) if fuse_bias else None
             y = ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                     k_new=k, v_new=v, slot_mapping=meta.slot_mapping)
+                                     k_new=k, v_new=v, slot_mapping=meta.slot_mapping, qkv_bias=qkv_bias)
         else:
             ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
             y = ops.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from gptfast.ops import attention as A
 from gptfast.ops.common import TOLERANCES, assert_close
@@ -371,20 +372,23 @@ def test_benchmark_cases_cpu():
         for got, want in zip(args_fast[2:4], args_ref[2:4]):
             assert_close(got, want, atol=0, rtol=0, name=case.label)
     appends = [c for c in cases if c.params.get("append")]
-    assert len(appends) == 1
+    assert sorted(c.params["qkv_bias"] for c in appends) == [False, True]
     for case in appends:
-        # the fused op against the separate write + decode it replaces: same output, same caches
-        args_fast = case.make_args()
-        q, k_new = args_fast[0], args_fast[6]
+        # the fused op against the unfused step it replaces (separate write + decode; or the bias
+        # added by its own kernel, then the append): same output, same caches
+        args_base = case.make_args()  # the baseline's own: it finds their projection from q
+        q, k_new = args_base[0], args_base[6]
         assert q.stride(0) == k_new.stride(0) == 3 * q.shape[1] * q.shape[2]  # views of one [B, 3, H, D]
-        args_ref, args_base = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args_fast)
+        assert len(args_base) == (10 if case.params["qkv_bias"] else 9)
+        args_fast, args_ref = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args_base)
                                for _ in range(2))
         kc_before = args_fast[1].clone()
         out = A.decode_attention(*args_fast)
         expected = A.decode_attention_ref(*args_ref)
-        baseline = case.baselines["write_then_decode"](*args_base)
+        (base_name, base_fn), = case.baselines.items()
+        baseline = base_fn(*args_base)
         assert_close(out, expected, atol=case.atol, rtol=case.rtol, name=case.label)
-        assert_close(baseline, expected, atol=case.atol, rtol=case.rtol, name="write_then_decode " + case.label)
+        assert_close(baseline, expected, atol=case.atol, rtol=case.rtol, name=f"{base_name} {case.label}")
         assert not torch.equal(args_fast[1], kc_before)  # the new K was written ...
         for i in (1, 2):  # ... exactly where the unfused step writes it
             assert torch.equal(args_fast[i], args_ref[i]) and torch.equal(args_fast[i], args_base[i])
@@ -453,32 +457,42 @@ def copy_args(args, dtype=None):
     return tuple(out)
 
 
-def run_append(args):
+def run_append(args, qkv_bias=None):
     q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = args
     return A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k_new=k_new, v_new=v_new,
-                              slot_mapping=slots)
+                              slot_mapping=slots, qkv_bias=qkv_bias)
 
 
-def check_append(args, dtype, name, pad_slots=(), run=run_append):
-    """The fused op (`run(args)`) against the fp32 reference (output) and against
-    kv_cache_write_ref (caches, every element, exactly): the new K/V land in their slots and
-    nothing else changes."""
+def check_append(args, dtype, name, pad_slots=(), run=None, qkv_bias=None):
+    """The fused op (`run(args)`, default `run_append(args, qkv_bias)`) against the fp32
+    reference (output) and against kv_cache_write_ref (caches, every element, exactly): the new
+    K/V land in their slots and nothing else changes. With `qkv_bias` [3, H, D] the expected
+    new K/V are computed here, independently of the reference: `k_new + bias[1]` in fp32,
+    rounded to the cache dtype."""
     q, k_cache, v_cache, _, seq_lens, _, k_new, v_new, slots = args
-    expected = A.decode_attention_ref(*copy_args(args, torch.float32))
+    bias32 = None if qkv_bias is None else qkv_bias.float()
+    expected = A.decode_attention_ref(*copy_args(args, torch.float32), qkv_bias=bias32)
+    cache_tol = dict(atol=0, rtol=0)
+    if qkv_bias is not None:
+        k_new = (k_new.float() + bias32[1]).to(dtype)
+        v_new = (v_new.float() + bias32[2]).to(dtype)
+        if dtype == torch.bfloat16 and q.device.type == "cpu":
+            # the interpreter casts fp32 -> bf16 by truncation, a GPU (and torch) to nearest even
+            cache_tol = dict(atol=0, rtol=2**-7)
     H, D = q.shape[1], q.shape[2]
     kc_want, vc_want = k_cache.clone(), v_cache.clone()
     kc_before = k_cache.clone()
     A.kv_cache_write_ref(k_new, v_new, kc_want, vc_want, torch.where(seq_lens > 0, slots, -1))
-    out = run(args)
+    out = run(args) if run is not None else run_append(args, qkv_bias)
     assert out.dtype == dtype
     assert not torch.isnan(out).any(), f"{name}: NaN in output (a new key read from its poisoned slot?)"
     assert_close(out, expected, **TOLERANCES[dtype], name=name)
-    assert_close(k_cache, kc_want, atol=0, rtol=0, name=f"{name}: k_cache")  # NaN == NaN: skipped slots
-    assert_close(v_cache, vc_want, atol=0, rtol=0, name=f"{name}: v_cache")
+    assert_close(k_cache, kc_want, **cache_tol, name=f"{name}: k_cache")  # NaN == NaN: skipped slots
+    assert_close(v_cache, vc_want, **cache_tol, name=f"{name}: v_cache")
     flat_k, flat_before = k_cache.view(-1, H, D), kc_before.view(-1, H, D)
     for b, s in enumerate(slots.tolist()):  # the expectation itself is not vacuous
         if s >= 0 and int(seq_lens[b]) > 0:
-            assert torch.equal(flat_k[s], k_new[b]), f"{name}: row {b}'s K not in slot {s}"
+            assert_close(flat_k[s], k_new[b], **cache_tol, name=f"{name}: row {b}'s K in slot {s}")
     for s in pad_slots:
         assert torch.equal(flat_k[s], flat_before[s]), f"{name}: padding row wrote slot {s}"
 
@@ -606,6 +620,97 @@ def test_decode_attention_append_rejects_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------------
+# decode with the K/V append and the QKV projection's bias fused
+# --------------------------------------------------------------------------------------------
+
+
+def random_qkv_bias(args, seed):
+    """A random bias [3, H, D] for the q/k_new/v_new of `args`, on their scale (so it matters)."""
+    q = args[0]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(3, q.shape[1], q.shape[2], generator=gen).to(q.dtype).to(q.device)
+
+
+@pytest.mark.parametrize("sm_count", [1, 4, 64], ids=lambda n: f"sms{n}")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", APPEND_CASES.values(), ids=APPEND_CASES.keys())
+def test_decode_attention_append_bias(case, dtype, sm_count, poison_empty, monkeypatch):
+    # every split program adds q's bias; the new key's owner adds K's and V's, stores and attends
+    # to the rounded sums (caches checked element by element); padding rows and slot -1 as before
+    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    lens, H, D, bs, skip = case
+    seed = sum(lens) + D + sm_count
+    args, pad_slots = append_inputs(lens, H, D, bs, dtype, "cpu", seed=seed, skip=skip)
+    bias = random_qkv_bias(args, seed)
+    check_append(args, dtype, f"append+bias {lens} sms={sm_count}", pad_slots, qkv_bias=bias)
+
+
+def test_decode_attention_append_bias_bf16_interpreted(poison_empty):
+    args, pad_slots = append_inputs([5, 0, 63, 97], 3, 32, 7, torch.bfloat16, "cpu", seed=8, skip=(2,))
+    check_append(args, torch.bfloat16, "append+bias bf16", pad_slots, qkv_bias=random_qkv_bias(args, 8))
+
+
+def check_bias_is_linear_with_bias(lens, H, D, bs, dtype, device, seed):
+    """The model's decode step with the bias fused (a bias-free F.linear, then the op with
+    `qkv_bias`) against the eager step in fp32: F.linear with the bias, kv_cache_write_ref (rows
+    with seq_len 0 write nothing), decode_attention_ref. Also the op's reference, on the same
+    inputs, against the same eager step."""
+    args, pad_slots = append_inputs(lens, H, D, bs, dtype, device, seed=seed)
+    _, k_cache, v_cache, table, seq_lens, scale, _, _, slots = args
+    B, C = len(lens), H * D
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, C, generator=gen).to(dtype).to(device)
+    weight = (torch.randn(3 * C, C, generator=gen) / math.sqrt(C)).to(dtype).to(device)
+    bias = torch.randn(3 * C, generator=gen).to(dtype).to(device)
+
+    qkv32 = F.linear(x.float(), weight.float(), bias.float()).view(B, 3, H, D)  # (B, 3, nh, hs)
+    kc32, vc32 = k_cache.float(), v_cache.float()
+    A.kv_cache_write_ref(qkv32[:, 1], qkv32[:, 2], kc32, vc32, torch.where(seq_lens > 0, slots, -1))
+    expected = A.decode_attention_ref(qkv32[:, 0], kc32, vc32, table, seq_lens, scale)
+
+    caches_ref = (k_cache.clone(), v_cache.clone())
+    kc_before = k_cache.clone()
+    qkv = F.linear(x, weight).view(B, 3, H, D)  # the bias-free projection: q, k, v strided views
+    q, k, v = qkv.unbind(1)
+    out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k, v, slots, bias.view(3, H, D))
+    ref = A.decode_attention_ref(q, *caches_ref, table, seq_lens, scale, k, v, slots, bias.view(3, H, D))
+    name = f"bias fused vs F.linear with bias {lens} {dtype_id(dtype)}"
+    for got, what in ((out, "kernel"), (ref, "reference")):
+        assert got.dtype == dtype
+        assert_close(got, expected, **TOLERANCES[dtype], name=f"{name}: {what}")
+    for got, want, what in ((k_cache, kc32, "k_cache"), (v_cache, vc32, "v_cache"),
+                            (caches_ref[0], kc32, "reference k_cache"), (caches_ref[1], vc32, "reference v_cache")):
+        assert_close(got, want, **TOLERANCES[dtype], name=f"{name}: {what}")  # NaN == NaN: none left
+    for s in pad_slots:
+        assert torch.equal(k_cache.view(-1, H, D)[s], kc_before.view(-1, H, D)[s]), f"padding row wrote slot {s}"
+
+
+@pytest.mark.parametrize("sm_count", [1, 64], ids=lambda n: f"sms{n}")
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
+def test_decode_attention_bias_is_linear_with_bias(dtype, sm_count, poison_empty, monkeypatch):
+    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    check_bias_is_linear_with_bias([37, 0, 1, 70, 0], 3, 32, 8, dtype, "cpu", seed=sm_count)
+
+
+def test_decode_attention_bias_rejects_bad_inputs():
+    args, _ = append_inputs([3, 4], 2, 16, 4, torch.float32, "cpu", seed=2)
+    bias = random_qkv_bias(args, 2)
+    bad = {
+        "needs the append arguments": (args[:6], bias),
+        r"must be \[3, H=2, D=16\], got shape \(96,\)": (args, bias.view(-1)),  # c_attn.bias unviewed
+        r"must be \[3, H=2, D=16\], got shape \(2, 2, 16\)": (args, bias[:2]),
+        "qkv_bias dtype torch.float16 differs": (args, bias.half()),
+        "qkv_bias is on meta": (args, bias.to("meta")),
+        "qkv_bias must be contiguous": (args, bias.transpose(1, 2).contiguous().transpose(1, 2)),
+        "must be a tensor": (args, bias.tolist()),
+    }
+    for what, (base, qkv_bias) in bad.items():
+        for fn in (A.decode_attention, A.decode_attention_ref):
+            with pytest.raises(ValueError, match=what):
+                fn(*base, qkv_bias=qkv_bias)
+
+
+# --------------------------------------------------------------------------------------------
 # GPU: bf16 and real sizes (H100: well under a minute for the whole set)
 # --------------------------------------------------------------------------------------------
 
@@ -703,17 +808,30 @@ GPU_APPEND_CASES = {
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True], ids=["append", "append+bias"])
 @pytest.mark.parametrize("case", GPU_APPEND_CASES.values(), ids=GPU_APPEND_CASES.keys())
-def test_decode_attention_append_gpu(case, poison_empty):
+def test_decode_attention_append_gpu(case, bias, poison_empty):
+    # with the bias, the caches must match torch's fp32 -> bf16 rounding exactly
     lens, skip = case
     args, pad_slots = append_inputs(lens, 12, 64, 16, torch.bfloat16, "cuda", seed=len(lens), skip=skip)
-    check_append(args, torch.bfloat16, f"append B={len(lens)}", pad_slots)
+    qkv_bias = random_qkv_bias(args, len(lens)) if bias else None
+    check_append(args, torch.bfloat16, f"append B={len(lens)} bias={bias}", pad_slots, qkv_bias=qkv_bias)
 
 
 @pytest.mark.gpu
-def test_decode_attention_append_cuda_graph():
+@pytest.mark.parametrize("lens", [[1023], [1 + (i * 37) % 1024 for i in range(60)] + [0] * 4],
+                         ids=["b1-ctx1023", "b64-ragged-pad"])
+def test_decode_attention_bias_is_linear_with_bias_gpu(lens, poison_empty):
+    # GPT-2 124M sizes (C = 768), bf16, the projection through cuBLAS
+    check_bias_is_linear_with_bias(lens, 12, 64, 16, torch.bfloat16, "cuda", seed=len(lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True], ids=["append", "append+bias"])
+def test_decode_attention_append_cuda_graph(bias):
     # capture the fused step once, then replay three decode steps: new q/k/v in place, seq_lens
-    # advanced, new slots, a row turning into graph padding (and one out of padding)
+    # advanced, new slots, a row turning into graph padding (and one out of padding); the bias is
+    # a fixed weight (read at replay)
     steps = [[700, 5, 1023, 64, 0], [701, 6, 1024, 65, 1], [702, 0, 1024, 66, 2]]
     H, D, bs = 12, 64, 16
     # pages for all steps; not poisoned: the last positions of these lengths lie past early steps' keys
@@ -729,12 +847,13 @@ def test_decode_attention_append_cuda_graph():
         new_slots = table.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
         slots.copy_(torch.where(seq_lens > 0, new_slots, -1))
 
+    qkv_bias = random_qkv_bias(args, 9) if bias else None
     set_step(steps[0])
-    run_append(args)  # compile outside the capture (its writes are redone by the first replay)
+    run_append(args, qkv_bias)  # compile outside the capture (its writes are redone by the first replay)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = run_append(args)
+        out = run_append(args, qkv_bias)
 
     def replay(_):
         graph.replay()
@@ -742,5 +861,5 @@ def test_decode_attention_append_cuda_graph():
 
     for lens in steps:
         set_step(lens)
-        check_append(args, torch.bfloat16, f"graph replay {lens}", run=replay)
+        check_append(args, torch.bfloat16, f"graph replay {lens}", run=replay, qkv_bias=qkv_bias)
 

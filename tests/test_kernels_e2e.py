@@ -56,6 +56,7 @@ def _count_fused_calls(monkeypatch) -> dict:
             calls[_name] = calls.get(_name, 0) + 1
             if _name == "decode_attention":
                 calls["decode_append"] = calls.get("decode_append", 0) + ("k_new" in kwargs)
+                calls["decode_bias"] = calls.get("decode_bias", 0) + (kwargs.get("qkv_bias") is not None)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)
@@ -79,6 +80,7 @@ def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
     assert calls["embed_layernorm"] >= 6 and calls["add_layernorm"] == 2 * layers * calls["embed_layernorm"]
     assert calls["linear_gelu"] == layers * calls["embed_layernorm"]
     assert calls["decode_append"] == calls["decode_attention"] == layers * (calls["embed_layernorm"] - 1)
+    assert calls["decode_bias"] == calls["decode_attention"]  # c_attn's bias added inside attention
     if graphs:
         assert model._graph_runner[1].num_replays == 5
 

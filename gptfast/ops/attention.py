@@ -52,6 +52,14 @@ Kernels and their floors (fp16/bf16, e = 2 bytes per element; H100 ceilings from
   inside the grid. This saves the separate write's launch (a launch gap costs about as much as
   the DRAM time of a per-layer kernel) and the re-read of the new key; bytes: K/V of the
   seq_len - 1 cached keys read, k_new/v_new read and written once.
+  With `qkv_bias` (the `HAS_QKV_BIAS` specialisation, only with the append) the kernel also adds
+  the QKV projection's bias `[3, H, D]`: every program adds q's row to q (fp32, before the
+  scale), the owner of the new key adds K's and V's rows and rounds them to the cache dtype, so
+  it attends to exactly the values it stores and later steps read back. The projection then
+  runs bias-free: at batch 1 `F.linear` with a bias is two kernels (bias copy, then GEMM with
+  beta = 1), 12 launches per GPT-2 124M step that this removes. Bytes: + 3 * H * D * e per
+  batch row (q's row by each split program, K's and V's by the owner), the same 3 * H * D
+  elements for every row, so from DRAM once (3 * H * D * e, 2.3 KB for GPT-2) and L2 after.
 
 Every path accumulates in fp32; scores of masked keys are -inf; a row with no valid key (a
 decode row with seq_len 0) outputs zeros, never NaN.
@@ -278,6 +286,7 @@ def _decode_split_kernel(
     k_new_ptr,
     v_new_ptr,
     slot_ptr,
+    qkv_bias_ptr,
     bt_ptr,
     seq_lens_ptr,
     qk_scale,
@@ -300,6 +309,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr,
     SPLIT: tl.constexpr,
     APPEND: tl.constexpr,
+    HAS_QKV_BIAS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -318,7 +328,12 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=mask_d, other=0.0)
-    q = q.to(tl.float32) * qk_scale  # [BLOCK_D], scores come out in log2 units
+    q = q.to(tl.float32)
+    if HAS_QKV_BIAS:
+        # qkv_bias: [3, H, D] contiguous, row (i, h) at (i * H + h) * HEAD_DIM for i = q, k, v.
+        # q's bias is added in fp32 and q is never rounded (it is not stored).
+        q += tl.load(qkv_bias_ptr + h * HEAD_DIM + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    q = q * qk_scale  # [BLOCK_D], scores come out in log2 units
     bt_row_ptr = bt_ptr + b.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + h * stride_kh
     v_base = v_cache_ptr + h * stride_vh
@@ -335,6 +350,9 @@ def _decode_split_kernel(
         k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d, mask=new_mask, other=0.0)
         v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d, mask=new_mask, other=0.0)
         new_slot = tl.load(slot_ptr + b)  # int64; negative: attend to the token but do not cache it
+        if HAS_QKV_BIAS:  # only the owner's loads are unmasked: one bias read per row
+            k_bias = tl.load(qkv_bias_ptr + (H + h) * HEAD_DIM + offs_d, mask=new_mask, other=0.0)
+            v_bias = tl.load(qkv_bias_ptr + (2 * H + h) * HEAD_DIM + offs_d, mask=new_mask, other=0.0)
         hi = tl.minimum(hi, last)  # the cache loop stops before the new key
 
     m_i = tl.full([], float("-inf"), dtype=tl.float32)
@@ -366,6 +384,12 @@ def _decode_split_kernel(
 
     if APPEND:  # compile-time; the run-time test below stays a separate branch
         if owns_new:
+            if HAS_QKV_BIAS:
+                # added after the loop so that waiting for these loads does not delay it; rounded
+                # to the cache dtype, so this step attends to exactly what later steps will read
+                # back from the slot (and what F.linear with the bias would give, up to rounding)
+                k_new = (k_new.to(tl.float32) + k_bias.to(tl.float32)).to(k_cache_ptr.dtype.element_ty)
+                v_new = (v_new.to(tl.float32) + v_bias.to(tl.float32)).to(v_cache_ptr.dtype.element_ty)
             # one more online-softmax step with a single key; m_i may still be -inf here (the new
             # token alone in its range), then alpha = 0 and acc, l_i are 0: still no NaN
             s_new = tl.sum(k_new.to(tl.float32) * q, 0)
@@ -704,6 +728,29 @@ def _check_append(
     return True
 
 
+def _check_qkv_bias(name: str, q: torch.Tensor, qkv_bias: torch.Tensor | None, append: bool) -> bool:
+    """Whether decode_attention adds the QKV projection's bias (given, with the append) or not."""
+    if qkv_bias is None:
+        return False
+    if not append:
+        raise ValueError(
+            f"{name}: qkv_bias needs the append arguments (k_new, v_new, slot_mapping): the bias of "
+            f"the new token's K/V is added where they are stored"
+        )
+    if not isinstance(qkv_bias, torch.Tensor):
+        raise ValueError(f"{name}: qkv_bias must be a tensor [3, H, D] or None, got {type(qkv_bias).__name__}")
+    H, D = q.shape[1], q.shape[2]
+    if tuple(qkv_bias.shape) != (3, H, D):
+        raise ValueError(f"{name}: qkv_bias must be [3, H={H}, D={D}], got shape {tuple(qkv_bias.shape)}")
+    if qkv_bias.dtype != q.dtype:
+        raise ValueError(f"{name}: qkv_bias dtype {qkv_bias.dtype} differs from q dtype {q.dtype}")
+    if qkv_bias.device != q.device:
+        raise ValueError(f"{name}: qkv_bias is on {qkv_bias.device}, q on {q.device}; they must share a device")
+    if not qkv_bias.is_contiguous():
+        raise ValueError(f"{name}: qkv_bias must be contiguous, got strides {qkv_bias.stride()}")
+    return True
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -714,6 +761,7 @@ def decode_attention(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
+    qkv_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged K/V, split-KV (Triton);
     optionally appending that token's K/V to the cache in the same launch.
@@ -726,6 +774,12 @@ def decode_attention(
     slot_mapping)` followed by the attention, in one pass: the new token is the last key of row
     b, at position `seq_lens[b] - 1`, and its K/V are taken from `k_new`/`v_new` (never read
     back from the cache) and stored at `slot_mapping[b]`.
+
+    With `qkv_bias` as well, the call also adds the QKV projection's bias, as if `q += bias[0]`,
+    `k_new += bias[1]`, `v_new += bias[2]` had run first: in fp32, then K/V rounded to the cache
+    dtype (stored and attended to alike; q is used unrounded). So the projection can run as a
+    bias-free GEMM: at batch 1, `F.linear` with a bias cannot use cuBLASLt's bias epilogue and
+    launches a second kernel (a copy of the bias into the output) per layer.
 
     Parameters
     ----------
@@ -749,6 +803,9 @@ def decode_attention(
         `seq_lens[b] - 1`); negative: attend to the token without caching it. Rows with
         `seq_lens[b] == 0` store nothing, whatever their slot. NOTE: no other row of the batch
         may read a row's slot (the block manager never shares a sequence's last block).
+    qkv_bias : Tensor [3, H, D], optional
+        Biases of q, k_new and v_new (e.g. `c_attn.bias.view(3, H, D)`): contiguous, q's dtype
+        and device. Only with the append arguments.
 
     Returns
     -------
@@ -760,6 +817,10 @@ def decode_attention(
     >>> q, k, v = qkv.unbind(1)  # qkv: [B, 3, H, D]
     >>> out = decode_attention(q, k_cache, v_cache, block_tables, seq_lens, D ** -0.5,
     ...                        k_new=k, v_new=v, slot_mapping=slots)
+    >>> qkv = F.linear(x, c_attn.weight).view(B, 3, H, D)  # bias-free projection
+    >>> q, k, v = qkv.unbind(1)
+    >>> out = decode_attention(q, k_cache, v_cache, block_tables, seq_lens, D ** -0.5, k_new=k,
+    ...                        v_new=v, slot_mapping=slots, qkv_bias=c_attn.bias.view(3, H, D))
     """
     name = "decode_attention"
     _check_cache(name, q, k_cache, v_cache)
@@ -768,8 +829,9 @@ def decode_attention(
     _check_block_tables(name, block_tables, B)
     qk_scale = _check_scale(name, scale) * _LOG2E
     append = _check_append(name, q, k_new, v_new, slot_mapping)
+    has_bias = _check_qkv_bias(name, q, qkv_bias, append)
     _check_launch_device(name, q, k_cache, v_cache, block_tables, seq_lens,
-                         *((k_new, v_new, slot_mapping) if append else ()))
+                         *((k_new, v_new, slot_mapping) if append else ()), *((qkv_bias,) if has_bias else ()))
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     if B == 0:
         return out
@@ -783,10 +845,14 @@ def decode_attention(
         part_ml = torch.empty((B, H, num_splits, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out  # unused: the split kernel writes `out` directly
-    if not append:  # unused by the kernel: placeholders of fixed types, so one compiled variant
+    # unused by the kernel: placeholders of fixed types, so one compiled variant per flag
+    if not append:
         k_new, v_new, slot_mapping = q, q, seq_lens
+    if not has_bias:
+        qkv_bias = q
     _decode_split_kernel[(B, H, num_splits)](
-        out, part_acc, part_ml, q, k_cache, v_cache, k_new, v_new, slot_mapping, block_tables, seq_lens,
+        out, part_acc, part_ml, q, k_cache, v_cache, k_new, v_new, slot_mapping, qkv_bias, block_tables,
+        seq_lens,
         qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
@@ -795,6 +861,7 @@ def decode_attention(
         HEAD_DIM=D,
         SPLIT=num_splits > 1,
         APPEND=append,
+        HAS_QKV_BIAS=has_bias,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -908,6 +975,7 @@ def decode_attention_ref(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     slot_mapping: torch.Tensor | None = None,
+    qkv_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager reference of `decode_attention` (same signature): with the append, first
     `kv_cache_write_ref` of the new K/V (rows with seq_len 0 skipped); then gather all pages of
@@ -915,11 +983,21 @@ def decode_attention_ref(
 
     With the append, the key at the last position `min(seq_lens[b], capacity) - 1` is `k_new[b]`
     (`v_new[b]`) whatever the cache holds there (the kernel's semantics; they differ from "write,
-    then attend" only when `slot_mapping[b]` is not that position's slot, e.g. negative). No host
-    sync without the append (on the CPU, see below); the write itself syncs on CUDA.
+    then attend" only when `slot_mapping[b]` is not that position's slot, e.g. negative). With
+    `qkv_bias`, q, k_new and v_new first get their bias rows added in fp32; K/V are then rounded
+    to the cache dtype (q is not). No host sync without the append (on the CPU, see below); the
+    write itself syncs on CUDA (adding the bias does not).
     """
     B, H, D = q.shape
+    out_dtype = q.dtype
     append = _check_append("decode_attention_ref", q, k_new, v_new, slot_mapping)
+    if _check_qkv_bias("decode_attention_ref", q, qkv_bias, append):
+        # as the kernel: q + bias in fp32 (not rounded), K/V + bias rounded to the cache dtype
+        # (fp64, the tests' exact dtype, stays fp64)
+        bias = qkv_bias.to(torch.promote_types(qkv_bias.dtype, torch.float32))  # [3, H, D]
+        q = q.to(bias.dtype) + bias[0]
+        k_new = (k_new.to(bias.dtype) + bias[1]).to(k_cache.dtype)
+        v_new = (v_new.to(bias.dtype) + bias[2]).to(v_cache.dtype)
     if append:
         # graph-padding rows (seq_len 0) cache nothing, as in the kernel
         slots = torch.where(seq_lens > 0, slot_mapping, torch.full_like(slot_mapping, -1))
@@ -940,10 +1018,10 @@ def decode_attention_ref(
         if longest > 0 and bool((seq_lens == longest).all()):
             k, v = k[:, :, :longest], v[:, :, :longest]
             out = F.scaled_dot_product_attention(q[:, :, None].float(), k.float(), v.float(), scale=scale)
-            return out[:, :, 0].to(q.dtype)
+            return out[:, :, 0].to(out_dtype)
     visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
     out = _attend(q[:, :, None], k, v, visible[:, None, None, :], scale)  # [B, H, 1, D]
-    return out[:, :, 0].to(q.dtype)
+    return out[:, :, 0].to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1076,15 +1154,19 @@ def _decode_case(device, batch, context, heads, head_dim, dtype, block_size=16) 
     )
 
 
-def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_size=16) -> BenchCase:
+def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_size=16, bias=False) -> BenchCase:
     """B sequences with `context` keys, the last of which (position context - 1) is the new token
     that the op appends; q, k_new and v_new are views of one [B, 3, H, D] projection output.
 
     Baseline "write_then_decode": the unfused step, `kv_cache_write` then `decode_attention`
     (the Triton launchers on CUDA, the references elsewhere), on the same args.
+    With `bias` the args end with a QKV bias [3, H, D] that the op adds; baseline
+    "add_then_append" instead adds it to the [B, 3, H, D] projection output in one elementwise
+    kernel (out of place: the args stay unchanged), then runs the append without the bias.
     """
-    gen = _lazy_generator(device, 5678 + context)
+    gen = _lazy_generator(device, 5678 + context + int(bias))
     on_cuda = device.startswith("cuda")
+    projections = _BaselineInputs()  # the [B, 3, H, D] tensor that q, k_new, v_new view
 
     def make_args():
         g = gen()
@@ -1095,25 +1177,38 @@ def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_si
         pos = context - 1
         slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B]
         lens = torch.full((batch,), context, device=device, dtype=torch.int32)
-        return (qkv[:, 0], k_cache, v_cache, block_tables, lens, head_dim**-0.5, qkv[:, 1], qkv[:, 2], slots)
+        args = (qkv[:, 0], k_cache, v_cache, block_tables, lens, head_dim**-0.5, qkv[:, 1], qkv[:, 2], slots)
+        if not bias:
+            return args
+        projections.put(args[0], (qkv,))
+        return (*args, torch.randn(3, heads, head_dim, generator=g, device=device).to(dtype))
 
     def write_then_decode(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots):
         write, attend = (kv_cache_write, decode_attention) if on_cuda else (kv_cache_write_ref, decode_attention_ref)
         write(k_new, v_new, k_cache, v_cache, slots)
         return attend(q, k_cache, v_cache, block_tables, lens, scale)
 
+    def add_then_append(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots, qkv_bias):
+        (qkv,) = projections.get(q)
+        biased = qkv + qkv_bias  # [B, 3, H, D]
+        attend = decode_attention if on_cuda else decode_attention_ref
+        return attend(biased[:, 0], k_cache, v_cache, block_tables, lens, scale, biased[:, 1], biased[:, 2], slots)
+
+    add_then_append.inputs = projections
+
     e = torch.tensor([], dtype=dtype).element_size()
     return BenchCase(
         op="decode_attention",
         label=(f"B={batch} ctx={context} H={heads} D={head_dim} bs={block_size} "
-               f"{str(dtype).removeprefix('torch.')} +append"),
+               f"{str(dtype).removeprefix('torch.')} +append" + ("+bias" if bias else "")),
         make_args=make_args,
-        # cached K/V read; q, k_new, v_new read; the new K/V and the output written
-        bytes_moved=(2 * batch * (context - 1) + 6 * batch) * heads * head_dim * e,
+        # cached K/V read; q, k_new, v_new read; the new K/V and the output written; the bias
+        # (the same for every row) read once from DRAM
+        bytes_moved=(2 * batch * (context - 1) + 6 * batch + 3 * bias) * heads * head_dim * e,
         flops=4 * batch * heads * context * head_dim,
         params=dict(B=batch, context=context, H=heads, D=head_dim, block_size=block_size, dtype=str(dtype),
-                    append=True),
-        baselines={"write_then_decode": write_then_decode},
+                    append=True, qkv_bias=bias),
+        baselines={"add_then_append": add_then_append} if bias else {"write_then_decode": write_then_decode},
         **TOLERANCES[dtype],
     )
 
@@ -1155,14 +1250,17 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     of contiguous q/K/V; decode = SDPA (its own backend choice) on a contiguous, already gathered
     [B, H, context, D] cache. Decode with the K/V append fused ("+append", B 1..256 at context
     1024) has baseline "write_then_decode": the separate `kv_cache_write` and `decode_attention`
-    launches it replaces. Baselines take the op's args; their extra inputs are built by
-    make_args, so that setup is not timed.
+    launches it replaces. The same with the QKV bias fused as well ("+append+bias", what the
+    model's decode step runs) has baseline "add_then_append": the bias added to the projection
+    output by a separate elementwise kernel, then the append op. Baselines take the op's args;
+    their extra inputs are built by make_args, so that setup is not timed.
     """
     if device == "cpu":
         return [
             _prefill_case("cpu", 2, 32, 2, 16, torch.float32, block_size=8),
             _decode_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
             _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
+            _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8, bias=True),
             _kv_write_case("cpu", 5, 2, 16, torch.float32, block_size=8),
         ]
     fp16, bf16 = torch.float16, torch.bfloat16
@@ -1178,7 +1276,7 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     cases = [_prefill_case(device, b, t, 12, 64, dt) for b, t, dt in prefill]
     cases += [_decode_case(device, b, c, 12, 64, dt) for b, c, dt in decode]
     # the decode step as the model runs it: K/V append fused, against write + decode
-    cases += [_decode_append_case(device, b, 1024, 12, 64, bf16) for b in append]
+    cases += [_decode_append_case(device, b, 1024, 12, 64, bf16, bias=bias) for bias in (False, True) for b in append]
     # the decode step's append (one token per sequence) and a prefill's (whole prompts)
     cases += [_kv_write_case(device, n, 12, 64, bf16) for n in ((256, 8192) if quick else (1, 256, 8192))]
     return cases

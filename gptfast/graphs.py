@@ -190,8 +190,9 @@ class DecodeGraphRunner:
             max_seqlen_q=1,
             is_decode=True,
         )
+        # the sampler reads the logits in the model's dtype (it computes in fp32): no cast
         logits = self.model.forward_paged(d.tokens[:batch], d.positions[:batch], meta,
-                                          cache=self.cache)  # (B, V) fp32
+                                          cache=self.cache, fp32_logits=not sample)  # (B, V)
         if not sample:
             return (logits,)
         tokens, status = ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],

@@ -396,7 +396,7 @@ class GPT2(nn.Module):
 
     def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                       logits_indices: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
+                      cache: KVCache | None = None, fp32_logits: bool = True) -> torch.Tensor:
         """Run a flattened ragged batch through the model with the paged KV cache.
 
         Parameters
@@ -411,21 +411,26 @@ class GPT2(nn.Module):
         cache : KVCache or None
             The cache `meta` refers to (an engine passes the one its block manager belongs to);
             None: `self.kv_cache`.
+        fp32_logits : bool
+            Cast the logits to fp32 (False: the model's dtype, e.g. for the sampler, which
+            computes in fp32 anyway).
 
         Returns
         -------
-        logits : (M, vocab_size) fp32 tensor.
+        logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`).
         """
         cache = self.kv_cache if cache is None else cache
         if ops.use_triton(tokens):
-            return self._forward_fused(tokens, positions, meta, logits_indices, cache)
+            logits = self._forward_fused(tokens, positions, meta, logits_indices, cache)
+            return logits.float() if fp32_logits else logits
         x = self.wte(tokens) + self.wpe(positions)  # (N, C)
         for i, block in enumerate(self.h):
             x = block.forward_paged(x, cache.k[i], cache.v[i], meta)
         if logits_indices is not None:
             x = x.index_select(0, logits_indices)  # (M, C)
         x = self.ln_f(x)
-        return linear(x, self.head_weight(), None, self._head).float()  # (M, V)
+        logits = linear(x, self.head_weight(), None, self._head)  # (M, V)
+        return logits.float() if fp32_logits else logits
 
     def _forward_fused(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
         """`forward_paged` with the fused ops (the path on CUDA): each residual add, the bias of
@@ -445,7 +450,7 @@ class GPT2(nn.Module):
             x, h = ops.add_layernorm(x, y, block.mlp.c_proj.bias, ln.weight, ln.bias, eps)
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)  # (M, C)
-        return F.linear(h, self.head_weight()).float()  # (M, V)
+        return F.linear(h, self.head_weight())  # (M, V), the model's dtype
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):

@@ -82,7 +82,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import TOLERANCES, BenchCase, interpreting
+from .common import TOLERANCES, BenchCase, interpreting, lazy_generator
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -346,7 +346,9 @@ def _decode_split_kernel(
         last = seq_len - 1
         owns_new = (last >= lo) & (last < hi)
         # requested here so that their latency hides behind the cache loop
-        new_mask = mask_d & owns_new
+        # NOTE: tl.where, not `mask_d & owns_new`: Triton 3.9's interpreter turns a tensor & scalar
+        # bool into int32, which it then refuses as a mask
+        new_mask = tl.where(owns_new, mask_d, False)
         k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d, mask=new_mask, other=0.0)
         v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d, mask=new_mask, other=0.0)
         new_slot = tl.load(slot_ptr + b)  # int64; negative: attend to the token but do not cache it
@@ -400,7 +402,7 @@ def _decode_split_kernel(
             acc = acc * alpha + p_new * v_new.to(tl.float32)
             m_i = m_with_new
             # k_cache: [num_blocks * block_size, H, D] row `new_slot`, head h
-            store_mask = mask_d & (new_slot >= 0)
+            store_mask = tl.where(new_slot >= 0, mask_d, False)
             tl.store(k_base + new_slot * stride_k_slot + offs_d, k_new, mask=store_mask)
             tl.store(v_base + new_slot * stride_v_slot + offs_d, v_new, mask=store_mask)
 
@@ -1063,18 +1065,6 @@ class _BaselineInputs:
         return self._by_q[id(q)]
 
 
-def _lazy_generator(device: str, seed: int):
-    """A seeded generator on `device`, created at the first make_args call (so listing the
-    cuda cases needs no GPU); successive calls draw fresh inputs for rotation."""
-    holder: list[torch.Generator] = []
-
-    def get() -> torch.Generator:
-        if not holder:
-            holder.append(torch.Generator(device=device).manual_seed(seed))
-        return holder[0]
-
-    return get
-
 
 def _prefill_case(device, batch, seq_len, heads, head_dim, dtype, block_size=16) -> BenchCase:
     """B sequences of `seq_len` new tokens, no cached prefix.
@@ -1083,7 +1073,7 @@ def _prefill_case(device, batch, seq_len, heads, head_dim, dtype, block_size=16)
     make_args (not timed) and found from q.
     """
     contiguous_kv = _BaselineInputs()
-    gen = _lazy_generator(device, 1234 + seq_len)
+    gen = lazy_generator(device, 1234 + seq_len)
 
     def make_args():
         k_cache, v_cache, block_tables, k, v = _random_paged_cache(
@@ -1123,7 +1113,7 @@ def _decode_case(device, batch, context, heads, head_dim, dtype, block_size=16) 
     contiguous cache [B, H, context, D] (built by make_args, not timed, and found from q).
     """
     contiguous_kv = _BaselineInputs()
-    gen = _lazy_generator(device, 4321 + context)
+    gen = lazy_generator(device, 4321 + context)
 
     def make_args():
         k_cache, v_cache, block_tables, k, v = _random_paged_cache(
@@ -1164,7 +1154,7 @@ def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_si
     "add_then_append" instead adds it to the [B, 3, H, D] projection output in one elementwise
     kernel (out of place: the args stay unchanged), then runs the append without the bias.
     """
-    gen = _lazy_generator(device, 5678 + context + int(bias))
+    gen = lazy_generator(device, 5678 + context + int(bias))
     on_cuda = device.startswith("cuda")
     projections = _BaselineInputs()  # the [B, 3, H, D] tensor that q, k_new, v_new view
 
@@ -1215,7 +1205,7 @@ def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_si
 
 def _kv_write_case(device, tokens, heads, head_dim, dtype, block_size=16) -> BenchCase:
     """`tokens` new K/V rows scattered to random distinct slots of a cache with room for them."""
-    gen = _lazy_generator(device, 99 + tokens)
+    gen = lazy_generator(device, 99 + tokens)
     num_blocks = -(-tokens // block_size) * 2 + 1
 
     def make_args():

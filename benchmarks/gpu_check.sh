@@ -26,63 +26,14 @@ STEPS=$(mktemp)
 trap 'rm -f "$STEPS"' EXIT
 FAILED=0
 
-# step NAME SECONDS CMD...: run CMD under a timeout of SECONDS (cut to the budget left), record
-# "NAME: ok|FAILED (rc)|TIMEOUT|skipped, Ns" in $STEPS, never abort the script.
-step() {
-    local name=$1 want=$2 left rc t0
-    shift 2
-    left=$(( BUDGET - (SECONDS - START) ))
-    (( want > left )) && want=$left
-    if (( want < 10 )); then
-        echo "== $name: skipped (time budget spent)"
-        echo "$name: skipped (budget)" >> "$STEPS"
-        return 0
-    fi
-    echo "== $name (timeout ${want}s): $*"
-    t0=$SECONDS
-    rc=0
-    # bash -c so that CMD may be one of the exported helper functions below
-    timeout --kill-after=10 "$want" bash -c '"$@"' step "$@" || rc=$?
-    if (( rc == 0 )); then
-        echo "$name: ok, $(( SECONDS - t0 ))s" >> "$STEPS"
-    elif (( rc == 124 || rc == 137 )); then
-        echo "$name: TIMEOUT after ${want}s" >> "$STEPS"; FAILED=1
-    else
-        echo "$name: FAILED (exit $rc), $(( SECONDS - t0 ))s" >> "$STEPS"; FAILED=1
-    fi
-    echo "== $name done: $(tail -n 1 "$STEPS")"
-}
-
-to_file() { local file=$1; shift; "$@" >> "$file" 2>&1; }
-# pytest exits 5 when no test was selected (e.g. no gpu-marked test yet): not a failure.
-pytest_to() { local rc=0; to_file "$@" || rc=$?; (( rc == 5 )) && rc=0; return $rc; }
-export -f to_file pytest_to
+source benchmarks/gpu_lib.sh
 
 main() {
     DEVICE=${GPU_CHECK_DEVICE:-cuda}
     echo "gptfast GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), OUT=$OUT, device $DEVICE"
 
-    if [[ $DEVICE == cpu ]]; then
-        echo "DRY RUN on the CPU (GPU_CHECK_DEVICE=cpu): plumbing only, no GPU was used"
-    elif ! nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; then
-        echo "NO GPU HERE: nvidia-smi failed (see $OUT/nvidia-smi.txt). Nothing was checked; this is not a failure."
-        exit 0
-    elif ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-        echo "NO GPU HERE: nvidia-smi works but torch.cuda.is_available() is False" \
-             "(torch $(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null || echo missing))." \
-             "Nothing was checked; this is not a failure."
-        exit 0
-    else
-        head -n 12 "$OUT/nvidia-smi.txt"
-    fi
-
-    if [[ $DEVICE == cpu ]]; then
-        echo "install (pip -e .): skipped (dry run)" >> "$STEPS"
-    else
-        step "install (pip -e .)" 60 to_file "$OUT/pip.log" \
-            python3 -m pip install --no-index --disable-pip-version-check --no-build-isolation \
-            --no-deps -e .
-    fi
+    gpu_or_exit "$OUT"
+    install_in_place "$OUT"
 
     # Order = priority when the budget runs out: the end-to-end numbers first (the runtime's
     # targets), then the GPU tests, then the per-kernel suite.
@@ -92,15 +43,15 @@ main() {
     # takes minutes on a small machine, for plumbing that is the same.
     local e2e_dtype=bf16
     [[ $DEVICE == cpu ]] && e2e_dtype=fp32
-    step "e2e suite --quick" 140 python3 -m benchmarks --suite e2e --quick --device "$DEVICE" \
+    step "e2e suite --quick" 140 10 python3 -m benchmarks --suite e2e --quick --device "$DEVICE" \
         --model gpt2 --dtype "$e2e_dtype" --out "$OUT" --formats json --no-progress
 
     # The gpu-marked tests compile every kernel variant (minutes of Triton compiles on a cold cache).
-    step "pytest -m gpu" 150 pytest_to "$OUT/pytest.log" \
+    step "pytest -m gpu" 150 10 pytest_to "$OUT/pytest.log" \
         python3 -m pytest tests -m gpu -q -p no:cacheprovider -rfEs --durations=15
     tail -n 3 "$OUT/pytest.log" || true
 
-    step "ops suite --quick" 90 python3 -m benchmarks --suite ops --quick --device "$DEVICE" \
+    step "ops suite --quick" 90 10 python3 -m benchmarks --suite ops --quick --device "$DEVICE" \
         --out "$OUT" --formats json --no-progress
 
     echo

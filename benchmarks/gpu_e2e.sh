@@ -43,66 +43,24 @@ STEPS=$(mktemp)
 trap 'rm -f "$STEPS"' EXIT
 FAILED=0
 
-# step NAME MIN_SECONDS CMD...: run CMD under a timeout of whatever is left of the budget (skipped
-# when that is under MIN_SECONDS); record "NAME: ok|FAILED (rc)|TIMEOUT|skipped, Ns" in $STEPS.
-step() {
-    local name=$1 least=$2 left rc t0
-    shift 2
-    left=$(( BUDGET - (SECONDS - START) ))
-    if (( left < least )); then
-        echo "== $name: skipped (${left}s of the budget left, needs ${least}s)"
-        echo "$name: skipped (budget)" >> "$STEPS"
-        return 0
-    fi
-    echo "== $name (timeout ${left}s): $*"
-    t0=$SECONDS
-    rc=0
-    timeout --kill-after=10 "$left" bash -c '"$@"' step "$@" || rc=$?
-    if (( rc == 0 )); then
-        echo "$name: ok, $(( SECONDS - t0 ))s" >> "$STEPS"
-    elif (( rc == 124 || rc == 137 )); then
-        echo "$name: TIMEOUT after ${left}s" >> "$STEPS"; FAILED=1
-    else
-        echo "$name: FAILED (exit $rc), $(( SECONDS - t0 ))s" >> "$STEPS"; FAILED=1
-    fi
-    echo "== $name done: $(tail -n 1 "$STEPS")"
-}
-
-to_file() { local file=$1; shift; "$@" >> "$file" 2>&1; }
-export -f to_file
+source benchmarks/gpu_lib.sh
 
 main() {
     DEVICE=${GPU_CHECK_DEVICE:-cuda}
     echo "gptfast e2e matrix, $(date -u +%Y-%m-%dT%H:%M:%SZ), OUT=$OUT, device $DEVICE," \
          "models $MODELS, dtypes $DTYPES${EXTRA[*]:+, extra: ${EXTRA[*]}}"
 
-    if [[ $DEVICE == cpu ]]; then
-        echo "DRY RUN on the CPU (GPU_CHECK_DEVICE=cpu): plumbing only, no GPU was used"
-    elif ! nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1; then
-        echo "NO GPU HERE: nvidia-smi failed (see $OUT/nvidia-smi.txt). Nothing was measured; this is not a failure."
-        exit 0
-    elif ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-        echo "NO GPU HERE: nvidia-smi works but torch.cuda.is_available() is False. Nothing was measured;" \
-             "this is not a failure."
-        exit 0
-    else
-        head -n 12 "$OUT/nvidia-smi.txt"
-    fi
-
-    if [[ $DEVICE == cpu ]]; then
-        echo "install (pip -e .): skipped (dry run)" >> "$STEPS"
-    elif [[ ${GPU_E2E_SKIP_INSTALL:-0} == 1 ]]; then
+    gpu_or_exit "$OUT"
+    if [[ ${GPU_E2E_SKIP_INSTALL:-0} == 1 ]]; then
         echo "install (pip -e .): skipped (GPU_E2E_SKIP_INSTALL=1)" >> "$STEPS"
     else
-        step "install (pip -e .)" 10 to_file "$OUT/pip.log" \
-            python3 -m pip install --no-index --disable-pip-version-check --no-build-isolation \
-            --no-deps -e .
+        install_in_place "$OUT"
     fi
 
     local model dtype
     for model in ${MODELS//,/ }; do
         for dtype in ${DTYPES//,/ }; do
-            step "e2e $model $dtype" 60 python3 -m benchmarks --suite e2e --device "$DEVICE" \
+            step "e2e $model $dtype" "$BUDGET" 60 python3 -m benchmarks --suite e2e --device "$DEVICE" \
                 --model "$model" --dtype "$dtype" --out "$OUT" --formats json,csv,md --no-progress \
                 "${EXTRA[@]}"
         done

@@ -28,20 +28,6 @@ def dtype_id(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """Make torch.empty return NaN-filled float tensors, so any output element (or split-KV
-    partial) a kernel forgets to write shows up as NaN."""
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
 
 def paged_cache(lens, heads, head_dim, block_size, dtype, device, gen, spare_cols=1):
     """Random K/V caches holding sequences of `lens` tokens in shuffled (non-monotonic) pages.

@@ -128,3 +128,16 @@ class BenchCase:
     check: Callable[[Any, Any, tuple], str | None] | None = None
     # extra baselines, e.g. {"sdpa": fn}: timed with the same args, reported beside eager
     baselines: dict[str, Callable] = dataclasses.field(default_factory=dict)
+
+
+def lazy_generator(device: str, seed: int) -> Callable[[], torch.Generator]:
+    """A seeded generator on `device`, created at the first call (so listing the CUDA benchmark
+    cases needs no GPU); successive draws give fresh inputs for rotation."""
+    holder: list[torch.Generator] = []
+
+    def get() -> torch.Generator:
+        if not holder:
+            holder.append(torch.Generator(device=device).manual_seed(seed))
+        return holder[0]
+
+    return get

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import TOLERANCES, BenchCase, interpreting
+from .common import TOLERANCES, BenchCase, interpreting, lazy_generator
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_C = 16384  # one row lives in registers: 16384 fp32 lanes over 16 warps is 32 per thread
@@ -572,18 +572,6 @@ def bias_gelu__ref(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _lazy_generator(device: str, seed: int):
-    """A seeded generator on `device`, created at the first make_args call (so listing the cuda
-    cases needs no GPU); successive calls draw fresh inputs for rotation."""
-    holder: list[torch.Generator] = []
-
-    def get() -> torch.Generator:
-        if not holder:
-            holder.append(torch.Generator(device=device).manual_seed(seed))
-        return holder[0]
-
-    return get
-
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
@@ -597,7 +585,7 @@ def _ln_params(C: int, dtype, device, g) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _add_layernorm_case(device, N, C, dtype) -> BenchCase:
     """The decode step's residual add: x the residual, y a projection's output, y_bias its bias."""
-    gen = _lazy_generator(device, 1000 + N + C)
+    gen = lazy_generator(device, 1000 + N + C)
 
     def make_args():
         g = gen()
@@ -622,7 +610,7 @@ def _add_layernorm_case(device, N, C, dtype) -> BenchCase:
 
 
 def _embed_layernorm_case(device, N, C, V, P, dtype) -> BenchCase:
-    gen = _lazy_generator(device, 2000 + N + C)
+    gen = lazy_generator(device, 2000 + N + C)
 
     def make_args():
         g = gen()
@@ -647,7 +635,7 @@ def _linear_gelu_case(device, N, K, M, dtype) -> BenchCase:
     """GPT-2's c_fc. Baselines: the GEMM alone (what the fused GELU costs), and at N=1 the GEMM
     on x padded to 2 rows (cuBLASLt rejects one row; this measures whether padding would pay)
     and `_addmm_activation` itself (PyTorch's 3-kernel fallback, which mm + bias_gelu_ replaces)."""
-    gen = _lazy_generator(device, 3000 + N + K + M)
+    gen = lazy_generator(device, 3000 + N + K + M)
 
     def make_args():
         g = gen()
@@ -689,7 +677,7 @@ def _linear_gelu_case(device, N, K, M, dtype) -> BenchCase:
 def _bias_gelu_case(device, N, M, dtype) -> BenchCase:
     """c_fc's bias + GELU after a bias-less GEMM. Baseline: eager `F.gelu(y + bias)` in the dtype
     (2 kernels, out of place; PyTorch's fallback does the add inside the GEMM instead)."""
-    gen = _lazy_generator(device, 4000 + N + M)
+    gen = lazy_generator(device, 4000 + N + M)
 
     def make_args():
         g = gen()

@@ -96,8 +96,8 @@ setup(
             "pytest-benchmark",
             "hypothesis",
             "transformers>=4.45",
-            # the version the interpreter tests and the GPU machine were validated with: each
-            # Triton release changes the interpreter (3.9's is ~3x slower on these tests)
+            # the version the interpreter tests were validated with and the GPU machine has:
+            # each Triton release changes the interpreter (3.9's is ~3x slower on these tests)
             "triton==3.6.0; platform_system == 'Linux'",
             "numpy<2.3",  # Triton 3.6's interpreter breaks on scalar arguments with numpy >= 2.3
             "matplotlib",

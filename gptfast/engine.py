@@ -26,15 +26,13 @@ import torch
 from . import graphs, ops
 from .kv_cache import AttnMetadata
 
-# Largest decode batch captured as a CUDA graph; larger steps run eagerly.
-_GRAPH_MAX_BATCH = 256
 
 
 def graphs_setting() -> bool | None:
     """`GPTFAST_CUDA_GRAPHS`: 0 switches the graph runner off, 1 on (on the CPU: its static-buffer
     step run eagerly, to test that path), unset means on for CUDA models only."""
-    value = os.environ.get("GPTFAST_CUDA_GRAPHS", "").strip().lower()
-    if value in ("", "auto"):
+    value = os.environ.get("GPTFAST_CUDA_GRAPHS", "").strip()
+    if value == "":
         return None
     if value not in ("0", "1"):
         raise ValueError(f"GPTFAST_CUDA_GRAPHS must be 0, 1 or unset, got {value!r}")
@@ -183,7 +181,7 @@ class Engine:
                              "host): unset GPTFAST_KERNELS=reference or turn the graphs off "
                              "(cuda_graphs=False or GPTFAST_CUDA_GRAPHS=0)")
         # NOTE: the runner is the model's (captured once per model), shared by its engines.
-        self._graph_batch = min(max_num_seqs, _GRAPH_MAX_BATCH)
+        self._graph_batch = min(max_num_seqs, graphs.MAX_BATCH)
         self.runner = graphs.graph_runner(model, self._graph_batch) if cuda_graphs else None
         self._weights_epoch = graphs.weights_epoch()
         if max_prefill_tokens is None:

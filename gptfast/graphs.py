@@ -13,7 +13,7 @@ buffer and one device buffer of the same layout, so a step's inputs go over in a
     seeds, offsets                  : [max_batch] int64  (Philox key and token index per row)
     seq_lens, top_k                 : [max_batch] int32
     temperature, top_p              : [max_batch] fp32
-    block_tables                    : [max_batch, max_blocks] int32, max_blocks = n_positions / block_size
+    block_tables                    : [max_batch, max_blocks] int32, max_blocks = ceil(n_positions / block_size)
 
 A batch of B rows replays the smallest bucket >= B; rows B.. of the bucket are padding: slot -1
 (the K/V write is skipped), seq_len 0 (attention outputs zeros), greedy, so they read nothing of
@@ -26,7 +26,11 @@ On the CPU there is nothing to capture: the runner runs the same step function o
 buffers eagerly. That is how the CPU tests check the graph path's padding and bookkeeping.
 
 The graphs hold the addresses of the weights and the KV cache: `graph_runner(model)` rebuilds the
-runner when a parameter or the cache is replaced (in-place weight updates need nothing).
+runner when a parameter tensor or the cache was replaced (in-place weight updates need nothing).
+A live `Engine` notices a replacement through `module.weight = nn.Parameter(...)` or
+`load_state_dict(..., assign=True)` (a parameter registration) or a move/cast of the model; a
+`param.data = t` swap is not seen by an engine already running (a new `generate()` call or
+`Engine` is).
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ import torch
 from . import ops
 from .kv_cache import AttnMetadata
 
-# Batch-size buckets: every size up to 8, then steps of 8 up to 64, then of 32 (padding waste
-# stays under ~15% of a step while capture stays at a few dozen graphs).
+# Batch-size buckets: every size up to 8, then steps of 8 up to 64, then of 32: at most 7 padding
+# rows up to 64 and 31 above (a third of the rows at worst, B = 65 in 96), 21 graphs to capture.
+# Padding rows cost compute only; the step's weight traffic does not grow with them.
 _BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, *range(16, 65, 8), *range(96, 257, 32)]
+# The largest batch captured by default (an engine's max_num_seqs caps it); larger steps run eagerly.
+MAX_BATCH = 256
 
 # (name, dtype, per-row width); width 0 means the block-table width.
 # NOTE: block_tables last: a step uploads the buffer only up to its bucket's last block-table row.
@@ -129,7 +136,7 @@ class DecodeGraphRunner:
         Whether steps replay CUDA graphs (False on the CPU: the step runs eagerly).
     """
 
-    def __init__(self, model, max_batch: int = 256):
+    def __init__(self, model, max_batch: int = MAX_BATCH):
         # NOTE: weak: the model keeps its runner, and a runner must not keep its model alive.
         self._model = weakref.ref(model)
         config = model.config
@@ -277,7 +284,7 @@ def _fingerprint(model) -> tuple:
     return (id(cache), tuple(p.data_ptr() for p in model.parameters()))
 
 
-def graph_runner(model, max_batch: int = 256) -> DecodeGraphRunner:
+def graph_runner(model, max_batch: int = MAX_BATCH) -> DecodeGraphRunner:
     """The model's decode runner, built (and on CUDA captured) on first use and kept on the model.
 
     Rebuilt when the KV cache or any parameter tensor was replaced since (the graphs hold their

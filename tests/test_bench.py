@@ -286,7 +286,11 @@ def test_streamer_skips_the_prompt_and_stamps_each_token():
 
 
 def test_padded_batches_fit_the_context():
-    batches = e2e.padded_batches([(120, 32), (5, 32), (60, 10)], batch_size=2, vocab=100, n_positions=128, seed=0)
+    requests = [(120, 32), (5, 32), (60, 10)]
+    batches = e2e.padded_batches(requests, batch_size=2, vocab=100, n_positions=128, seed=0)
+    served = e2e.served_requests(requests, batch_size=2, vocab=100, n_positions=128, seed=0)
+    assert [(len(p), n) for p, n in served] == [(120, 8), (5, 8), (60, 10)]  # request order, cut like the batches
+    assert sum(n for _, n in served) == sum(b[3] for b in batches)
     for ids, mask, new, _useful in batches:
         assert ids.shape[1] + new <= 128
         assert torch.equal(mask.sum(1) > 0, torch.ones(ids.shape[0], dtype=torch.bool))
@@ -372,7 +376,10 @@ def test_e2e_tiny_runs_and_matches_hf():
     assert padded["tok_s"] > 0 and by[("padded batches of 8", e2e.HF_EAGER)]["status"] == "ref"
     cont = by[("continuous batching", "gptfast")]
     plan = e2e.make_plan("cpu", True, get_config("tiny").n_positions)
-    assert cont["status"] == "PASS" and cont["useful_tokens"] == sum(o for _, o in plan.requests)
+    # the same useful tokens as the padded batches (outputs cut where a padded batch cuts them)
+    padded_useful = sum(b[3] for b in e2e.padded_batches(plan.requests, plan.batch_size, 1000,
+                                                        get_config("tiny").n_positions, 0))
+    assert cont["status"] == "PASS" and cont["useful_tokens"] == padded_useful
     assert cont["tok_s"] > 0 and cont["ttft_p99_ms"] >= cont["ttft_ms"] > 0
     assert cont["itl_p99_ms"] >= cont["itl_p50_ms"] > 0 and cont["speedup_hf"] > 0
     assert cont["speedup_hf"] == pytest.approx(cont["tok_s"] / by[("padded batches of 8", e2e.HF_EAGER)]["tok_s"])
@@ -504,16 +511,26 @@ def test_reference_ops_engine_runs_eagerly_without_graphs(monkeypatch):
     monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "1")
     seen = []
 
+    resets = []
+
+    class FakeCache:
+        def reset_prefix_cache(self):
+            resets.append(len(seen))
+
+    class FakeModel:
+        kv_cache = FakeCache()
+
     def fake_generate(model, **kwargs):
         seen.append((os.environ.get("GPTFAST_KERNELS"), os.environ.get("GPTFAST_CUDA_GRAPHS")))
         return kwargs["input_ids"]
 
-    engines = e2e._engines(None, "model", fake_generate, "cpu", compile_refs=False, reference_ops=True)
+    engines = e2e._engines(None, FakeModel(), fake_generate, "cpu", compile_refs=False, reference_ops=True)
     assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.REF_OPS, e2e.GPTFAST, *e2e.VARIANTS]
     ids = torch.tensor([[1, 2]])
     engines[1].generate(ids, torch.ones_like(ids), 3)
     engines[2].generate(ids, torch.ones_like(ids), 3)
     assert seen == [("reference", "0"), (None, "1")]
+    assert resets == [0, 1]  # the prefix cache is dropped before every gptfast run
     assert "GPTFAST_KERNELS" not in os.environ and os.environ["GPTFAST_CUDA_GRAPHS"] == "1"
 
 

@@ -13,7 +13,7 @@ import torch
 
 import gptfast
 from gptfast import GPT2, Engine, SamplingParams, get_config
-from gptfast import engine as engine_mod
+from gptfast import graphs as graphs_mod
 from gptfast.graphs import buckets_up_to, graph_runner
 
 
@@ -99,7 +99,7 @@ def test_static_decode_with_preemption_cancel_and_small_buckets(monkeypatch):
     model = _model(block_size=4, num_kv_blocks=14)
     params = MIXES["sampled"]
     (want, _), _ = _serve(model, params, cuda_graphs=False, cancel_after=(2, 3))
-    monkeypatch.setattr(engine_mod, "_GRAPH_MAX_BATCH", 2)
+    monkeypatch.setattr(graphs_mod, "MAX_BATCH", 2)
     model._graph_runner = None
     (got, _), fast = _serve(model, params, cuda_graphs=True, cancel_after=(2, 3))
     assert got == want

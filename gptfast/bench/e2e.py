@@ -246,28 +246,49 @@ def request_prompts(requests: list[tuple[int, int]], vocab: int, seed: int) -> l
     return [(_prompt(gen, vocab, p), o) for p, o in requests]
 
 
+def _batch_plan(requests: list[tuple[int, int]], batch_size: int, n_positions: int):
+    """The padded-batch plan, by request index: requests sorted by output length (longest first)
+    in chunks of `batch_size`, each chunk with its max_new_tokens (the longest output, cut to what
+    fits after the chunk's longest prompt: T + max_new_tokens <= n_positions)."""
+    order = sorted(range(len(requests)), key=lambda i: -requests[i][1])
+    plan = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(requests[i][0] for i in chunk)
+        new = min(max(requests[i][1] for i in chunk), n_positions - width)
+        if new < 1:
+            raise ValueError(f"a prompt of {width} tokens leaves no room in a context of {n_positions}")
+        plan.append((chunk, width, new))
+    return plan
+
+
 def padded_batches(requests: list[tuple[int, int]], batch_size: int, vocab: int, n_positions: int, seed: int):
     """Requests sorted by output length (longest first) in left-padded batches:
     [(input_ids [b, T], attention_mask [b, T], max_new_tokens, useful tokens)].
 
     Every row of a batch generates the batch's longest output, so max_new_tokens is cut to what
-    fits after the batch's longest prompt (T + max_new_tokens <= n_positions)."""
+    fits after the batch's longest prompt (T + max_new_tokens <= n_positions); a request's useful
+    tokens are its output length within that."""
     prompts = request_prompts(requests, vocab, seed)
-    prompts.sort(key=lambda po: -po[1])
     batches = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        width = max(len(p) for p, _ in chunk)
+    for chunk, width, new in _batch_plan(requests, batch_size, n_positions):
         ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (p, _) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            p = prompts[i][0]
             ids[row, width - len(p):] = p
             mask[row, width - len(p):] = 1
-        new = min(max(o for _, o in chunk), n_positions - width)
-        if new < 1:
-            raise ValueError(f"a prompt of {width} tokens leaves no room in a context of {n_positions}")
-        batches.append((ids, mask, new, sum(min(o, new) for _, o in chunk)))
+        batches.append((ids, mask, new, sum(min(requests[i][1], new) for i in chunk)))
     return batches
+
+
+def served_requests(requests: list[tuple[int, int]], batch_size: int, vocab: int, n_positions: int,
+                    seed: int) -> list[tuple[list[int], int]]:
+    """The same requests as `padded_batches`, in request order, each with the output length it
+    gets there (so continuous batching serves exactly the padded batches' useful tokens)."""
+    prompts = request_prompts(requests, vocab, seed)
+    cap = {i: new for chunk, _, new in _batch_plan(requests, batch_size, n_positions) for i in chunk}
+    return [(p.tolist(), min(o, cap[i])) for i, (p, o) in enumerate(prompts)]
 
 
 def _first_mismatch(expected: torch.Tensor, got: torch.Tensor, prompt_width: int) -> str | None:
@@ -339,6 +360,9 @@ def _engines(hf, gpt_model, gpt_generate, device: str, compile_refs: bool, refer
 
     def gpt_gen(ids, mask, new, streamer=None, **extra):
         extra.setdefault("do_sample", False)
+        # NOTE: every run computes its prompt: K/V cached by an earlier run of the same prompt
+        # would be a prefill HF does not get to skip
+        gpt_model.kv_cache.reset_prefix_cache()
         return gpt_generate(gpt_model, input_ids=ids.to(device), attention_mask=mask.to(device),
                             max_new_tokens=new, pad_token_id=PAD_ID, streamer=streamer, **extra)
 
@@ -463,6 +487,7 @@ def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) 
     """
     from gptfast.engine import Engine as GptEngine, SamplingParams
 
+    model.kv_cache.reset_prefix_cache()  # no prompt K/V left from earlier runs (HF has none)
     _sync(device)
     t0 = time.perf_counter()
     engine = GptEngine(model)
@@ -647,7 +672,7 @@ def run_e2e(
     gen = torch.Generator().manual_seed(seed)
     prompt = _prompt(gen, config.vocab_size, plan.prompt_len)
     batches = padded_batches(plan.requests, plan.batch_size, config.vocab_size, config.n_positions, seed)
-    requests = [(p.tolist(), o) for p, o in request_prompts(plan.requests, config.vocab_size, seed)]
+    requests = served_requests(plan.requests, plan.batch_size, config.vocab_size, config.n_positions, seed)
     base = dict(suite="e2e", model=model, dtype=dtype, primary="tok_s", higher_is_better=True)
 
     # 1. correctness in fp32

@@ -59,7 +59,7 @@ Kernels and their floors (fp16/bf16, e = 2 bytes per element; H100 ceilings from
   runs bias-free: at batch 1 `F.linear` with a bias is two kernels (bias copy, then GEMM with
   beta = 1), 12 launches per GPT-2 124M step that this removes. Bytes: + 3 * H * D * e per
   batch row (q's row by each split program, K's and V's by the owner), the same 3 * H * D
-  elements for every row, so from DRAM once (3 * H * D * e, 2.3 KB for GPT-2) and L2 after.
+  elements for every row, so from DRAM once (3 * H * D * e, 4.6 KB for GPT-2 in bf16) and L2 after.
 
 Every path accumulates in fp32; scores of masked keys are -inf; a row with no valid key (a
 decode row with seq_len 0) outputs zeros, never NaN.

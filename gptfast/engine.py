@@ -453,8 +453,7 @@ class Engine:
         self._append(ids, tokens, buf["slot_mapping"][:B])
         lens = buf["seq_lens"][:B]
         lens[:] = [len(s.tokens) for s in seqs]
-        buf["positions"][:B] = lens
-        buf["positions"][:B] -= 1
+        np.subtract(lens, 1, out=buf["positions"][:B])
         self.manager.block_tables(ids, buf["block_tables"][:B])
         offsets = buf["offsets"][:B]
         offsets[:] = [s.num_generated for s in seqs]
@@ -468,11 +467,13 @@ class Engine:
             buf["top_p"][:B] = [s.params.top_p for s in seqs]
             self._penalty = any(s.params.repetition_penalty != 1.0 for s in seqs)
             # each row's min_new_tokens where it has EOS ids to mask (0: nothing to mask)
-            self._min_new = np.array([s.params.min_new_tokens if s.params.eos_token_ids else 0
-                                      for s in seqs], dtype=np.int64)
+            min_new = np.array([s.params.min_new_tokens if s.params.eos_token_ids else 0
+                                for s in seqs], dtype=np.int64)
+            self._min_new = min_new if min_new.any() else None  # None: no row ever masks EOS
         for s in seqs:
             s.in_cache = len(s.tokens)
-        if self.keep_scores or self._penalty or bool((offsets < self._min_new).any()):
+        if (self.keep_scores or self._penalty
+                or (self._min_new is not None and bool((offsets < self._min_new).any()))):
             # The logits processors (and score outputs) see the logits before the draw: the
             # graph stops at the logits and the sampler runs eagerly.
             return self._sample(list(seqs), runner.run(B, sample=False))

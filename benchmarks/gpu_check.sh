@@ -54,10 +54,7 @@ main() {
     step "ops suite --quick" 90 10 python3 -m benchmarks --suite ops --quick --device "$DEVICE" \
         --out "$OUT" --formats json --no-progress
 
-    echo
-    echo "== summary ($(( SECONDS - START ))s in all)"
-    python3 -m gptfast.bench.summary "$OUT" "$STEPS" || FAILED=1
-    return $FAILED
+    summarize "$OUT"
 }
 
 # A pipeline, not exec > >(tee): the script ends only after tee has written the last line.

@@ -66,10 +66,7 @@ main() {
         done
     done
 
-    echo
-    echo "== summary ($(( SECONDS - START ))s in all)"
-    python3 -m gptfast.bench.summary "$OUT" "$STEPS" || FAILED=1
-    return $FAILED
+    summarize "$OUT"
 }
 
 main 2>&1 | tee -a "$OUT/gpu_e2e.log"

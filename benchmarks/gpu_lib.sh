@@ -63,3 +63,12 @@ install_in_place() {
             --no-deps -e .
     fi
 }
+
+# summarize OUT: the step statuses and the result tables (gptfast.bench.summary, also written to
+# OUT/summary.md); returns 1 when a step failed or the summary found a failed check.
+summarize() {
+    echo
+    echo "== summary ($(( SECONDS - START ))s in all)"
+    python3 -m gptfast.bench.summary "$1" "$STEPS" || FAILED=1
+    return $FAILED
+}

@@ -89,17 +89,28 @@ setup(
     packages=find_packages(include=["gptfast", "gptfast.*"]),
     ext_modules=[CMakeExtension("gptfast._C")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=["torch>=2.1", "numpy", "safetensors", "tokenizers", "tqdm"],
+    install_requires=[
+        "torch>=2.1",
+        # Triton wheels exist for Linux only; elsewhere gptfast runs the eager references and says
+        # so. No upper bound: each torch CUDA wheel pins its own Triton (torch 2.13: 3.7.1).
+        "triton>=3.2; platform_system == 'Linux'",
+        "numpy",
+        "safetensors",
+        "tokenizers",
+        "huggingface_hub",  # hub names ("gpt2") resolve through the local Hugging Face cache
+        "tqdm",
+    ],
     extras_require={
         "test": [
             "pytest",
             "pytest-benchmark",
             "hypothesis",
+            "pexpect",  # the interactive CLI tests drive a pseudo-terminal
             "transformers>=4.45",
             # the version the interpreter tests were validated with and the GPU machine has:
             # each Triton release changes the interpreter (3.9's is ~3x slower on these tests)
             "triton==3.6.0; platform_system == 'Linux'",
-            "numpy<2.3",  # Triton 3.6's interpreter breaks on scalar arguments with numpy >= 2.3
+            "numpy<2.3",  # COMPAT(triton 3.6): its interpreter breaks on scalar arguments with numpy >= 2.3
             "matplotlib",
             "scipy",
         ],

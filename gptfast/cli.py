@@ -1,24 +1,101 @@
-"""`gptfast` command line: `gptfast generate` (text from a checkpoint or preset) and
-`gptfast bench` (the benchmark suite). Also `python -m gptfast`."""
+"""`gptfast` command line: `gptfast generate` (text from a checkpoint, a Hugging Face model name
+or, with --random-weights, a preset) and `gptfast bench` (the benchmark suite). Also
+`python -m gptfast`.
+
+Errors in the arguments are one line, `error: ...`, exit status 2, reported before any model is
+loaded. Ctrl-C during a sample stops that sample (back to the prompt with --interactive); Ctrl-C
+at the prompt exits with status 130, Ctrl-D or an empty line with 0.
+
+Each subcommand is a function that adds its subparser (`_add_<name>`, listed in `SUBCOMMANDS`)
+and a function that runs it (set as the subparser's `run` default).
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
+from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+# Every dtype spelling the command line accepts -> torch's attribute name.
+DTYPE_ALIASES = {
+    "fp32": "float32", "float32": "float32",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16",
+}
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
-def _generate_arguments(p: argparse.ArgumentParser) -> None:
+class UsageError(Exception):
+    """A problem with the command line, reported as one `error: ...` line with exit status 2."""
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`error: ...`, exit 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def dtype_name(text: str) -> str:
+    """torch's name for a dtype given as fp32/bf16/fp16 or float32/bfloat16/float16.
+
+    Examples
+    --------
+    >>> dtype_name("bf16"), dtype_name("float16")
+    ('bfloat16', 'float16')
+    """
+    name = DTYPE_ALIASES.get(text.strip().lower())
+    if name is None:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}; allowed: {', '.join(DTYPE_ALIASES)}")
+    return name
+
+
+def resolve_device(device: str | None) -> str:
+    """`device` checked against what torch sees here ("cpu", "cuda", "cuda:N"); None: the GPU if
+    there is one. Raises `UsageError` naming what is available."""
+    import torch
+
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__}"
+                         f"{', a CPU-only build' if torch.version.cuda is None else ''}); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s) (cuda:0.."
+                         f"cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
+# --------------------------------------------------------------------------------------- generate
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a checkpoint or a Hugging Face model name",
+                       description="Generate text, streamed as it comes, with tokens/s at the end. "
+                                   "Ctrl-C stops the current sample.")
     p.add_argument("model", nargs="?", default="gpt2",
-                   help="an HF checkpoint folder, a nanoGPT ckpt.pt, or a preset name "
-                        "(gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny: random weights); default gpt2")
+                   help="an HF checkpoint folder, a nanoGPT ckpt.pt, or a Hugging Face model name resolved "
+                        "through the local HF cache (downloaded where the hub is reachable); default gpt2. "
+                        "With --random-weights: a preset name")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random weights in the shape of the preset MODEL (gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl, tiny, tiny-odd): the speed is real, the text is noise")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="text to continue (needs a tokenizer in the checkpoint folder)")
+    src.add_argument("--prompt", help="text to continue (needs the checkpoint's tokenizer)")
     src.add_argument("--ids", help="comma-separated token ids to continue, e.g. 464,2068,7586")
     src.add_argument("--interactive", action="store_true",
-                     help="read prompts from the terminal in a loop (empty line or EOF ends)")
+                     help="read prompts from the terminal in a loop (Ctrl-D or an empty line ends)")
     p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=int, default=40,
@@ -27,26 +104,46 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", type=dtype_name, default="float32", metavar="DTYPE",
+                   help="weights and activations: fp32/float32 (default), bf16/bfloat16, fp16/float16")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.set_defaults(run=_run_generate)
 
 
 class _PrintStreamer:
-    """HF streamer protocol: the prompt first, then one tensor of new tokens per step."""
+    """HF streamer protocol: the prompt first (echoed), then one tensor of new tokens per step.
 
-    def __init__(self, tokenizer, out=None):
+    The end-of-text token ends the sample and is not printed; ids the tokenizer does not have
+    print as `<id>`.
+    """
+
+    def __init__(self, tokenizer, echo: str, eos_ids: set[int], out=None):
+        self.tokenizer = tokenizer
         self.decoder = tokenizer.stream_decoder() if tokenizer is not None else None
+        self.echo = echo
+        self.eos_ids = eos_ids
         self.out = out if out is not None else sys.stdout
         self.seen_prompt = False
+        self.ended = False
         self.count = 0
 
     def put(self, value) -> None:
         if not self.seen_prompt:
             self.seen_prompt = True
+            self.out.write(self.echo)
+            self.out.flush()
             return
         for token in value.view(-1).tolist():
             self.count += 1
-            text = self.decoder.push(token) if self.decoder is not None else f" {token}"
+            if self.ended or token in self.eos_ids:
+                self.ended = True  # generate() stops here; nothing after EOS is text
+                continue
+            if self.decoder is None:
+                text = f" {token}"
+            elif token >= self.tokenizer.vocab_size:
+                text = self.decoder.flush() + f"<{token}>"
+            else:
+                text = self.decoder.push(token)
             self.out.write(text)
         self.out.flush()
 
@@ -57,124 +154,241 @@ class _PrintStreamer:
         self.out.flush()
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise UsageError(f"token ids must be integers separated by commas or spaces, got {text!r}") from None
+    if not ids:
+        raise UsageError("no token ids given")
+    return ids
+
+
+def _check_ids(ids: list[int], vocab_size: int) -> list[int]:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the model's vocabulary [0, {vocab_size})")
+    return ids
+
+
+def _presets() -> str:
+    from .config import PRESETS
+
+    return ", ".join(PRESETS)
+
+
+def _check_generate(args) -> None:
+    """Everything the arguments alone can get wrong, before anything is loaded."""
+    from .config import PRESETS
+
+    if args.num_samples < 1:
+        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.greedy:
+        if not args.temperature > 0:
+            raise UsageError(f"--temperature must be > 0, got {args.temperature} (for greedy decoding: --greedy)")
+        if args.top_k < 0:
+            raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+        if not 0 < args.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.ids is not None:
+        args.prompt_ids = _parse_ids(args.ids)
+    if args.random_weights:
+        if args.model not in PRESETS:
+            close = difflib.get_close_matches(args.model, PRESETS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UsageError(f"--random-weights needs a preset name, got {args.model!r}{hint} "
+                             f"(presets: {_presets()})")
+        if args.prompt is not None:
+            raise UsageError("--prompt needs a tokenizer and --random-weights loads none: give token ids "
+                             "with --ids")
+        if args.ids is not None:
+            _check_ids(args.prompt_ids, PRESETS[args.model].vocab_size)
+    else:
+        from . import hub
+
+        path = Path(args.model).expanduser()
+        if not path.exists() and not hub.is_hub_id(args.model):
+            raise UsageError(f"no such file or folder: {args.model!r} (and it is not a Hugging Face model name)")
+        if path.exists():
+            args.model = str(path)
+    args.device = resolve_device(args.device)
+
+
+def _source_folder(args) -> str:
+    """The local checkpoint for `args.model`: the path itself, or the Hugging Face cache's snapshot."""
+    from . import hub
+    from .config import PRESETS
+
+    if not hub.is_hub_id(args.model):
+        return args.model
+    print(f"looking up {args.model} in the Hugging Face cache ({hub.cache_dir()}) ...", file=sys.stderr, flush=True)
+    try:
+        return str(hub.snapshot(args.model))
+    except FileNotFoundError as exc:
+        close = difflib.get_close_matches(args.model, PRESETS, n=1)
+        preset = close[0] if close else "gpt2"
+        raise UsageError(f"{exc}; for random weights in a preset's shape: gptfast generate {preset} "
+                         f"--random-weights (presets: {_presets()})") from None
+
+
 def _load(args):
+    """(model, tokenizer or None), saying on stderr what was loaded."""
     import torch
 
-    from .model import is_preset, load_model
+    from .model import GPT2
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
-    print(f"loading {args.model} ({args.dtype}, {device}) ...", file=sys.stderr, flush=True)
-    model = load_model(args.model, dtype=dtype, device=device, progress=True)
-    if is_preset(args.model):
-        print(f"NOTE: preset {args.model!r} has randomly initialised weights: the text is noise",
-              file=sys.stderr)
     tokenizer = None
-    folder = getattr(model, "tokenizer_dir", None)
-    if folder is not None:
-        from .tokenizer import load_tokenizer
+    if args.random_weights:
+        print(f"building {args.model} with random weights ({SHORT_DTYPE[args.dtype]}, {args.device}) ...",
+              file=sys.stderr, flush=True)
+        model = GPT2.from_config(args.model, seed=0, dtype=dtype, device=args.device, progress=True)
+        print(f"NOTE: random weights (preset {args.model!r}, GPT-2 init, seed 0): the speed is real, the text "
+              "is noise", file=sys.stderr)
+    else:
+        from .tokenizer import has_tokenizer_files, load_tokenizer
 
-        tokenizer = load_tokenizer(folder)
+        folder = _source_folder(args)
+        where = Path(folder) if Path(folder).is_dir() else Path(folder).parent
+        if args.prompt is not None and not has_tokenizer_files(where):
+            raise UsageError(f"--prompt needs tokenizer files (tokenizer.json, or vocab.json + merges.txt) "
+                             f"beside the weights, and {where} has none: give token ids with --ids")
+        print(f"loading {folder} ({SHORT_DTYPE[args.dtype]}, {args.device}) ...", file=sys.stderr, flush=True)
+        try:
+            model = GPT2.from_pretrained(folder, dtype=dtype, device=args.device, progress=True)
+        except (FileNotFoundError, ValueError, TypeError) as exc:
+            raise UsageError(" ".join(str(exc).split())) from None
+        if model.tokenizer_dir is not None:
+            tokenizer = load_tokenizer(model.tokenizer_dir)
+            if tokenizer.vocab_size < model.config.vocab_size:
+                print(f"warning: the tokenizer has {tokenizer.vocab_size} ids, fewer than the model's vocabulary "
+                      f"({model.config.vocab_size}); sampled ids it lacks print as <id>", file=sys.stderr)
     print(f"loaded in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return model, tokenizer
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_defaults.get("eos_token_id")
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
 def _run_generate(args) -> int:
     import torch
 
     from .generation import generate
-    from .model import is_preset
 
-    if args.prompt is not None and is_preset(args.model):
-        print("error: --prompt needs a checkpoint folder with a tokenizer; a preset has none "
-              "(use --ids)", file=sys.stderr)
-        return 2
+    _check_generate(args)
     model, tokenizer = _load(args)
-    if args.prompt is not None and tokenizer is None:
-        print(f"error: {args.model} has no tokenizer files (tokenizer.json or vocab.json + "
-              "merges.txt); use --ids", file=sys.stderr)
-        return 2
+    eos_ids = _eos_ids(model)
+    pad = model.generation_defaults.get("pad_token_id")
+    if pad is None:
+        pad = min(eos_ids) if eos_ids else 0
+    kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad)
+    if args.greedy:
+        kw["do_sample"] = False
+    else:
+        kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
-    def one(prompt_ids):
+    def samples(prompt_ids: list[int] | None, echo: str) -> bool:
+        """Every sample for one prompt; False when Ctrl-C stopped one."""
         input_ids = None if prompt_ids is None else torch.tensor([prompt_ids], dtype=torch.long)
-        pad = model.generation_defaults.get("pad_token_id")
-        if pad is None:
-            eos = model.generation_defaults.get("eos_token_id")
-            pad = (eos[0] if isinstance(eos, list) and eos else eos) if eos is not None else 0
-        kw = dict(max_new_tokens=args.max_new_tokens, pad_token_id=pad)
-        if args.greedy:
-            kw["do_sample"] = False
-        else:
-            kw.update(do_sample=True, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p)
         for i in range(args.num_samples):
             if args.num_samples > 1:
-                print(f"{'=' * 20} sample {i + 1} {'=' * 20}")
-            streamer = _PrintStreamer(tokenizer)
-            t0 = time.perf_counter()
+                print(f"{'=' * 20} SAMPLE {i + 1} {'=' * 20}", flush=True)
+            streamer = _PrintStreamer(tokenizer, echo, eos_ids)
             if args.seed is not None and not args.greedy:
                 kw["seed"] = args.seed + i
-            generate(model, input_ids, streamer=streamer, **kw)
+            t0 = time.perf_counter()
+            try:
+                generate(model, input_ids, streamer=streamer, **kw)
+            except KeyboardInterrupt:
+                # generate() has released the sample's KV blocks and ended the line on its way out
+                print(f"[interrupted after {streamer.count} tokens]", file=sys.stderr, flush=True)
+                return False
             dt = time.perf_counter() - t0
-            print(f"[{streamer.count} tokens in {dt:.2f}s: {streamer.count / dt:.1f} tokens/s]",
-                  file=sys.stderr)
+            stop = "; stopped at end of text" if streamer.ended else ""
+            print(f"[{streamer.count} tokens in {dt:.2f}s: {streamer.count / dt:.1f} tokens/s{stop}]",
+                  file=sys.stderr, flush=True)
+        return True
 
-    def encode(text):
+    def prompt_from(text: str) -> tuple[list[int], str]:
+        if tokenizer is None:
+            ids = _parse_ids(text)
+            return _check_ids(ids, model.config.vocab_size), " ".join(map(str, ids))
         ids = tokenizer.encode(text)
         if not ids:
-            raise ValueError("the prompt encodes to no tokens")
-        return ids
+            raise UsageError(f"the prompt {text!r} encodes to no tokens")
+        return _check_ids(ids, model.config.vocab_size), text
 
-    try:
-        if args.interactive:
-            while True:
-                try:
-                    text = input("Model prompt >>> " if tokenizer is not None else "Token ids >>> ")
-                except EOFError:
-                    break
-                if not text.strip():
-                    break
-                ids = encode(text) if tokenizer is not None else _parse_ids(text)
-                one(ids)
+    if not args.interactive:
+        if args.prompt is not None:
+            ids, echo = prompt_from(args.prompt)
+        elif args.ids is not None:
+            ids = _check_ids(args.prompt_ids, model.config.vocab_size)
+            echo = tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
         else:
-            ids = None
-            if args.prompt is not None:
-                ids = encode(args.prompt)
-            elif args.ids is not None:
-                ids = _parse_ids(args.ids)
-            one(ids)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+            ids, echo = None, ""
+        return 0 if samples(ids, echo) else EXIT_INTERRUPTED
+
+    label = "Model prompt >>> " if tokenizer is not None else "Token ids >>> "
+    while True:
+        try:
+            text = input(label)
+        except EOFError:
+            print(flush=True)  # the shell prompt starts on its own line
+            return 0
+        except KeyboardInterrupt:
+            print(flush=True)
+            return EXIT_INTERRUPTED
+        if not text.strip():
+            return 0
+        try:
+            ids, echo = prompt_from(text)
+        except UsageError as exc:  # a bad prompt is reported; the loop goes on
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            continue
+        samples(ids, echo)
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise ValueError(f"token ids must be integers separated by commas or spaces, got {text!r}") from None
-    if not ids:
-        raise ValueError("no token ids given")
-    return ids
+# ------------------------------------------------------------------------------------------ bench
+
+
+def _add_bench(sub) -> None:
+    from .bench import add_bench_arguments, run_bench
+
+    p = sub.add_parser("bench", help="benchmark gptfast against eager PyTorch and HF",
+                       description="Correctness first, then speed in roofline units.")
+    add_bench_arguments(p)
+    p.set_defaults(run=run_bench)
+
+
+# ------------------------------------------------------------------------------------------- main
+
+SUBCOMMANDS = (_add_generate, _add_bench)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .bench import add_bench_arguments, run_bench
-
-    parser = argparse.ArgumentParser(prog="gptfast", description="Fast GPT-2 generation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text from a checkpoint or preset",
-                         description="Generate text, streamed as it comes, with tokens/s at the end.")
-    _generate_arguments(gen)
-    bench = sub.add_parser("bench", help="benchmark gptfast against eager PyTorch and HF",
-                           description="Correctness first, then speed in roofline units.")
-    add_bench_arguments(bench)
+    """Run `gptfast ARGS` (default: sys.argv[1:]); returns the exit status."""
+    parser = OneLineErrorParser(prog="gptfast", description="Fast GPT-2 generation.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    for add in SUBCOMMANDS:
+        add(sub)
     args = parser.parse_args(argv)
-    if args.command == "generate":
-        return _run_generate(args)
-    return run_bench(args)
+    try:
+        return args.run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

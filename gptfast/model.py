@@ -13,7 +13,6 @@ Two forward paths share the weights:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .config import PRESETS, GPT2Config, get_config
+from .config import GPT2Config, get_config
 from .kv_cache import AttnMetadata, KVCache
 
 _MKLDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -272,15 +271,18 @@ class GPT2(nn.Module):
     def from_pretrained(cls, src, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", block_size: int = 16,
                         num_kv_blocks: int | None = None, progress: bool = False) -> "GPT2":
-        """Load GPT-2 weights from an HF checkpoint folder, a `transformers.GPT2LMHeadModel`,
-        or a nanoGPT `ckpt.pt` (see `gptfast.weights.load_checkpoint`).
+        """Load GPT-2 weights from an HF checkpoint folder, a hub name ("gpt2",
+        "openai-community/gpt2-medium": through the local Hugging Face cache, downloading where
+        the hub is reachable; see `gptfast.hub`), a `transformers.GPT2LMHeadModel`, or a nanoGPT
+        `ckpt.pt` (see `gptfast.weights.load_checkpoint`). Random weights: `from_config`.
 
         `dtype` None keeps fp32 (the checkpoint's own dtype is not guessed from storage).
         `progress` shows a progress bar while the weights are copied in.
         """
+        from . import hub
         from .weights import load_checkpoint
 
-        ckpt = load_checkpoint(src)
+        ckpt = load_checkpoint(hub.snapshot(src) if hub.is_hub_id(src) else src)
         return cls.from_checkpoint(ckpt, dtype=dtype, device=device, block_size=block_size,
                                    num_kv_blocks=num_kv_blocks, progress=progress)
 
@@ -492,15 +494,3 @@ def _check_ids(input_ids, config: GPT2Config, name: str) -> tuple[int, int]:
         raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {config.vocab_size})")
     return B, T
 
-
-def is_preset(src) -> bool:
-    """Whether `src` names a preset rather than a path (an existing path wins)."""
-    return isinstance(src, str) and src in PRESETS and not Path(src).exists()
-
-
-def load_model(src: str | Path, dtype=None, device="cpu", **kwargs) -> GPT2:
-    """A model from a preset name (random weights, seed 0) or anything `GPT2.from_pretrained`
-    accepts; an existing path wins over a preset of the same name."""
-    if is_preset(src):
-        return GPT2.from_config(PRESETS[src], seed=0, dtype=dtype or torch.float32, device=device, **kwargs)
-    return GPT2.from_pretrained(src, dtype=dtype, device=device, **kwargs)

@@ -11,8 +11,9 @@ Suites:
 - ops: every op in `gptfast.ops` that declares `benchmark_cases`: fast path checked against its
   eager reference, then timed in µs, GB/s, TFLOP/s, % of the measured floor, speedups.
 
-Only argparse is imported here, so `gptfast bench --help` is instant; torch, triton, matplotlib
-and transformers load when a suite runs.
+Results go to `--out` (default: `default_out_dir()`, outside any checkout); the last line printed
+is `results: <folder>`. Only argparse is imported here, so `gptfast bench --help` is instant;
+torch, triton, matplotlib and transformers load when a suite runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 __all__ = ["add_bench_arguments", "run_bench", "default_out_dir"]
@@ -27,12 +29,12 @@ __all__ = ["add_bench_arguments", "run_bench", "default_out_dir"]
 _DTYPES = ("fp32", "bf16", "fp16")
 
 
-def default_out_dir(cwd: Path | None = None) -> Path:
-    """benchmarks/results inside a gptfast checkout (the current folder), else ./bench-results."""
-    cwd = Path.cwd() if cwd is None else cwd
-    if (cwd / "benchmarks").is_dir() and (cwd / "gptfast").is_dir():
-        return cwd / "benchmarks" / "results"
-    return cwd / "bench-results"
+def default_out_dir() -> Path:
+    """Where a run without --out writes: the user's data folder, `$XDG_DATA_HOME/gptfast/bench`
+    (`~/.local/share/gptfast/bench` by default), so a casual run never writes into a checkout.
+    The project's committed results are written with `--out benchmarks/results`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "gptfast" / "bench"
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +47,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="cuda, cuda:N or cpu (default: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--dtype", "--dtypes", type=_dtype_list, default=None, metavar="DTYPE[,DTYPE...]",
-                        help="e2e model dtype(s), comma-separated from fp32,bf16,fp16 (default: bf16 on "
-                             "CUDA, fp32 on the CPU); correctness is always checked in fp32 first")
+                        help="e2e model dtype(s), comma-separated from fp32,bf16,fp16 (or float32, bfloat16, "
+                             "float16; default: bf16 on CUDA, fp32 on the CPU); correctness is always "
+                             "checked in fp32 first")
     parser.add_argument("--model", "--models", type=_model_list, default=["gpt2"], metavar="MODEL[,MODEL...]",
                         help="gptfast preset(s) (random weights: gpt2, gpt2-medium, gpt2-xl, ..., tiny) or "
                              "HF checkpoint folders, comma-separated (default: gpt2, the 124M shape); "
@@ -54,11 +57,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", nargs="+", metavar="NAME",
                         help="ops suite: only these ops (op or module names, e.g. decode_attention sampling)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="folder for result files (default: benchmarks/results in a checkout, "
-                             "else ./bench-results)")
+                        help="folder for result files (default: ~/.local/share/gptfast/bench, or "
+                             "$XDG_DATA_HOME/gptfast/bench)")
     parser.add_argument("--formats", default="json,csv,md",
                         help="result files to write, comma-separated from json,csv,md (default: all)")
-    parser.add_argument("--no-plots", action="store_true", help="do not draw the ops PNG")
+    parser.add_argument("--no-plots", action="store_true", help="do not draw the PNGs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD.json", "NEW.json"),
                         help="compare two result files (speed ratio per row, regressions flagged; "
@@ -72,11 +75,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dtype_list(text: str) -> list[str]:
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    bad = [v for v in values if v not in _DTYPES]
+    """Comma-separated dtypes in either spelling (bf16 or bfloat16, ...) -> short names."""
+    from ..cli import DTYPE_ALIASES, SHORT_DTYPE
+
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in DTYPE_ALIASES]
     if not values or bad:
-        raise argparse.ArgumentTypeError(f"dtypes must be comma-separated from {','.join(_DTYPES)}; got {text!r}")
-    return list(dict.fromkeys(values))
+        raise argparse.ArgumentTypeError(f"dtypes must be comma-separated from {','.join(_DTYPES)} (or "
+                                         f"float32, bfloat16, float16); got {text!r}")
+    return list(dict.fromkeys(SHORT_DTYPE[DTYPE_ALIASES[v]] for v in values))
 
 
 def _model_list(text: str) -> list[str]:
@@ -86,42 +93,38 @@ def _model_list(text: str) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SystemExit(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})")
-        return device
-    if device != "cpu":
-        raise SystemExit(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    return device
-
-
 def run_bench(args: argparse.Namespace) -> int:
-    """Run what `args` asks for; print the result table last; 0 when every check passed.
+    """Run what `args` asks for; print the tables, then `results: <folder>` last.
 
-    Returns 1 when a correctness check failed or a case errored (or, with --compare, when a
-    regression was flagged).
+    Returns 0 when every check passed, 1 when a correctness check failed or a case errored (or,
+    with --compare, when a regression was flagged), 2 for bad arguments (one `error: ...` line).
     """
+    from ..cli import UsageError
+
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..cli import UsageError, resolve_device
+
     if args.compare:
         from .results import compare_files
 
         try:
             text, regressions = compare_files(args.compare[0], args.compare[1], args.threshold)
         except ValueError as exc:
-            print(f"gptfast bench --compare: {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--compare: {exc}") from None
         print(text)
         return 1 if regressions else 0
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats or set(formats) - {"json", "csv", "md"}:
-        print(f"--formats must list some of json,csv,md; got {args.formats!r}", file=sys.stderr)
-        return 2
-    device = _resolve_device(args.device)
+        raise UsageError(f"--formats must list some of json,csv,md; got {args.formats!r}")
+    device = resolve_device(args.device)
     if device == "cpu" and args.suite in ("ops", "all") and "TRITON_INTERPRET" not in os.environ:
         # On the CPU the kernels can only be checked through Triton's interpreter, which Triton
         # picks when triton.language and each kernel are defined: too late once triton is loaded
@@ -138,15 +141,25 @@ def run_bench(args: argparse.Namespace) -> int:
     dtypes = args.dtype or ["bf16" if device.startswith("cuda") else "fp32"]
     dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
     models = [args.model] if isinstance(args.model, str) else args.model
-    out_dir = args.out if args.out is not None else default_out_dir()
+    out_dir = Path(args.out if args.out is not None else default_out_dir()).expanduser()
     progress = not args.no_progress
+
+    from gptfast.ops import _triton
 
     from . import ceilings as ceilings_mod
     from . import provenance, results
+    from .summary import SCREEN, SCREEN_LEGEND, flag_noisy, screen_table
 
     facts = provenance.collect(device=device)
     print(f"gptfast bench: suite {args.suite} on {facts['device']} ({device}), torch {facts['torch']}, "
           f"triton {facts['triton']}, transformers {facts['transformers']}", flush=True)
+    machine = provenance.machine_note(facts)
+    print(machine, flush=True)
+    skipped = []
+    if not _triton.AVAILABLE:
+        skipped.append(f"{_triton.MISSING_REASON}: the Triton kernels were skipped (not checked, not timed); "
+                       "only the eager references ran")
+        print(f"gptfast bench: {skipped[-1]}", flush=True)
     ceil = ceilings_mod.measure(device, quick=args.quick)
     ceiling_note = (f"measured ceilings: copy {ceil.copy_gbps:,.1f} GB/s (read + write, "
                     f"{ceil.copy_bytes >> 20} MiB), {ceil.matmul_dtype} matmul {ceil.matmul_tflops:,.2f} "
@@ -157,6 +170,7 @@ def run_bench(args: argparse.Namespace) -> int:
     tables: list[str] = []
     failed = False
     written: list[Path] = []
+    noisy = 0
     if args.suite in ("ops", "all"):
         from . import runner
 
@@ -164,43 +178,60 @@ def run_bench(args: argparse.Namespace) -> int:
         if not rows:
             known = sorted({c.op for _, m in runner.discover() if not isinstance(m, BaseException)
                             for c in m.benchmark_cases(device, args.quick)})
-            print(f"gptfast bench: no ops case matched --ops {' '.join(args.ops or [])}; ops here: "
-                  f"{', '.join(known) or 'none'}", file=sys.stderr)
-            return 2
+            raise UsageError(f"no ops case matched --ops {' '.join(args.ops or [])}; ops here: "
+                             f"{', '.join(known) or 'none'}")
+        noisy += flag_noisy(rows)
         mode = runner.fast_mode(device)
-        notes = [ceiling_note, {"timed": "fast path (Triton) checked, then timed",
-                                "checked": "fast path checked in the Triton interpreter, not timed; "
-                                           "the eager reference is timed",
-                                }.get(mode, f"fast path {mode}: only the eager reference runs")]
+        untimed = {"timed": None,
+                   "checked": "the Triton kernels are not timed on the CPU (they run only in Triton's "
+                              "interpreter, which checks them); the eager references are timed"}.get(
+            mode, f"fast path {mode}: only the eager references ran and are timed")
+        notes = [ceiling_note, machine] + ([untimed] if untimed else []) + skipped
         paths = results.save("ops", rows, out_dir, runner.COLUMNS, provenance=facts, notes=notes,
                              formats=formats)
         written += paths.values()
-        if not args.no_plots and rows:
+        if not args.no_plots:
             from .plots import plot_ops
 
             stem = next(iter(paths.values())).stem
-            png = plot_ops(rows, Path(out_dir) / f"{stem}.png",
-                           f"gptfast ops on {facts['device']} ({facts['date_utc']})")
+            png = plot_ops(rows, out_dir / f"{stem}.png", f"gptfast ops on {facts['device']} ({facts['date_utc']})",
+                           not_timed=untimed)
             if png is not None:
                 written.append(png)
         failed |= _print_failures(rows)
-        tables.append(f"ops on {facts['device']} ({device}); {ceiling_note}\n"
-                      + results.format_table(rows, runner.COLUMNS))
+        group_by, columns = SCREEN["ops"]
+        tables.append(f"ops on {facts['device']} ({device})" + (f"; {untimed}" if untimed else "") + "\n\n"
+                      + screen_table(rows, columns, group_by))
     if args.suite in ("e2e", "all"):
         rows, notes = _run_e2e_matrix(device, models, dtypes, args, ceil, progress)
-        notes = notes + [ceiling_note]
+        noisy += flag_noisy(rows)
+        notes = notes + [ceiling_note, machine] + skipped
         from . import e2e
 
         paths = results.save("e2e", rows, out_dir, e2e.COLUMNS, provenance=facts, notes=notes,
                              formats=formats)
         written += paths.values()
-        failed |= _print_failures(rows)
-        tables.append(f"e2e on {facts['device']} ({device}; {', '.join(models)}; {', '.join(dtypes)}): "
-                      + notes[0] + "\n" + results.format_table(rows, e2e.COLUMNS))
+        if not args.no_plots:
+            from .plots import plot_e2e
 
-    print("\nwrote:\n" + "\n".join(f"  {p}" for p in written))
+            stem = next(iter(paths.values())).stem
+            png = plot_e2e(rows, out_dir / f"{stem}.png",
+                           f"gptfast e2e on {facts['device']} ({facts['date_utc']}): {notes[0][:90]}")
+            if png is not None:
+                written.append(png)
+        failed |= _print_failures(rows)
+        group_by, columns = SCREEN["e2e"]
+        tables.append(f"e2e on {facts['device']} ({device}; {', '.join(models)}; {', '.join(dtypes)})\n"
+                      + "\n".join(textwrap.wrap(notes[0], 120)) + "\n\n"
+                      + screen_table(rows, columns, group_by) + "\n\n"
+                      + "\n".join(textwrap.wrap(SCREEN_LEGEND["e2e"], 120)))
+
     for table in tables:
         print("\n" + table)
+    if noisy:
+        print(f"\n{noisy} row(s) marked NOISY (repeats differ by > 10%): {machine}")
+    print("\nwrote:\n" + "\n".join(f"  {p.name}" for p in written))
+    print(f"results: {out_dir}")
     return 1 if failed else 0
 
 
@@ -235,7 +266,7 @@ def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, cei
                 import torch
 
                 torch.cuda.empty_cache()
-        rows += got
+        rows += [dict(r, run_dtype=dtype) for r in got]  # the run's dtype (an HF fp32 row sits in a bf16 run)
         notes += [label + n for n in got_notes]
     return rows, notes
 
@@ -251,6 +282,8 @@ def _print_failures(rows) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks` / `python -m gptfast.bench`."""
-    parser = argparse.ArgumentParser(prog="gptfast bench", description=__doc__.split("\n\n")[0])
+    from ..cli import OneLineErrorParser
+
+    parser = OneLineErrorParser(prog="gptfast bench", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)
     return run_bench(parser.parse_args(argv))

@@ -387,14 +387,18 @@ def _engines(hf, gpt_model, gpt_generate, device: str, compile_refs: bool, refer
     return engines
 
 
-def _each(live: list[Engine], results: dict, fn: Callable[[Engine, dict], None]) -> None:
-    """`fn(engine, its result dict)` for each live engine; an engine that raises is recorded and dropped."""
+def _each(live: list[Engine], results: dict, fn: Callable[[Engine, dict], None],
+          tick: Callable[[str], None] | None = None) -> None:
+    """`fn(engine, its result dict)` for each live engine; an engine that raises is recorded and dropped.
+    `tick(engine name)` after each run moves the progress bar."""
     for engine in list(live):
         try:
             fn(engine, results[engine.name])
         except Exception as exc:
             results[engine.name] = exc
             live.remove(engine)
+        if tick is not None:
+            tick(engine.name)
 
 
 def _timed(device: str, call: Callable[[], Any]) -> tuple[float, float]:
@@ -406,7 +410,8 @@ def _timed(device: str, call: Callable[[], Any]) -> tuple[float, float]:
     return t0, time.perf_counter() - t0
 
 
-def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int, device: str) -> dict:
+def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int, device: str,
+            tick: Callable[[str], None] | None = None) -> dict:
     """Batch 1, engines interleaved run by run (so a burst of load on a shared machine hits all of
     them): a warm-up each, `repeats` rounds of plain runs (tokens/s with prefill: no streamer, no
     per-token host sync), then `repeats` rounds of streamed runs (TTFT, decode tokens/s, ITL).
@@ -416,7 +421,7 @@ def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int,
     ids, mask = prompt[None], torch.ones_like(prompt)[None]
     results: dict[str, Any] = {e.name: dict(plain=[], runs=[], gaps=[]) for e in engines}
     live = list(engines)
-    _each(live, results, lambda e, r: r.update(output=e.generate(ids, mask, new).cpu()))
+    _each(live, results, lambda e, r: r.update(output=e.generate(ids, mask, new).cpu()), tick)
 
     def plain(e: Engine, r: dict) -> None:
         r["plain"].append(_timed(device, lambda: e.generate(ids, mask, new))[1])
@@ -432,34 +437,38 @@ def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int,
         r["gaps"] += [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
 
     for _ in range(repeats):
-        _each(live, results, plain)
+        _each(live, results, plain, tick)
     for _ in range(repeats):
-        _each(live, results, streamed)
+        _each(live, results, streamed, tick)
     for e in live:
         r = results[e.name]
         runs = r.pop("runs")
         out = {k: statistics.median(x[k] for x in runs) if runs[0][k] is not None else None for k in runs[0]}
         gaps = r.pop("gaps")
-        out.update(tok_s_prefill=new / statistics.median(r.pop("plain")), itl_p50_ms=_percentile(gaps, 0.5),
+        plain_s = r.pop("plain")
+        if len(plain_s) > 1:  # repeat-to-repeat spread of the same run: how far to trust the row
+            out["noise_pct"] = (max(plain_s) - min(plain_s)) / min(plain_s) * 100
+        out.update(tok_s_prefill=new / statistics.median(plain_s), itl_p50_ms=_percentile(gaps, 0.5),
                    itl_p99_ms=_percentile(gaps, 0.99), output=r["output"])
         results[e.name] = out
     return results
 
 
-def _mixed(engines: list[Engine], batches, repeats: int, device: str) -> dict:
+def _mixed(engines: list[Engine], batches, repeats: int, device: str,
+           tick: Callable[[str], None] | None = None) -> dict:
     """The mixed set in padded batches: a warm-up each on the first batch (2 tokens, or what fits),
     then `repeats` rounds, each engine serving every batch in turn. Returns {engine name: result
     dict or exception}."""
     results: dict[str, Any] = {e.name: dict(times=[]) for e in engines}
     live = list(engines)
     ids, mask, fits, _ = batches[0]
-    _each(live, results, lambda e, r: e.generate(ids, mask, min(2, fits)))
+    _each(live, results, lambda e, r: e.generate(ids, mask, min(2, fits)), tick)
 
     def serve(e: Engine, r: dict) -> None:
         r["times"].append(_timed(device, lambda: [e.generate(i, m, n) for i, m, n, _ in batches])[1])
 
     for _ in range(repeats):
-        _each(live, results, serve)
+        _each(live, results, serve, tick)
     useful = sum(b[3] for b in batches)
     generated = sum(b[0].shape[0] * b[2] for b in batches)
     for e in live:
@@ -514,13 +523,19 @@ def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) 
                 gaps_s=gaps, steps=steps, preemptions=getattr(engine, "num_preemptions", None))
 
 
-def _continuous(model, requests: list[tuple[list[int], int]], repeats: int, device: str) -> dict:
+def _continuous(model, requests: list[tuple[list[int], int]], repeats: int, device: str,
+                tick: Callable[[str], None] | None = None) -> dict:
     """The mixed set through continuous batching: a warm-up pass (every prompt, 4 new tokens at
     most: compiles the kernels, captures the CUDA graphs), then `repeats` timed passes; the
     median pass's numbers."""
+    tick = tick or (lambda name: None)
     serve_continuous(model, [(p, min(n, 4)) for p, n in requests], device)
-    runs = sorted((serve_continuous(model, requests, device) for _ in range(repeats)),
-                  key=lambda r: r["seconds"])
+    tick(GPTFAST)
+    runs = []
+    for _ in range(repeats):
+        runs.append(serve_continuous(model, requests, device))
+        tick(GPTFAST)
+    runs.sort(key=lambda r: r["seconds"])
     run = runs[len(runs) // 2]
     useful = sum(n for _, n in requests)
     got = sum(len(t) for t in run["tokens"])
@@ -705,22 +720,27 @@ def run_e2e(
     rows: list[dict] = []
     hf_speed: dict[str, float] = {}
     hf_tokens = None  # HF's batch-1 output in this dtype, to compare gptfast's with
-    bar = tqdm(total=3, desc="e2e timing", leave=False, disable=not progress)
+    padded_engines = [e for e in engines if e.name not in BATCH1_ONLY]
+    # one step per generate() run (warm-ups included), so the bar and its ETA move with every run
+    runs = (len(engines) * (1 + 2 * plan.repeats) + len(padded_engines) * (1 + plan.mixed_repeats)
+            + 1 + plan.mixed_repeats)
+    bar = tqdm(total=runs, desc="e2e timing", unit="run", leave=False, disable=not progress)
+
+    def ticker(scenario: str) -> Callable[[str], None]:
+        def tick(engine: str) -> None:
+            bar.set_postfix_str(f"{scenario}: {engine}"[:50], refresh=False)
+            bar.update()
+        return tick
+
     try:
         with torch.inference_mode():
-            bar.set_postfix_str("batch 1")
-            batch1 = _batch1(engines, prompt, plan.new_tokens, plan.repeats, device)
-            bar.update()
-            bar.set_postfix_str("mixed, padded")
-            mixed = _mixed([e for e in engines if e.name not in BATCH1_ONLY], batches, plan.mixed_repeats,
-                           device)
-            bar.update()
-            bar.set_postfix_str("mixed, continuous batching")
+            batch1 = _batch1(engines, prompt, plan.new_tokens, plan.repeats, device, ticker("batch 1"))
+            mixed = _mixed(padded_engines, batches, plan.mixed_repeats, device, ticker("padded"))
             try:
-                continuous: dict | Exception = _continuous(gpt, requests, plan.mixed_repeats, device)
+                continuous: dict | Exception = _continuous(gpt, requests, plan.mixed_repeats, device,
+                                                           ticker("continuous"))
             except Exception as exc:
                 continuous = exc
-            bar.update()
         step_fields, step_notes = cuda_step_facts(gpt) if device.startswith("cuda") else ({}, [])
     finally:
         bar.close()

@@ -23,6 +23,7 @@ KEYS = (
     "cuda_version",
     "cpu_model",
     "cpu_count",
+    "torch_threads",
     "python",
     "torch",
     "triton",
@@ -150,20 +151,40 @@ def collect(command: str | None = None, *, device: str | None = None) -> dict:
         device_kind=device_kind,
         cpu_model=cpu_model,
         cpu_count=os.cpu_count(),
+        # CPU timings depend on it as much as on the load: a tiny op with 2 threads on a busy
+        # machine can take 1000x its quiet single-thread time
+        torch_threads=sys.modules["torch"].get_num_threads(),
         python=platform.python_version(),
         torch=_version("torch"),
         triton=_version("triton"),
         transformers=_version("transformers"),
         numpy=_version("numpy"),
         platform=f"{platform.system()} {platform.machine()}",
-        # 1/5/15-minute load: a busy shared machine explains noisy CPU numbers
-        load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        load_avg=load_average(),
         date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         git_commit=commit,
         git_dirty=dirty,
         command=command,
     )
     return {key: facts[key] for key in KEYS}
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1/5/15-minute load averages (None where the OS has none): a busy shared
+    machine explains noisy CPU numbers."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def machine_note(facts: dict) -> str:
+    """One line on how busy the machine was: load per CPU and torch's thread count."""
+    load = facts.get("load_avg")
+    cpus = facts.get("cpu_count")
+    text = f"torch threads {facts.get('torch_threads')}, {cpus} CPUs"
+    if load:
+        text += f", load {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)"
+        if cpus and load[0] > 0.75 * cpus:
+            text += ": the machine is busy, CPU timings are noisy"
+    return text
 
 
 def device_slug(facts: dict) -> str:

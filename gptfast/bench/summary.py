@@ -8,9 +8,14 @@ text, last, so the end of a log shows them.
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
+from typing import Sequence
 
 from . import results
+
+WIDTH = 120  # the terminal width the printed tables fit in
+NOISY_PCT = 10.0  # a row whose repeats differ by more than this (%) is flagged noisy
 
 # The short tables: the columns that fit a terminal.
 SHORT = {
@@ -19,6 +24,96 @@ SHORT = {
     "e2e": ["model", "scenario", "engine", "dtype", "status", "tok_s", "ttft_ms", "itl_p50_ms", "itl_p99_ms",
             "pct_bw", "speedup_hf"],
 }
+# What the screen tables show, per suite: (grouped by: one heading per group, columns).
+SCREEN = {
+    "ops": (("op",), ["case", "status", "fast_us", "eager_us", "gbps", "tflops", "pct_floor", "bound",
+                      "speedup_eager", "speedup_baselines", "noise_pct"]),
+    "e2e": (("model", "run_dtype", "scenario"), ["engine", "dtype", "status", "tok_s", "tok_s_prefill", "ttft_ms",
+                                             "itl_p50_ms", "itl_p99_ms", "weight_gbps", "pct_bw", "speedup_hf",
+                                             "noise_pct"]),
+}
+# Shorter headers for the screen (the result files keep `results.HEADERS`).
+SCREEN_HEADERS = {"tok_s_prefill": "+prefill", "weight_gbps": "wt GB/s", "pct_bw": "% BW", "itl_p50_ms": "ITL p50",
+                  "itl_p99_ms": "ITL p99", "noise_pct": "noise %"}
+SCREEN_LEGEND = {
+    "e2e": "tok/s: decode tokens/s (batch 1) or useful tokens/s (mixed); +prefill: tokens/s with prefill; "
+           "TTFT, ITL p50/p99 in ms; wt GB/s: weights read per second; % BW: of the measured copy bandwidth; "
+           "× HF: over HF generate in the same run; noise %: spread of the repeats",
+}
+
+
+def flag_noisy(rows: Sequence[dict], threshold: float = NOISY_PCT) -> int:
+    """Mark rows whose repeat-to-repeat spread (`noise_pct`) exceeds `threshold` %: `noisy=True`
+    and a note. Returns how many were marked."""
+    count = 0
+    for row in rows:
+        noise = row.get("noise_pct")
+        if isinstance(noise, (int, float)) and noise > threshold:
+            row["noisy"] = True
+            flag = f"NOISY: the repeats differ by {noise:.0f}% (> {threshold:.0f}%)"
+            row["note"] = f"{flag}; {row['note']}" if row.get("note") else flag
+            count += 1
+    return count
+
+
+def screen_table(rows: Sequence[dict], columns: Sequence[str], group_by: Sequence[str] = (),
+                 width: int = WIDTH) -> str:
+    """`rows` as aligned text tables that fit in `width` characters.
+
+    One table per group of rows sharing the `group_by` values (a heading line names them);
+    columns empty in every row of a group are left out; text columns that would make the table
+    wider than `width` move, with each row's note, under the table as wrapped lines.
+
+    Parameters
+    ----------
+    rows : sequence of dict
+        Result rows (see `results`).
+    columns : sequence of str
+        Candidate columns in order; the first labels the lines under the table.
+    group_by : sequence of str
+        Row keys whose values split the rows into tables.
+    width : int
+        The widest line allowed (headings and notes are wrapped to it too).
+
+    Examples
+    --------
+    >>> print(screen_table([{"op": "sample", "case": "B=1", "eager_us": 12.3, "note": "checked"}],
+    ...                    ["case", "eager_us"], group_by=["op"]))
+    sample
+    case  eager µs
+    ----  --------
+    B=1       12.3
+      B=1: checked
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(g) for g in group_by), []).append(row)
+    out = []
+    for key, members in groups.items():
+        cols = [c for c in columns if any(r.get(c) is not None for r in members)]
+        screen = [{SCREEN_HEADERS.get(c, results.HEADERS.get(c, c)): r.get(c) for c in cols} for r in members]
+        names = [SCREEN_HEADERS.get(c, results.HEADERS.get(c, c)) for c in cols]
+        moved: list[str] = []
+        table = results.format_table(screen, names)
+        while max(map(len, table.splitlines())) > width and len(names) > 2:
+            text_cols = [n for n in names[1:] if any(isinstance(r.get(n), str) for r in screen)]
+            victim = max(text_cols or names[-1:], key=lambda n: max(len(results.format_value(r.get(n)))
+                                                                  for r in screen))
+            names.remove(victim)
+            moved.append(victim)
+            table = results.format_table(screen, names)
+        lines = [" · ".join(str(k) for k in key)] if group_by else []
+        lines.append(table)
+        for row, shown in zip(members, screen):
+            extra = [f"{n}: {results.format_value(shown[n])}" for n in moved if shown.get(n) is not None]
+            if row.get("note"):
+                extra.append(str(row["note"]))
+            if extra:
+                lines += textwrap.wrap(f"{shown[names[0]]}: " + "; ".join(extra), width,
+                                       initial_indent="  ", subsequent_indent="      ")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
 # Notes worth printing under the short table too (matched anywhere in the note).
 SHORT_NOTES = {
     "e2e": ("decode step at batch 1", "CUDA graphs", "kernel count failed", "the e2e run raised"),

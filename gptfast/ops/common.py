@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+from . import _triton
+
 _BACKENDS = ("auto", "triton", "reference")
 
 
@@ -32,12 +34,16 @@ def interpreting() -> bool:
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op called on `tensors` should run its Triton kernel."""
+    """Whether an op called on `tensors` should run its Triton kernel (never without Triton)."""
     backend = kernel_backend()
     if backend == "reference":
         return False
     if backend == "triton":
+        if not _triton.AVAILABLE:
+            raise RuntimeError(f"GPTFAST_KERNELS=triton, but {_triton.MISSING_REASON}")
         return True
+    if not _triton.AVAILABLE:
+        return False
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     return bool(tensors) and all(t.is_cuda for t in tensors)
 

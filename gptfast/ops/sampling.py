@@ -58,9 +58,8 @@ purpose unequal probability sampling plan" (weighted reservoir); Salmon et al. (
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import tl, triton  # stand-ins where Triton is not installed
 from .common import BenchCase, interpreting
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

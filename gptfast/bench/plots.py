@@ -89,7 +89,7 @@ def plot_ops(rows: Sequence[dict], path: str | Path, title: str, not_timed: str 
         for i, r in enumerate(cases):
             main = r.get(r.get("primary") or "") or r.get("fast_us") or r.get("eager_us")
             if r.get("pct_floor") is not None and main:
-                ax.annotate(f" {r['pct_floor']:.0f}% of floor", (main, i), fontsize=7, va="center")
+                ax.annotate(f" {r['pct_floor']:.2g}% of floor", (main, i), fontsize=7, va="center")
         ax.set_yticks(range(len(cases)), [str(r.get("case", "")) for r in cases], fontsize=7)
         ax.invert_yaxis()
         values = [r.get(f"{p}_us") for r in cases for p in paths if r.get(f"{p}_us")]
@@ -98,7 +98,7 @@ def plot_ops(rows: Sequence[dict], path: str | Path, title: str, not_timed: str 
         ax.set_xlabel("µs per call (median; lower is faster)")
         ax.set_title(op)
         ax.grid(True, axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     if not_timed:
         fig.text(0.5, 0.005, not_timed, ha="center", va="bottom", fontsize=8, color="dimgrey", wrap=True)

@@ -280,12 +280,13 @@ def _eos_ids(model) -> set[int]:
 
 
 def _run_generate(args) -> int:
+    _check_generate(args)
+    model, tokenizer = _load(args)
+
     import torch
 
     from .generation import generate
 
-    _check_generate(args)
-    model, tokenizer = _load(args)
     eos_ids = _eos_ids(model)
     pad = model.generation_defaults.get("pad_token_id")
     if pad is None:

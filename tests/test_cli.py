@@ -151,11 +151,10 @@ def test_bench_argument_errors(tmp_path):
 
 
 @pytest.mark.parametrize("spelling", ["bf16", "bfloat16"])
-def test_both_dtype_spellings(spelling, tmp_path):
-    done = run(["generate", "tiny", "--random-weights", "--ids", "1,2", "--max-new-tokens", "2", "--dtype", spelling],
-               cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
-    assert "(bf16, cpu)" in done.stderr
+def test_both_dtype_spellings(spelling, capsys):
+    assert main(["generate", "tiny", "--random-weights", "--ids", "1,2", "--max-new-tokens", "2",
+                 "--dtype", spelling]) == 0
+    assert "(bf16, cpu)" in capsys.readouterr().err
 
 
 def test_bench_takes_both_dtype_spellings():

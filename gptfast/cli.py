@@ -1,5 +1,6 @@
-"""`gptfast` command line: `gptfast generate` (text from a checkpoint or preset) and
-`gptfast bench` (the benchmark suite). Also `python -m gptfast`."""
+"""`gptfast` command line: `gptfast generate` (text from a checkpoint or preset),
+`gptfast bench` (the benchmark suite) and `gptfast kernels` (every GPU kernel compiled and
+counted without a GPU). Also `python -m gptfast`."""
 
 from __future__ import annotations
 
@@ -160,6 +161,17 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _add_kernels_command(sub) -> None:
+    from .bench.kernels import add_kernels_arguments
+
+    kernels = sub.add_parser("kernels", help="compile and count every GPU kernel, no GPU needed",
+                             description="Compile every Triton kernel variant of the decode step and the "
+                                         "prefill for a GPU target (registers, spills, shared memory, "
+                                         "occupancy) and count each decode step's kernels and bytes, on "
+                                         "any machine.")
+    add_kernels_arguments(kernels)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .bench import add_bench_arguments, run_bench
 
@@ -171,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmark gptfast against eager PyTorch and HF",
                            description="Correctness first, then speed in roofline units.")
     add_bench_arguments(bench)
+    _add_kernels_command(sub)
     args = parser.parse_args(argv)
+    if args.command == "kernels":
+        from .bench.kernels import run_kernels
+
+        return run_kernels(args)
     if args.command == "generate":
         return _run_generate(args)
     return run_bench(args)

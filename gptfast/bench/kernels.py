@@ -700,3 +700,185 @@ def _prefill_inputs(lens: list[int], block_size: int, max_blocks: int) -> tuple:
     positions = torch.cat([torch.arange(n) for n in lens])
     last = torch.tensor(starts[1:]) - 1  # each sequence's last row: its logits
     return tokens, positions, meta, last
+
+
+# ------------------------------------------------------------------------------------------
+# command line: gptfast kernels
+# ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _fresh_triton_cache():
+    """Triton's cache (compiled variants, and the ptxas figures kept beside them) in an empty
+    temporary folder for the duration."""
+    from triton import knobs
+
+    previous = knobs.cache.dir
+    with tempfile.TemporaryDirectory(prefix="gptfast-kernels-") as tmp:
+        knobs.cache.dir = tmp
+        try:
+            yield
+        finally:
+            knobs.cache.dir = previous
+
+
+def _bucket_list(text: str) -> list[int] | None:
+    import argparse
+
+    if text == "all":
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"buckets must be 'all' or comma-separated ints, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no bucket given")
+    return values
+
+
+def _dtype_list(text: str) -> list[str]:
+    import argparse
+
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in _DTYPE_NAMES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"dtypes must be comma-separated from {', '.join(_DTYPE_NAMES)}, got {text!r}")
+    return values
+
+
+def add_kernels_arguments(parser) -> None:
+    """Add the `gptfast kernels` options to an argparse parser."""
+    parser.add_argument("--model", default="gpt2", help="a gptfast preset: the shapes (default gpt2)")
+    parser.add_argument("--dtype", "--dtypes", type=_dtype_list, default=["bf16"], metavar="DTYPE[,DTYPE...]",
+                        help="model dtype(s), comma-separated from bf16,fp16,fp32 (default bf16)")
+    parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90",
+                        help="GPU architecture to compile for (default sm_90: H100/H200)")
+    parser.add_argument("--buckets", type=_bucket_list, default=None, metavar="all|B[,B...]",
+                        help="decode batch-size buckets to walk (default all)")
+    parser.add_argument("--sm-count", type=int, default=None,
+                        help="SMs of the GPU (sizes the split-KV grid; default: the target's reference "
+                             "GPU, " + ", ".join(f"{t.name} {t.sm_count}" for t in TARGETS.values()) + ")")
+    parser.add_argument("--context", type=int, default=None,
+                        help="keys per sequence in the decode step, for its bytes (default n_positions/2)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the result files (default: benchmarks/results in a checkout, "
+                             "else ./bench-results)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="write the JSON here (and the CSV beside it) instead of the results folder")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="compile into an empty Triton cache (a temporary folder), so that the compile "
+                             "seconds are cold-cache figures; otherwise Triton's cache may serve variants")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+
+
+def _problems(report: dict) -> list[str]:
+    """What would fail on the GPU or cost a CUDA graph its point: a variant over the shared-memory
+    limit, a 16-bit variant that spills, a host sync inside a decode step."""
+    out = []
+    for v in report["variants"]:
+        if v["smem_bytes"] > v["smem_limit"]:
+            out.append(f"{v['kernel']} ({v['dtype']}) needs {v['smem_bytes']} B of shared memory, more than "
+                       f"{report['target']}'s {v['smem_limit']} B per CTA")
+        if v["spill_bytes"] and v["dtype"] != "fp32":
+            out.append(f"{v['kernel']} ({v['dtype']}, {v['constexprs']}) spills {v['spill_bytes']} B")
+    for s in report["decode_steps"] + report["prefill"]:
+        for sync in s["host_syncs"]:
+            where = f"bucket {s['bucket']} {s['graph']}" if "bucket" in s else "prefill"
+            out.append(f"host sync in the {s['dtype']} {where} step: {sync}")
+    return out
+
+
+def _tables(report: dict) -> str:
+    from collections import OrderedDict
+
+    from .results import format_table
+
+    by_key = {(s["dtype"], s["bucket"], s["graph"]): s for s in report["decode_steps"]}
+    rows = []
+    for (dtype, bucket, graph), s in by_key.items():
+        if graph != "sample":
+            continue
+        logits = by_key.get((dtype, bucket, "logits"))
+        rows.append({"dtype": dtype, "bucket": bucket, "kernels": s["kernels"], "triton": s["triton"],
+                     "other": s["other"], "logits graph": logits["kernels"] if logits else None,
+                     "MB moved": s["total_bytes"] / 1e6, "host syncs": len(s["host_syncs"])})
+    for p in report["prefill"]:
+        rows.append({"dtype": p["dtype"], "bucket": f"prefill {p['tokens']}", "kernels": p["kernels"],
+                     "triton": p["triton"], "other": p["other"], "logits graph": None,
+                     "MB moved": p["total_bytes"] / 1e6, "host syncs": len(p["host_syncs"])})
+    parts = [f"Decode steps (the function each CUDA graph captures), {report['model']}, {report['target']} "
+             f"({report['sm_count']} SMs), context {report['context']}:", format_table(rows)]
+    first = report["decode_steps"][0]
+    groups: OrderedDict = OrderedDict()
+    for name, grid, nbytes in zip(first["names"], first["grids"], first["bytes"]):
+        key = (name, "x".join(map(str, grid)) if grid else "-")
+        count, total = groups.get(key, (0, 0))
+        groups[key] = (count + 1, total + nbytes)
+    rows = [{"kernel": name, "grid": grid, "launches": n, "MB moved": total / 1e6}
+            for (name, grid), (n, total) in groups.items()]
+    parts += ["", f"One {first['dtype']} step at bucket {first['bucket']} ({first['graph']} graph), by kernel:",
+              format_table(rows)]
+    rows = []
+    for v in report["variants"]:
+        consts = ",".join(f"{k}={val}" for k, val in v["constexprs"].items())
+        name = v["kernel"].strip("_").removesuffix("_kernel")
+        rows.append({"kernel": name[:24], "dtype": v["dtype"], "warps": v["num_warps"],
+                     "stages": v["num_stages"], "regs": v["registers"], "spill B": v["spill_bytes"],
+                     "stack B": v["stack_bytes"], "smem B": v["smem_bytes"], "CTA/SM": v["ctas_per_sm"],
+                     "compile s": v["compile_s"], "constexprs": consts[:27] + ("…" if len(consts) > 27 else "")})
+    parts += ["", f"Compiled variants ({len(report['variants'])}) for {report['target']}; ptxas -v, "
+                  "CTAs per SM from registers, shared memory and warps:", format_table(rows)]
+    return "\n".join(parts)
+
+
+def _save(report: dict, out_dir: Path | None, json_path: Path | None) -> list[Path]:
+    import csv
+    import datetime
+
+    from . import default_out_dir
+    from . import provenance as _provenance
+    from .results import _jsonable
+
+    facts = _provenance.collect(device="cpu")
+    doc = {"name": "kernels", "provenance": facts,
+           "notes": ["compiled and counted on the CPU: no kernel ran; registers/spills/shared memory are "
+                     "ptxas's for the target, bytes are each launch's minimum traffic"], **report}
+    if json_path is None:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out_dir = default_out_dir() if out_dir is None else out_dir
+        json_path = Path(out_dir) / f"kernels-{report['target']}-{report['model']}-{stamp}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    csv_path = json_path.with_suffix(".csv")
+    columns = ["kernel", "dtype", "target", "num_warps", "num_stages", "registers", "spill_bytes", "stack_bytes",
+               "smem_bytes", "ctas_per_sm", "compile_s", "constexprs", "specialization", "hash"]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns + ["git_commit", "command"])
+        for v in report["variants"]:
+            writer.writerow([json.dumps(v[c], sort_keys=True) if c == "constexprs" else v[c] for c in columns]
+                            + [facts.get("git_commit"), facts.get("command")])
+    return [json_path, csv_path]
+
+
+def run_kernels(args) -> int:
+    """`gptfast kernels`: compile, count, print the tables, write the files; exit status 1 when
+    `_problems` finds any (listed last)."""
+    progress = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))
+    with contextlib.ExitStack() as stack:
+        if args.fresh_cache:
+            stack.enter_context(_fresh_triton_cache())
+        try:
+            report = inspect_kernels(args.model, args.dtype, args.target, args.buckets, context=args.context,
+                                     sm_count=args.sm_count, log=progress)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    report["triton_cache"] = "fresh" if args.fresh_cache else "reused (compile seconds may be cache hits)"
+    print(_tables(report))
+    paths = _save(report, args.out, args.json)
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    problems = _problems(report)
+    for line in problems:
+        print(f"PROBLEM: {line}")
+    return 1 if problems else 0

@@ -343,7 +343,8 @@ def _compile_only(session: _Session):
 
 # Ops that make the host wait for the device (or copy host data in) inside a step.
 _SYNC_OPS = {
-    "aten._local_scalar_dense": "reads a device value on the host (.item(), int(), bool(), .tolist())",
+    "aten._local_scalar_dense": "reads a device value on the host (.item(), int(), float())",
+    "aten.item": "reads a device value on the host (.item(), int(), float())",
     "aten.is_nonzero": "a tensor's truth value on the host (if tensor: ...)",
     "aten.nonzero": "output size depends on the data",
     "aten.masked_select": "output size depends on the data",
@@ -357,6 +358,7 @@ _SYNC_OPS = {
 # Ops that launch no kernel on CUDA: allocation and metadata (views are found by their schema).
 _NO_KERNEL = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty",
               "aten.new_empty_strided", "aten.lift_fresh", "aten.lift_fresh_copy", "aten._local_scalar_dense",
+              "aten.item", "aten.detach", "aten.detach_",
               "aten.is_nonzero", "aten.resize_", "aten.set_", "aten.sym_size", "aten.sym_stride",
               "aten.sym_numel", "aten.sym_storage_offset", "aten.record_stream"}
 
@@ -365,7 +367,7 @@ def _op_name(func) -> str:
     return f"{func.namespace}.{func._schema.name.split('::')[-1]}"
 
 
-def _sync_reason(name: str, func, args) -> str | None:
+def _sync_reason(name: str, func, args, kwargs) -> str | None:
     import torch
 
     if name in _SYNC_OPS:
@@ -376,15 +378,19 @@ def _sync_reason(name: str, func, args) -> str | None:
             return "boolean-mask indexing (output size depends on the data)"
     if name == "aten.repeat_interleave" and func._overloadname.startswith("Tensor"):
         return "repeat_interleave without output_size"
+    if name in ("aten.to", "aten._to_copy", "aten.copy_") and any(
+            str(a) == "cpu" for a in (*args[1:], kwargs.get("device"))):
+        return "a copy to the host (.cpu(), .to('cpu'), .tolist() of a device tensor)"
     return None
 
 
 def _where() -> str:
-    """The innermost gptfast frame outside this module: where a flagged op was called."""
+    """The innermost frame outside this module and torch: where a flagged op was called."""
     for frame in reversed(traceback.extract_stack()):
         path = frame.filename.replace(os.sep, "/")
-        if "/gptfast/" in path and not path.endswith("bench/kernels.py"):
-            return f"{path.rsplit('/gptfast/', 1)[1]}:{frame.lineno} ({frame.name})"
+        if path.endswith("gptfast/bench/kernels.py") or "/torch/" in path or path.endswith("contextlib.py"):
+            continue
+        return f"{'/'.join(path.split('/')[-2:])}:{frame.lineno} ({frame.name})"
     return "?"
 
 
@@ -430,9 +436,9 @@ def _op_recorder(session: _Session):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             name = _op_name(func)
-            sync = _sync_reason(name, func, args)
+            sync = _sync_reason(name, func, args, kwargs)
             flagged = f"{name} at {_where()}: {sync}" if sync is not None else None
-            if name in _NO_KERNEL:
+            if name in _NO_KERNEL or torch.Tag.inplace_view in func.tags:
                 if flagged is not None and session.syncs is not None:
                     session.syncs.append(flagged)  # e.g. .item(): a copy to the host, no kernel
                 return func(*args, **kwargs)

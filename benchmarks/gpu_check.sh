@@ -65,6 +65,8 @@ main() {
     step "ops suite --quick" 60 10 python3 -m benchmarks --suite ops --quick --device "$DEVICE" \
         --out "$OUT" --formats json --no-progress
 
+    echo "next (the torch.compile references at batch 1, the full plan):" \
+         "GPU_E2E_SKIP_INSTALL=1 benchmarks/gpu_e2e.sh \"$OUT\" gpt2 bf16"
     summarize "$OUT"
 }
 

@@ -32,11 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import inspect
 import json
-import math
 import os
 import re
 import subprocess
@@ -181,15 +179,15 @@ class Variant:
 
 
 class _Session:
-    """Records launches into `launches` while active; compiled variants accumulate in `variants`."""
+    """What one walk records: the launches and host syncs of the step being recorded (lists while
+    `_recorded` runs one, None otherwise) and every compiled variant (all steps)."""
 
-    def __init__(self, target: Target, cache_tensors: Iterable = ()):
+    def __init__(self, target: Target):
         self.target = target
         self.launches: list[Launch] | None = None
         self.syncs: list[str] | None = None
         self.variants: dict[str, Variant] = {}
-        self.cache_ids: set = set()
-        self.tokens_attended = 0
+        self.cache_ids: set = set()  # storage addresses of the paged K/V cache
 
     # --- Triton ---------------------------------------------------------------------------
     def triton_launch(self, fn, compile_: Callable, args: tuple, kwargs: dict, grid) -> Any:

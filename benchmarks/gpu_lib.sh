@@ -3,7 +3,8 @@
 
 # step NAME WANT LEAST CMD...: run CMD under a timeout of WANT seconds, cut to what is left of the
 # budget; skipped when that is under LEAST. Records "NAME: ok|FAILED (rc)|TIMEOUT|skipped, Ns" in
-# $STEPS and never aborts the script.
+# $STEPS and never aborts the script. The timeout sends SIGINT first (pytest then prints its summary,
+# the benchmarks write the rows they have), SIGKILL STEP_GRACE_S (default 15) seconds later.
 step() {
     local name=$1 want=$2 least=$3 left rc t0
     shift 3
@@ -17,8 +18,9 @@ step() {
     echo "== $name (timeout ${want}s): $*"
     t0=$SECONDS
     rc=0
-    # bash -c so that CMD may be one of the exported helper functions below
-    timeout --kill-after=10 "$want" bash -c '"$@"' step "$@" || rc=$?
+    # bash -c so that CMD may be one of the exported helper functions below. NOTE: --foreground is
+    # not used: the signal goes to the command's whole process group (pytest's workers, tee).
+    timeout -s INT --kill-after="${STEP_GRACE_S:-15}" "$want" bash -c '"$@"' step "$@" || rc=$?
     if (( rc == 0 )); then
         echo "$name: ok, $(( SECONDS - t0 ))s" >> "$STEPS"
     elif (( rc == 124 || rc == 137 )); then
@@ -30,6 +32,26 @@ step() {
 }
 
 to_file() { local file=$1; shift; "$@" >> "$file" 2>&1; }
+# pytest_args: the per-test timeout (GPTFAST_TEST_TIMEOUT_S, tests/conftest.py) as pytest-timeout's
+# --timeout when the plugin is installed; the conftest's fallback handles it otherwise.
+pytest_args() {
+    if python3 -c 'import pytest_timeout' 2>/dev/null; then
+        echo "--timeout=${GPTFAST_TEST_TIMEOUT_S:-60}"
+    fi
+}
+# gpu_test_files: every test file, the most revealing first (kernels, then the graphs and the
+# kernel count, then sampling statistics, generation, benchmarks; the inductor compile last).
+gpu_test_files() {
+    local first="test_attention test_norm test_graphs test_kernels_tool test_sampling test_kernels_e2e
+                 test_bench test_block_manager" f name
+    for name in $first; do [[ -f tests/$name.py ]] && echo "tests/$name.py"; done
+    for f in tests/test_*.py; do
+        name=$(basename "$f" .py)
+        [[ " $(echo $first) " == *" $name "* || $name == test_static_ref ]] || echo "$f"
+    done
+    [[ -f tests/test_static_ref.py ]] && echo tests/test_static_ref.py
+    return 0
+}
 # pytest exits 5 when no test was selected (e.g. no gpu-marked test yet): not a failure.
 pytest_to() { local rc=0; to_file "$@" || rc=$?; (( rc == 5 )) && rc=0; return $rc; }
 export -f to_file pytest_to

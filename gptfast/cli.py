@@ -1,6 +1,6 @@
 """`gptfast` command line: `gptfast generate` (text from a checkpoint, a Hugging Face model name
-or, with --random-weights, a preset) and `gptfast bench` (the benchmark suite). Also
-`python -m gptfast`.
+or, with --random-weights, a preset), `gptfast bench` (the benchmark suite) and `gptfast kernels`
+(every GPU kernel compiled and counted without a GPU). Also `python -m gptfast`.
 
 Errors in the arguments are one line, `error: ...`, exit status 2, reported before any model is
 loaded. Ctrl-C during a sample stops that sample (back to the prompt with --interactive); Ctrl-C
@@ -372,7 +372,19 @@ def _add_bench(sub) -> None:
 
 # ------------------------------------------------------------------------------------------- main
 
-SUBCOMMANDS = (_add_generate, _add_bench)
+def _add_kernels(sub) -> None:
+    from .bench.kernels import add_kernels_arguments, run_kernels
+
+    p = sub.add_parser("kernels", help="compile and count every GPU kernel, no GPU needed",
+                       description="Compile every Triton kernel variant of the decode step and the "
+                                   "prefill for a GPU target (registers, spills, shared memory, "
+                                   "occupancy) and count each decode step's kernels and bytes, on "
+                                   "any machine.")
+    add_kernels_arguments(p)
+    p.set_defaults(run=run_kernels)
+
+
+SUBCOMMANDS = (_add_generate, _add_bench, _add_kernels)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -451,18 +451,24 @@ def test_cuda_step_facts_wiring(monkeypatch):
     def fake_count(m, batch_size, graphs):
         calls.append((batch_size, graphs))
         return dict(batch_size=batch_size, graphs=graphs, kernels=40 if not graphs else 39,
-                    kernels_per_layer=20.0, copies=2, launch_calls=41 if not graphs else 1,
-                    top=[("gemv_kernel", 9), ("layer_norm", 5)])
+                    kernels_per_layer=20.0 if not graphs else 19.5, copies=2, launch_calls=41 if not graphs else 1,
+                    top=[("gemv_kernel", 9), ("layer_norm", 5)],
+                    kernel_us=[("gemv_kernel", 5.0), ("layer_norm", 1.5)], kernel_sum_us=6.5, device_span_us=9.0)
 
     monkeypatch.setattr(kernel_count, "kernels_per_decode_step", fake_count)
     monkeypatch.delenv("GPTFAST_CUDA_GRAPHS", raising=False)
     fields, notes = e2e.cuda_step_facts(model)
     assert calls == [(1, False), (1, True)]
-    assert fields["kernels_per_step"] == 40 and fields["launch_calls_per_step_graphs"] == 1
+    # the headline is what the graph replays; the eager count beside it
+    assert fields["kernels_per_step"] == 39 and fields["kernels_per_step_eager"] == 40
+    assert fields["launch_calls_per_step_graphs"] == 1
+    assert fields["replay_kernel_us"] == [("gemv_kernel", 5.0), ("layer_norm", 1.5)]
+    assert (fields["replay_kernel_sum_us"], fields["replay_span_us"]) == (6.5, 9.0)
     assert fields["graph_capture_s"] == 0.0  # the CPU runner captures nothing
     assert any(n.startswith("CUDA graphs: ") and "captured in 0.00 s" in n for n in notes), notes
-    assert any("40 kernels (20.0 per layer of 2)" in n and "gemv_kernel ×9" in n for n in notes), notes
-    assert any("39 kernels from 1 host launch calls" in n for n in notes), notes
+    assert any("eager" in n and "40 kernels" in n and "gemv_kernel ×9" in n for n in notes), notes
+    assert any("through the CUDA graph: 39 kernels (19.5 per layer of 2) from 1 host launch calls" in n
+               and "6.5 µs of a 9.0 µs replay" in n and "gemv_kernel 5.0" in n for n in notes), notes
 
     calls.clear()
     monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
@@ -564,7 +570,7 @@ def test_bench_runs_every_model_in_every_dtype(monkeypatch, tmp_path, capsys):
 
     calls = []
 
-    def fake_run_e2e(device, dtype, quick, model, seed, ceilings, progress):
+    def fake_run_e2e(device, dtype, quick, model, seed, ceilings, progress, on_rows):
         calls.append((model, dtype))
         if (model, dtype) == ("tiny-odd", "bf16"):
             raise RuntimeError("out of memory\nsecond line")
@@ -584,6 +590,7 @@ def test_bench_runs_every_model_in_every_dtype(monkeypatch, tmp_path, capsys):
     assert doc["rows"][3]["key"] == "tiny-odd | e2e | bf16" and doc["rows"][3]["note"] == "RuntimeError: out of memory"
     assert "tiny bf16: weights for tiny" in doc["notes"]
     assert "model" in doc["columns"]
+    assert not list(tmp_path.glob("*.partial.json"))  # the complete file replaced it
     assert _parse(["--dtype", "fp16"]).dtype == ["fp16"] and _parse([]).model == ["gpt2"]
     with pytest.raises(SystemExit):
         _parse(["--dtype", "bf16,fp8"])
@@ -610,15 +617,23 @@ def test_count_device_events_separates_kernels_copies_and_launches():
 
     from gptfast.bench.kernel_count import count_device_events
 
-    def ev(name, device=DeviceType.CUDA):
-        return types.SimpleNamespace(name=name, device_type=device)
+    clock = iter(range(0, 1000, 10))  # each kernel starts 10 µs after the previous one
 
-    events = ([ev("gemv")] * 5 + [ev("layer_norm")] * 3 + [ev("attn")] + [ev("Memcpy HtoD (Pinned -> Device)")] * 2
+    def ev(name, device=DeviceType.CUDA, us=1.0):
+        start = next(clock)
+        return types.SimpleNamespace(name=name, device_type=device,
+                                     time_range=types.SimpleNamespace(start=start, end=start + us))
+
+    events = ([ev("gemv", us=4.0) for _ in range(5)] + [ev("layer_norm") for _ in range(3)] + [ev("attn", us=7.0)]
+              + [ev("Memcpy HtoD (Pinned -> Device)")] * 2
               + [ev("Memset (Device)")] + [ev("cudaLaunchKernel", DeviceType.CPU)] * 8
               + [ev("cuLaunchKernelEx", DeviceType.CPU), ev("cudaGraphLaunch", DeviceType.CPU)]
               + [ev("aten::mm", DeviceType.CPU)] * 4 + [ev("cudaMemcpyAsync", DeviceType.CPU)])
     counts = count_device_events(events, top=2)
-    assert counts == dict(kernels=9, copies=3, launch_calls=10, top=[("gemv", 5), ("layer_norm", 3)])
+    times = counts.pop("kernel_us")
+    assert counts == dict(kernels=9, copies=3, launch_calls=10, top=[("gemv", 5), ("layer_norm", 3)],
+                          kernel_sum_us=30.0, device_span_us=87.0)  # first start 0, last (attn) ends 80 + 7
+    assert times == [("attn", 7.0)] + [("gemv", 4.0)] * 5 + [("layer_norm", 1.0)] * 3  # longest first
 
 
 def test_one_decode_step_is_profiled_on_the_cpu():

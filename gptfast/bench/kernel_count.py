@@ -65,29 +65,40 @@ def profile_one_decode_step(model, batch_size: int, graphs: bool, activities: li
 
 
 def count_device_events(events: Iterable, launch_names: Iterable[str] = _LAUNCH_CALLS, top: int = 15) -> dict:
-    """Count the device events of a profile (`prof.events()`): kernels, and copies/memsets apart.
+    """Count the device events of a profile (`prof.events()`): kernels, and copies/memsets apart,
+    with the device time of each kernel.
 
     Returns
     -------
     dict: kernels (int), copies (memcpy + memset events, int), launch_calls (host calls whose name
     starts with one of `launch_names`, int), top (list of (kernel name, count), most frequent
-    first, at most `top`).
+    first, at most `top`), kernel_us (list of (kernel name, device µs), one per kernel, longest
+    first), kernel_sum_us (their sum), device_span_us (first kernel start to last kernel end: the
+    device time the kernels took with the gaps between them; None without kernels).
     """
     from torch.autograd import DeviceType
 
     kernels: collections.Counter = collections.Counter()
     copies = launches = 0
     launch_names = tuple(launch_names)
+    times, starts, ends = [], [], []
     for e in events:
         if e.device_type == DeviceType.CUDA:
             if e.name.startswith(("Memcpy", "Memset", "memcpy", "memset")):
                 copies += 1
             else:
                 kernels[e.name] += 1
+                start, end = e.time_range.start, e.time_range.end  # µs, device clock
+                times.append((e.name[:100], end - start))
+                starts.append(start)
+                ends.append(end)
         elif e.name.startswith(launch_names):
             launches += 1
+    times.sort(key=lambda t: -t[1])
     return dict(kernels=sum(kernels.values()), copies=copies, launch_calls=launches,
-                top=[(name[:100], n) for name, n in kernels.most_common(top)])
+                top=[(name[:100], n) for name, n in kernels.most_common(top)],
+                kernel_us=times, kernel_sum_us=sum(t for _, t in times),
+                device_span_us=(max(ends) - min(starts)) if times else None)
 
 
 def kernels_per_decode_step(model, batch_size: int = 1, graphs: bool = False) -> dict:
@@ -108,7 +119,8 @@ def kernels_per_decode_step(model, batch_size: int = 1, graphs: bool = False) ->
     -------
     dict with batch_size, graphs, kernels (device kernels in the step), kernels_per_layer
     (kernels / n_layer), copies (memcpy/memset events), launch_calls (host-side launch calls),
-    top (the 15 most frequent kernel names with their counts).
+    top (the 15 most frequent kernel names with their counts), kernel_us (every kernel's device
+    time, longest first), kernel_sum_us, device_span_us (see `count_device_events`).
 
     Examples
     --------

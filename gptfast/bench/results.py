@@ -209,6 +209,61 @@ def save(
     return paths
 
 
+class PartialResults:
+    """A result file kept up to date while a suite runs, so a run cut short (a timeout's SIGINT,
+    SIGTERM, a crash) still leaves the rows it measured.
+
+    `<name>-<device-slug>-<start stamp>.partial.json` (the `save` JSON layout plus
+    `"partial": true`) is written at once with no rows, then rewritten with every `update`
+    (atomically: a reader never sees half a file). `finish()` removes it once `save` has written
+    the complete files; `interrupted(reason)` adds a note saying where the run stopped.
+
+    Parameters
+    ----------
+    name, out_dir, columns, provenance, notes :
+        As for `save`.
+    """
+
+    def __init__(self, name: str, out_dir: str | Path, columns: Sequence[str] | None, *,
+                 provenance: dict, notes: Iterable[str] = ()):
+        self.name = name
+        self.columns = list(columns) if columns is not None else None
+        self.provenance = provenance
+        self.rows: list[dict] = []
+        self.notes = list(notes)
+        self.finished = False
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / f"{name}-{_provenance.device_slug(provenance)}-{stamp}.partial.json"
+        self._write()
+
+    def update(self, rows: Sequence[dict], notes: Iterable[str] | None = None) -> None:
+        """Replace the rows (and the notes, if given) and rewrite the file."""
+        self.rows = list(rows)
+        if notes is not None:
+            self.notes = list(notes)
+        self._write()
+
+    def interrupted(self, reason: str) -> Path:
+        """Rewrite the file with a note that the run stopped early; returns its path."""
+        self.notes.append(f"PARTIAL: the run stopped early ({reason}); these are the rows measured until then")
+        self._write()
+        return self.path
+
+    def finish(self) -> None:
+        """The complete files are written: the partial one goes."""
+        self.finished = True
+        self.path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        doc = {"name": self.name, "partial": True, "provenance": self.provenance, "notes": self.notes,
+               "columns": _columns(self.rows, self.columns), "rows": self.rows}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+        tmp.replace(self.path)
+
+
 # Column-name endings that measure time (lower is faster) or rate (higher is faster), used for
 # rows that do not name a `primary` column.
 _LOWER = ("_us", "_ms", "_ns", "_s_per_step")

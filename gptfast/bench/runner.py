@@ -248,6 +248,7 @@ def run_ops(
     timer: Callable[[Callable[[], Any]], float] | None = None,
     modules: Sequence[tuple[str, ModuleType | BaseException]] | None = None,
     progress: bool = True,
+    on_rows: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Run the ops suite; one row per case (plus one ERROR row per op module that failed to load).
 
@@ -267,6 +268,8 @@ def run_ops(
         (name, module) pairs to run instead of `discover()` (tests use fake modules).
     progress : bool
         Show a tqdm bar on stderr.
+    on_rows : callable, optional
+        Called with the rows so far after every case (a partial result file).
     """
     from .timing import timer_for
 
@@ -297,6 +300,8 @@ def run_ops(
         if bar is not None:
             bar.set_postfix_str(f"{case.op} {case.label}"[:60])
         rows.append(run_case(case, module, device, timer, ceilings))
+        if on_rows is not None:
+            on_rows(rows)
         if bar is not None:
             bar.update()
     if bar is not None:

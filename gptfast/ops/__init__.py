@@ -6,7 +6,7 @@ go to Triton, CPU tensors to the reference (see `common.use_triton`).
 """
 
 from . import attention, norm, sampling
-from .common import dispatch, kernel_backend, use_triton  # noqa: F401
+from .common import as_cuda, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
 
 kv_cache_write = dispatch(attention.kv_cache_write, attention.kv_cache_write_ref)
 prefill_attention = dispatch(attention.prefill_attention, attention.prefill_attention_ref)

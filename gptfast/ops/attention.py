@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, interpreting, lazy_generator
+from .common import TOLERANCES, BenchCase, as_cuda_sm_count, interpreting, lazy_generator, on_cuda
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -463,7 +463,7 @@ def _check_launch_device(name: str, *tensors: torch.Tensor) -> None:
     for t in tensors[1:]:
         if t.device != device:
             raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+    if not on_cuda(device) and not (device.type == "cpu" and interpreting()):
         raise ValueError(
             f"{name}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
             f"got device {device}; use {name}_ref on the CPU"
@@ -683,7 +683,7 @@ def _cuda_sm_count(index: int) -> int:
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return _INTERPRETER_SM_COUNT
+    return as_cuda_sm_count() or _INTERPRETER_SM_COUNT
 
 
 def _decode_block_n(block_d: int) -> int:

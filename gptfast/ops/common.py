@@ -3,11 +3,15 @@
 Backend choice (DESIGN.md, "Dispatch"): CUDA tensors go to the Triton kernel, CPU tensors to the
 eager reference. `GPTFAST_KERNELS=triton` sends every op that has a kernel through it (with
 `TRITON_INTERPRET=1` this runs the kernels on the CPU), `GPTFAST_KERNELS=reference` sends
-everything to the references.
+everything to the references. Inside `as_cuda(sm_count)` CPU tensors take the CUDA branches: that
+is how `gptfast kernels` walks the GPU path on a machine without one (its Triton launches are
+compiled, never run).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import os
@@ -18,6 +22,47 @@ import torch
 from . import _triton
 
 _BACKENDS = ("auto", "triton", "reference")
+# The SM count the CUDA branches assume while `as_cuda` is active; None outside it.
+_AS_CUDA: contextvars.ContextVar[int | None] = contextvars.ContextVar("gptfast_as_cuda", default=None)
+
+
+@contextlib.contextmanager
+def as_cuda(sm_count: int):
+    """Within this context, CPU tensors take the ops' CUDA branches (Triton launchers, the fused
+    forward, cuBLAS-shaped calls) as if they were on a GPU with `sm_count` SMs.
+
+    Only for tools that intercept every Triton launch (`gptfast.bench.kernels` compiles them
+    for a GPU target instead of running them): a launch that is not intercepted fails, since
+    a compiled kernel cannot run on CPU memory.
+
+    Parameters
+    ----------
+    sm_count : int
+        SMs of the GPU the branches are taken for (it sizes the split-KV grid), >= 1.
+
+    Examples
+    --------
+    >>> with as_cuda(132):
+    ...     use_triton(torch.zeros(1))
+    True
+    """
+    if not isinstance(sm_count, int) or isinstance(sm_count, bool) or sm_count < 1:
+        raise ValueError(f"as_cuda: sm_count must be an int >= 1, got {sm_count!r}")
+    token = _AS_CUDA.set(sm_count)
+    try:
+        yield
+    finally:
+        _AS_CUDA.reset(token)
+
+
+def on_cuda(device: torch.device) -> bool:
+    """Whether an op on `device` takes its CUDA branch: a CUDA device, or any inside `as_cuda`."""
+    return device.type == "cuda" or _AS_CUDA.get() is not None
+
+
+def as_cuda_sm_count() -> int | None:
+    """The SM count `as_cuda` assumes, or None outside it."""
+    return _AS_CUDA.get()
 
 
 def kernel_backend() -> str:
@@ -45,7 +90,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if not _triton.AVAILABLE:
         return False
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    return bool(tensors) and all(t.is_cuda for t in tensors)
+    return bool(tensors) and all(on_cuda(t.device) for t in tensors)
 
 
 def dispatch(fast: Callable, ref: Callable) -> Callable:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, interpreting, lazy_generator
+from .common import TOLERANCES, BenchCase, interpreting, lazy_generator, on_cuda
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_C = 16384  # one row lives in registers: 16384 fp32 lanes over 16 warps is 32 per thread
@@ -204,7 +204,7 @@ def _check_same_device(name: str, **tensors: torch.Tensor | None) -> torch.devic
 
 
 def _check_launch_device(name: str, device: torch.device) -> None:
-    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+    if not on_cuda(device) and not (device.type == "cpu" and interpreting()):
         raise ValueError(
             f"{name}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
             f"got device {device}; use {name}_ref on the CPU"
@@ -511,7 +511,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if bias.dtype != x.dtype:
             raise ValueError(f"{name}: bias dtype {bias.dtype} differs from x dtype {x.dtype}")
     device = _check_same_device(name, x=x, weight=weight, bias=bias)
-    if device.type == "cuda" and bias is not None:
+    if on_cuda(device) and bias is not None:
         # NOTE: the condition of PyTorch's non-Lt fallback on sizes (see above); batch-1 decode
         if min(x.shape[0], x.shape[1], weight.shape[0]) <= 1:
             return _linear_gelu_two_kernels(x, weight, bias)

@@ -60,7 +60,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import BenchCase, interpreting
+from .common import BenchCase, interpreting, on_cuda
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 2048  # columns per chunk: with 16 warps the [BLOCK, NP] pivot compares take 32 registers
@@ -404,7 +404,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     >>> tokens, status = sample(logits, t, k, p, seeds, torch.zeros(2, dtype=torch.int64, device="cuda"))
     """
     _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
-    if not logits.is_cuda and not interpreting():
+    if not on_cuda(logits.device) and not interpreting():
         raise ValueError(f"sample (Triton) needs CUDA tensors, got {logits.device}; use sample_ref on the CPU "
                          "(or set TRITON_INTERPRET=1 before importing triton)")
     B, V = logits.shape

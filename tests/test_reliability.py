@@ -137,6 +137,37 @@ def test_many_threads_on_one_fresh_model_get_each_request_alone():
     _clean(model)
 
 
+def test_threads_making_first_calls_on_a_fresh_model_share_one_kv_cache(monkeypatch):
+    """The cache is created on first use: threads racing there must not each create one (an
+    engine would then find its cache replaced and refuse to step)."""
+    import gptfast.model as model_module
+
+    real = model_module.KVCache
+
+    def slow_cache(*args, **kwargs):
+        time.sleep(0.05)  # widen the window between the check and the assignment
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "KVCache", slow_cache)
+    model = _model()
+    errors, start = [], threading.Barrier(4)
+
+    def worker(i):
+        start.wait()
+        try:
+            gptfast.generate(model, torch.tensor([[1 + i, 2, 3]]), max_new_tokens=3, pad_token_id=0)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    _clean(model)
+
+
 def _run_alone_generate(prompt, kw):
     out = gptfast.generate(_model(), torch.tensor([prompt]), pad_token_id=0, **kw)
     return out[0, len(prompt):].tolist()
@@ -408,6 +439,22 @@ def test_breaking_out_of_stream_loses_no_output():
             break  # the consumer leaves after every single output
     for sid, p in zip(ids, prompts):
         assert got[sid] == _alone(p, 5)
+    _clean(model)
+
+
+def test_a_step_that_raises_for_one_row_keeps_the_other_rows_outputs():
+    model = _model()
+    engine = Engine(model)
+    [good] = engine.add([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=6), seeds=[0])
+    every_token_masked = SamplingParams(max_new_tokens=6, min_new_tokens=2, do_sample=True,
+                                        eos_token_ids=tuple(range(TINY.vocab_size)))
+    [bad] = engine.add([6, 7, 8], every_token_masked, seeds=[1])
+    tokens = []
+    with pytest.raises(gptfast.engine.NonFiniteLogitsError):
+        while engine.has_unfinished():
+            tokens += [o.token for o in engine.step() if o.seq_id == good]
+    tokens += _drain(engine).get(good, [])
+    assert tokens == _alone([1, 2, 3, 4, 5], 6)
     _clean(model)
 
 

@@ -6,7 +6,9 @@ Sequences are admitted while the block manager has room; when a decode step need
 than are free, the newest running sequence is preempted: its blocks are freed and it waits to be
 recomputed from its prompt and the tokens it already produced (prefix caching usually makes that
 cheap). Sampling randomness is keyed by each sequence's seed and the index of the token being
-drawn, never by the schedule, so preemption and batch composition do not change any output.
+drawn, never by the schedule, and no value of another sequence enters a sequence's computation:
+preemption and batch composition change its logits only by floating-point rounding (a matmul
+over another batch size may sum in another order), which can move a token only at a near-tie.
 
 The engine knows nothing of HF argument names: `generation.py` translates them into
 `SamplingParams`.

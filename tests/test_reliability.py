@@ -273,6 +273,22 @@ def test_an_engine_in_a_reference_cycle_is_collected_and_frees_its_blocks():
     _clean(model)
 
 
+@pytest.mark.parametrize("when", ["admission", "decode"])
+def test_a_pool_held_outside_every_engine_is_reported_as_such(when):
+    """Blocks held by a sequence no live Engine knows (here: taken straight from the block
+    manager) are named as the cause, not the engine's own bookkeeping or the pool's size."""
+    model = _model(block_size=4, num_kv_blocks=12)  # 11 blocks
+    held = 9 if when == "admission" else 6
+    model.kv_cache.manager.allocate_prompt(10**9, np.arange(500, 500 + 4 * held))
+    engine = Engine(model)
+    engine.add(list(range(1, 13)), SamplingParams(max_new_tokens=16), seeds=[0])  # 3 blocks, then 7
+    with pytest.raises(RuntimeError, match=r"1 held outside any live Engine"):
+        _drain(engine)
+    engine.abort()
+    model.kv_cache.manager.free(10**9)
+    _clean(model)
+
+
 # ---------------------------------------------------------------------------- 4. weights
 def test_a_live_engine_notices_in_place_weight_changes():
     model = _model(block_size=4)

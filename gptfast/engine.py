@@ -226,7 +226,11 @@ class Engine:
         self.num_prefill_tokens = 0  # tokens computed by prefill steps (cache hits excluded)
         self.num_preemptions = 0
         self.num_steps = 0
-        self.cache.engines.add(self)
+        with self.cache.lock:
+            self.cache.engines.add(self)
+            if self.cache.weights_fingerprint is None and self.manager.num_cached_blocks() == 0:
+                # Nothing cached yet: whatever is cached from now on comes from these weights.
+                self.cache.weights_fingerprint = weights_fingerprint(model)
         # NOTE: the finalizer holds the cache and the sequence table, never the engine, so an
         # engine dropped without abort() is collected and its blocks go back to the pool.
         weakref.finalize(self, _release_blocks, self.cache, self.seqs)

@@ -305,6 +305,16 @@ def test_a_live_engine_notices_in_place_weight_changes():
     _clean(model)
 
 
+def test_unchanged_weights_keep_the_prefix_cache_across_engines():
+    model = _model(block_size=4)
+    prompt = list(range(1, 18))
+    first = Engine(model)
+    want = _drain_one(first, prompt, 3)
+    second = Engine(model)
+    assert _drain_one(second, prompt, 3) == want
+    assert second.num_prefill_tokens == 1  # 16 prompt tokens reused, the last one computed
+
+
 def _drain_one(engine, prompt, new):
     [sid] = engine.add(prompt, SamplingParams(max_new_tokens=new), seeds=[0])
     return _drain(engine)[sid]

@@ -100,7 +100,7 @@ class Sequence:
     finish_reason: str | None = None  # "eos", "length", "stop" (cancelled), "error" (no token)
     # Sequences forked from this one right after its prefill (num_return_sequences).
     fork_children: list["Sequence"] = field(default_factory=list)
-    fork_parent: "Sequence | None" = None  # while this is a fork child not started yet
+    fork_parent: Sequence | None = None  # while this is a fork child not started yet
     in_cache: int = 0  # tokens whose K/V are in the cache (all but the newest while running)
     num_preemptions: int = 0
     # NOTE: len(tokens) - prompt_len, kept as a field: the decode step reads it for every row.
@@ -430,7 +430,7 @@ class Engine:
                 f"{ours} sequences of this engine, {others} of other engines on the model and "
                 f"{orphans} held outside any live Engine hold the rest")
 
-    def _newest_victim(self, own_too: bool) -> tuple["Engine", Sequence] | None:
+    def _newest_victim(self, own_too: bool) -> tuple[Engine, Sequence] | None:
         """The newest running sequence of the engines on this model (this engine's only when
         `own_too`), with its engine: the one to preempt when blocks run short."""
         best = None

@@ -36,22 +36,37 @@ class GPT2Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        # NOTE: bool is an int subclass: `"n_layer": true` in a config.json must not mean 1.
+        def integer(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not integer(value) or value <= 0:
                 raise ValueError(f"GPT2Config.{name} must be a positive int, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPT2Config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
             )
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+        if self.n_inner is not None and (not integer(self.n_inner) or self.n_inner <= 0):
             raise ValueError(f"GPT2Config.n_inner must be a positive int or None, got {self.n_inner!r}")
         if self.activation not in ("gelu_tanh", "gelu", "relu"):
             raise ValueError(
                 f"GPT2Config.activation must be 'gelu_tanh', 'gelu' or 'relu', got {self.activation!r}"
             )
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a float > 0, got {eps!r}")
+        for name in ("bias", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                     "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPT2Config.{name} must be a bool, got {getattr(self, name)!r}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if name == "eos_token_id" and isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(integer(t) and t >= 0 for t in ids):
+                allowed = "a token id, a list of them" if name == "eos_token_id" else "a token id"
+                raise ValueError(f"GPT2Config.{name} must be {allowed} or None, got {value!r}")
 
     @property
     def head_dim(self) -> int:
@@ -99,13 +114,15 @@ class GPT2Config:
         return shapes
 
     def num_params(self) -> int:
-        total = 0
-        for shape in self.param_shapes().values():
-            n = 1
-            for s in shape:
-                n *= s
-            total += n
-        return total
+        """Parameters of the model, computed in closed form (no table of shapes is built, so an
+        absurd config is cheap to size)."""
+        C, F, V, L = self.n_embd, self.mlp_dim, self.vocab_size, self.n_layer
+        bias = 1 if self.bias else 0
+        per_layer = (2 * C * (1 + bias)  # ln_1, ln_2
+                     + 3 * C * C + 3 * C * bias + C * C + C * bias  # c_attn, attn c_proj
+                     + F * C + F * bias + C * F + C * bias)  # c_fc, mlp c_proj
+        head = 0 if self.tie_word_embeddings else V * C
+        return V * C + self.n_positions * C + L * per_layer + C * (1 + bias) + head
 
 
 PRESETS: dict[str, GPT2Config] = {

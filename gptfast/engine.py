@@ -6,7 +6,9 @@ Sequences are admitted while the block manager has room; when a decode step need
 than are free, the newest running sequence is preempted: its blocks are freed and it waits to be
 recomputed from its prompt and the tokens it already produced (prefix caching usually makes that
 cheap). Sampling randomness is keyed by each sequence's seed and the index of the token being
-drawn, never by the schedule, so preemption and batch composition do not change any output.
+drawn, never by the schedule, and no value of another sequence enters a sequence's computation:
+preemption and batch composition change its logits only by floating-point rounding (a matmul
+over another batch size may sum in another order), which can move a token only at a near-tie.
 
 The engine knows nothing of HF argument names: `generation.py` translates them into
 `SamplingParams`.
@@ -14,8 +16,9 @@ The engine knows nothing of HF argument names: `generation.py` translates them i
 
 from __future__ import annotations
 
+import bisect
 import collections
-import itertools
+import numbers
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -97,6 +100,7 @@ class Sequence:
     finish_reason: str | None = None  # "eos", "length", "stop" (cancelled), "error" (no token)
     # Sequences forked from this one right after its prefill (num_return_sequences).
     fork_children: list["Sequence"] = field(default_factory=list)
+    fork_parent: Sequence | None = None  # while this is a fork child not started yet
     in_cache: int = 0  # tokens whose K/V are in the cache (all but the newest while running)
     num_preemptions: int = 0
     # NOTE: len(tokens) - prompt_len, kept as a field: the decode step reads it for every row.
@@ -150,6 +154,24 @@ class Engine:
         runner's static-buffer step eagerly (there is nothing to capture); the tests use it to
         check that path.
 
+    Notes
+    -----
+    Sharing a model. Any number of engines may use one model, from one thread or many (one
+    engine per thread; a single engine is driven by one thread at a time). Their steps take
+    turns under the model's KV-cache lock, so a prompt's blocks become prefix-cache hits for the
+    others only once their K/V are written. When the pool runs short, the stepping engine
+    preempts the newest running sequence of any engine on the model (never its own last one):
+    every step makes progress, and a preempted sequence is recomputed later with the same tokens.
+
+    Failures. A step that raises (other than `NonFiniteLogitsError`) puts every running sequence
+    of this engine back to waiting and drops the prefix cache (blocks it filled may hold hashes
+    of K/V never written); stepping again continues with the same tokens. An engine dropped
+    without `abort()` gives its blocks back when it is collected.
+
+    Weights. Before reusing a cached prefix, an engine checks the model's weights against those
+    the cache was computed from (parameter identities and PyTorch version counters) and drops the
+    prefix cache if they changed. The K/V of sequences already running are not recomputed.
+
     Examples
     --------
     >>> engine = Engine(model)
@@ -182,47 +204,69 @@ class Engine:
                              "(cuda_graphs=False or GPTFAST_CUDA_GRAPHS=0)")
         # NOTE: the runner is the model's (captured once per model), shared by its engines.
         self._graph_batch = min(max_num_seqs, graphs.MAX_BATCH)
-        self.runner = graphs.graph_runner(model, self._graph_batch) if cuda_graphs else None
+        with self.cache.lock:
+            self.runner = graphs.graph_runner(model, self._graph_batch) if cuda_graphs else None
         self._weights_epoch = graphs.weights_epoch()
         if max_prefill_tokens is None:
             n = model.config.n_positions
             max_prefill_tokens = 8 * n if self.device.type == "cuda" else max(2048, n)
         self.max_prefill_tokens = max_prefill_tokens
         self.keep_scores = keep_scores
+        # NOTE: cancelled sequences stay in `waiting` (finished) until they reach its head, so
+        # that a cancel is O(1); `_num_waiting` counts the live ones.
         self.waiting: collections.deque[Sequence] = collections.deque()
+        self._num_waiting = 0
         self.running: list[Sequence] = []
-        self.seqs: dict[int, Sequence] = {}
-        self._arrivals = itertools.count()
+        self.seqs: dict[int, Sequence] = {}  # every unfinished sequence, by id
+        # Outputs produced but not yet handed out (a stream closed mid-step, a step that raised
+        # NonFiniteLogitsError for another row): the next step() or stream() returns them first.
+        self._pending: collections.deque[StepOutput] = collections.deque()
+        self._issued: list[list[int]] = []  # [start, end) ranges of the ids this engine issued
         # Counters for tests and benchmarks.
         self.num_prefill_tokens = 0  # tokens computed by prefill steps (cache hits excluded)
         self.num_preemptions = 0
         self.num_steps = 0
+        with self.cache.lock:
+            self.cache.engines.add(self)
+            if self.cache.weights_fingerprint is None and self.manager.num_cached_blocks() == 0:
+                # Nothing cached yet: whatever is cached from now on comes from these weights.
+                self.cache.weights_fingerprint = weights_fingerprint(model)
+        # NOTE: the finalizer holds the cache and the sequence table, never the engine, so an
+        # engine dropped without abort() is collected and its blocks go back to the pool.
+        weakref.finalize(self, _release_blocks, self.cache, self.seqs)
 
     # ------------------------------------------------------------------ requests
-    def add(self, prompt: list[int], params: SamplingParams, seeds: list[int]) -> list[int]:
-        """Queue sequences continuing `prompt`.
+    def add(self, prompt, params: SamplingParams, seeds) -> list[int]:
+        """Queue sequences continuing `prompt`. Every argument is checked before anything changes.
 
         Parameters
         ----------
-        prompt : list of int
-            Token ids, at least one.
+        prompt : list or tuple of int, or 1-D integer numpy array or torch tensor
+            Token ids in [0, vocab_size), at least one.
         params : SamplingParams
-        seeds : list of int
-            One per sequence: each sequence's Philox key. The prompt is computed once and
-            shared by all of them.
+            Its `eos_token_ids` must lie in the vocabulary.
+        seeds : sequence of int
+            One per sequence, each in [-2**63, 2**63): its Philox key. The prompt is computed
+            once and shared by all of them.
 
         Returns
         -------
         list of int: the sequences' ids, in the order of `seeds`.
+
+        Raises
+        ------
+        TypeError for a prompt, seed or params of the wrong type (float or bool token ids
+        included); ValueError for values out of range or a request the pool can never hold.
         """
-        if not prompt:
-            raise ValueError("a prompt needs at least one token")
-        if not seeds:
-            raise ValueError("add() needs at least one seed (one per sequence)")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         config = self.model.config
-        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        prompt = _token_list(prompt, config.vocab_size)
+        seeds = _seed_list(seeds)
+        bad_eos = [e for e in params.eos_token_ids if e >= config.vocab_size]
+        if bad_eos:
+            raise ValueError(f"params.eos_token_ids holds {bad_eos[0]}, outside the vocabulary "
+                             f"[0, {config.vocab_size})")
         if len(prompt) + params.max_new_tokens > config.n_positions:
             raise ValueError(f"{len(prompt)} prompt + {params.max_new_tokens} new tokens exceed the "
                              f"model's n_positions ({config.n_positions})")
@@ -233,46 +277,72 @@ class Engine:
                 f"a sequence of {len(prompt)} prompt + {params.max_new_tokens} new tokens needs "
                 f"{need} KV blocks of {self.block_size} tokens, but the pool has only "
                 f"{self.manager.total_blocks}; load the model with a larger num_kv_blocks")
-        arrival = next(self._arrivals)
-        # NOTE: ids come from the cache: engines sharing a model share its block manager.
-        seqs = [Sequence(self.cache.new_sequence_id(), len(prompt), list(prompt), params, seed, arrival)
-                for seed in seeds]
-        head, head.fork_children = seqs[0], seqs[1:]
-        for s in seqs:
-            self.seqs[s.seq_id] = s
-        self.waiting.append(head)
-        return [s.seq_id for s in seqs]
+        with self.cache.lock:
+            # NOTE: ids come from the cache: engines sharing a model share its block manager.
+            # The first id doubles as the arrival order, which is model-wide for preemption.
+            ids = self.cache.new_sequence_ids(len(seeds))
+            seqs = [Sequence(sid, len(prompt), list(prompt), params, seed, ids.start)
+                    for sid, seed in zip(ids, seeds)]
+            head, head.fork_children = seqs[0], seqs[1:]
+            for child in head.fork_children:
+                child.fork_parent = head
+            for s in seqs:
+                self.seqs[s.seq_id] = s
+            self.waiting.append(head)
+            self._num_waiting += 1
+            if self._issued and self._issued[-1][1] == ids.start:
+                self._issued[-1][1] = ids.stop
+            else:
+                self._issued.append([ids.start, ids.stop])
+        return list(ids)
 
     def cancel(self, seq_id: int) -> None:
-        """Stop a sequence now (finish reason "stop") and release its blocks. Cancelling a
-        sequence that already finished does nothing."""
-        seq = self.seqs.get(seq_id)
-        if seq is None or seq.status == FINISHED:
-            return
-        if seq.status == RUNNING:
-            self.running.remove(seq)
-            self.manager.free(seq.seq_id)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-            # Its fork children were never started: they continue as plain waiting sequences.
-            for child in seq.fork_children:
-                self.waiting.appendleft(child)
-            seq.fork_children = []
-        else:  # a fork child not started yet
-            for s in self.waiting:
-                if seq in s.fork_children:
-                    s.fork_children.remove(seq)
-        self._finish(seq, "stop")
+        """Stop a sequence now (finish reason "stop") and release its blocks, in O(1) for a
+        waiting sequence. Cancelling a sequence that already finished does nothing.
+
+        Raises
+        ------
+        KeyError if this engine never issued `seq_id`.
+        """
+        with self.cache.lock:
+            seq = self.seqs.get(seq_id)
+            if seq is None:
+                if not self._was_issued(seq_id):
+                    raise KeyError(f"cancel(): sequence id {seq_id!r} was never issued by this Engine")
+                return  # finished already
+            if seq.status == RUNNING:
+                self.running.remove(seq)
+                self.manager.free(seq.seq_id)
+            elif seq.fork_parent is not None:  # a fork child not started yet
+                seq.fork_parent.fork_children.remove(seq)
+                seq.fork_parent = None
+            else:
+                # Left in the queue, finished: the admission skips it. Its fork children were
+                # never started: they continue as plain waiting sequences.
+                self._num_waiting += len(seq.fork_children) - 1
+                for child in reversed(seq.fork_children):
+                    child.fork_parent = None
+                    self.waiting.appendleft(child)
+                seq.fork_children = []
+            self._finish(seq, "stop")
+
+    def _was_issued(self, seq_id) -> bool:
+        if not isinstance(seq_id, numbers.Integral) or isinstance(seq_id, bool):
+            return False
+        i = bisect.bisect_right(self._issued, [seq_id, float("inf")]) - 1
+        return i >= 0 and self._issued[i][0] <= seq_id < self._issued[i][1]
 
     def has_unfinished(self) -> bool:
-        """Whether any sequence is still waiting or running."""
-        return bool(self.waiting or self.running)
+        """Whether any sequence is still waiting or running, or outputs are still to be returned."""
+        return bool(self._num_waiting or self.running or self._pending)
 
     def stream(self):
         """Step until every sequence has finished, yielding each `StepOutput` as it is produced.
 
         Requests may be added (`add`) and cancelled (`cancel`) between the outputs: they join or
-        leave at the next step. A request's tokens are the outputs with its `seq_id`.
+        leave at the next step. A request's tokens are the outputs with its `seq_id`. Leaving the
+        loop early (break, close) loses nothing: the outputs of the last step not yet yielded
+        are returned first by the next `step()` or `stream()`.
 
         Examples
         --------
@@ -282,24 +352,23 @@ class Engine:
         ...         engine.add(prompt_b, SamplingParams(max_new_tokens=8), seeds=[1])
         """
         while self.has_unfinished():
-            yield from self.step()
+            self._pending.extend(self.step())
+            while self._pending:
+                yield self._pending.popleft()
 
     def abort(self) -> None:
-        """Drop every sequence and give all their blocks back (after an error or interrupt).
-
-        Blocks filled by a step that never completed may carry prefix hashes for K/V that were
-        not written, so the prefix cache is dropped as well.
-        """
-        interrupted = bool(self.running)
-        for seq in self.running:
-            self.manager.free(seq.seq_id)
-        for seq in itertools.chain(self.running, self.waiting, *(s.fork_children for s in self.waiting)):
-            seq.status = FINISHED
-        self.running.clear()
-        self.waiting.clear()
-        self.seqs.clear()
-        if interrupted:
-            self.manager.reset_prefix_cache()
+        """Drop every sequence (and outputs not yet returned) and give all their blocks back
+        (after an error or interrupt)."""
+        with self.cache.lock:
+            for seq in self.running:
+                self.manager.free(seq.seq_id)
+            for seq in self.seqs.values():
+                seq.status = FINISHED
+            self.running.clear()
+            self.waiting.clear()
+            self._num_waiting = 0
+            self.seqs.clear()
+            self._pending.clear()
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = FINISHED, reason
@@ -309,32 +378,87 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Run one step: a prefill of newly admitted sequences if any can be admitted, else a
-        decode step of every running sequence.
+        decode step of every running sequence. Outputs not yet returned (see `stream`) are
+        returned first, without running the model.
 
         Returns
         -------
         list of StepOutput: one per token produced, in the order of the step's batch. Raises
-        NonFiniteLogitsError (after finishing that sequence) when a sequence's logits cannot be
-        sampled from; the engine stays usable.
+        NonFiniteLogitsError (after finishing that sequence; the step's other outputs are
+        returned by the next call) when a sequence's logits cannot be sampled from. Any other
+        exception leaves the engine consistent (see the class notes): stepping again continues.
         """
-        self.num_steps += 1
-        if self.model._kv_cache is not self.cache:
-            raise RuntimeError("the model was moved or cast while this Engine was using it (its KV "
-                               "cache was replaced); create a new Engine")
-        admitted = self._admit()
-        if admitted:
-            return self._prefill(admitted)
-        if self.running:
-            return self._decode()
-        if self.waiting:
-            raise RuntimeError("the KV-cache pool cannot hold the next waiting sequence even with "
-                               "nothing running; this is a bug in the engine's bookkeeping")
-        return []
+        if self._pending:
+            outs = list(self._pending)
+            self._pending.clear()
+            return outs
+        with self.cache.lock:
+            self.num_steps += 1
+            if self.model._kv_cache is not self.cache:
+                raise RuntimeError("the model was moved or cast while this Engine was using it (its "
+                                   "KV cache was replaced); create a new Engine")
+            try:
+                admitted = self._admit()
+                if admitted:
+                    return self._prefill(admitted)
+                if self.running:
+                    return self._decode()
+            except NonFiniteLogitsError:
+                raise
+            except BaseException:
+                self._roll_back()
+                raise
+            if self._num_waiting:
+                raise RuntimeError(self._pool_report("the next waiting sequence does not fit even "
+                                                     "with nothing else running"))
+            return []
+
+    def _roll_back(self) -> None:
+        """After a step failed midway: every running sequence waits to be recomputed, and no
+        prefix hash of a block whose K/V may be unwritten survives."""
+        for seq in sorted(self.running, key=lambda s: (s.arrival, s.seq_id), reverse=True):
+            self._preempt(seq)
+        self.manager.reset_prefix_cache()
+
+    def _pool_report(self, what: str) -> str:
+        """An error message saying who holds the pool's blocks."""
+        m = self.manager
+        ours = len(self.running)
+        others = sum(len(e.running) for e in list(self.cache.engines) if e is not self)
+        orphans = m.num_sequences() - ours - others
+        return (f"{what}: the KV-cache pool has {m.total_blocks} blocks, {m.num_free_blocks()} free; "
+                f"{ours} sequences of this engine, {others} of other engines on the model and "
+                f"{orphans} held outside any live Engine hold the rest")
+
+    def _newest_victim(self, own_too: bool) -> tuple[Engine, Sequence] | None:
+        """The newest running sequence of the engines on this model (this engine's only when
+        `own_too`), with its engine: the one to preempt when blocks run short."""
+        best = None
+        for engine in list(self.cache.engines):
+            if engine is self and not own_too:
+                continue
+            for s in engine.running:
+                if best is None or (s.arrival, s.seq_id) > (best[1].arrival, best[1].seq_id):
+                    best = (engine, s)
+        return best
+
+    def _weights_unchanged(self) -> bool:
+        """Whether the cached prefixes were computed from the model's current weights; if not,
+        they are dropped and the current weights recorded."""
+        fingerprint = weights_fingerprint(self.model)
+        if fingerprint is not None and fingerprint == self.cache.weights_fingerprint:
+            return True
+        self.manager.reset_prefix_cache()
+        self.cache.weights_fingerprint = fingerprint
+        return False
 
     def _admit(self) -> list[Sequence]:
-        admitted, budget = [], self.max_prefill_tokens
+        admitted, budget, weights_checked = [], self.max_prefill_tokens, False
         while self.waiting:
             seq = self.waiting[0]
+            if seq.status == FINISHED:  # cancelled while waiting
+                self.waiting.popleft()
+                continue
             # fork children run as soon as their parent's prefill is done
             if self.running and len(self.running) + 1 + len(seq.fork_children) > self.max_num_seqs:
                 break
@@ -342,13 +466,27 @@ class Engine:
                 break
             tokens = np.asarray(seq.tokens, dtype=np.int64)
             cached = self.manager.allocate_prompt(seq.seq_id, tokens)
+            if cached > 0 and not weights_checked:
+                # A prefix hit: only valid if the weights did not change since it was computed.
+                weights_checked = True
+                if not self._weights_unchanged():
+                    self.manager.free(seq.seq_id)
+                    cached = self.manager.allocate_prompt(seq.seq_id, tokens)
             if cached < 0:
-                break  # not enough free blocks: wait for running sequences to finish
+                if self.running or admitted:
+                    break  # not enough free blocks: wait for running sequences to finish
+                # Nothing of this engine runs: take the blocks of other engines' newest sequences.
+                victim = self._newest_victim(own_too=False)
+                if victim is None:
+                    break
+                victim[0]._preempt(victim[1])
+                continue
             self.waiting.popleft()
+            self._num_waiting -= 1
             seq.in_cache = cached
             seq.status = RUNNING
             # NOTE: running from the moment it holds blocks, so an error before its prefill
-            # completes frees them (and drops the prefix hashes registered for them).
+            # completes frees them (see _roll_back).
             self.running.append(seq)
             admitted.append(seq)
             budget -= len(seq.tokens) - cached
@@ -391,7 +529,7 @@ class Engine:
             batch.append(s)
             for child in s.fork_children:
                 self.manager.fork(s.seq_id, child.seq_id)
-                child.in_cache, child.status = s.in_cache, RUNNING
+                child.in_cache, child.status, child.fork_parent = s.in_cache, RUNNING, None
                 self.running.append(child)
                 rows.append(i)
                 batch.append(child)
@@ -402,10 +540,13 @@ class Engine:
 
     def _decode(self) -> list[StepOutput]:
         ids = self._ids_array(self.running)
-        while (self.manager.blocks_needed_for_append(ids) > self.manager.num_free_blocks()
-               and len(self.running) > 1):
-            self._preempt(max(self.running, key=lambda s: (s.arrival, s.seq_id)))
-            ids = self._ids_array(self.running)
+        while self.manager.blocks_needed_for_append(ids) > self.manager.num_free_blocks():
+            victim = self._newest_victim(own_too=len(self.running) > 1)
+            if victim is None:
+                break  # _append reports what holds the pool
+            victim[0]._preempt(victim[1])
+            if victim[0] is self:
+                ids = self._ids_array(self.running)
         seqs = self.running
         B = len(seqs)
         if self.runner is not None and B <= self.runner.max_batch:
@@ -438,8 +579,8 @@ class Engine:
         cow = np.empty((len(ids), 2), dtype=np.int64)
         n_cow = self.manager.append_tokens(ids, tokens, slots, cow)
         if n_cow < 0:
-            raise RuntimeError(f"the KV-cache pool ({self.manager.total_blocks} blocks) cannot "
-                               f"hold one more token of the only running sequence")
+            raise RuntimeError(self._pool_report("no block is left for the next token of this "
+                                                 "engine's only running sequence"))
         if n_cow:
             self.cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
 
@@ -487,6 +628,7 @@ class Engine:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+        self._num_waiting += 1
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
@@ -540,6 +682,7 @@ class Engine:
                 self.manager.free(s.seq_id)
             self.running = [s for s in self.running if s.status != FINISHED]
         if error is not None:
+            self._pending.extend(outs)  # the other rows' tokens: returned by the next step()
             raise error
         return outs
 
@@ -583,3 +726,75 @@ def _process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             logits[i, list(s.params.eos_token_ids)] = float("-inf")
     return logits
 
+
+def weights_fingerprint(module) -> tuple | None:
+    """Changes whenever a parameter of `module` is replaced, moved, cast or modified in place
+    (PyTorch's version counter); None when it cannot be read (inference tensors keep no version)."""
+    try:
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
+    except RuntimeError:
+        return None
+
+
+def _release_blocks(cache, seqs: dict[int, Sequence]) -> None:
+    """An engine's finalizer: give the blocks of its running sequences back to the pool."""
+    with cache.lock:
+        for seq in seqs.values():
+            if seq.status == RUNNING and cache.manager.has_sequence(seq.seq_id):
+                cache.manager.free(seq.seq_id)
+            seq.status = FINISHED
+
+
+def _integer_like(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _token_list(prompt, vocab_size: int) -> list[int]:
+    """`prompt` as a list of Python ints, checked: a list or tuple of ints or a 1-D integer numpy
+    array or tensor, non-empty, every id in [0, vocab_size)."""
+    if isinstance(prompt, (torch.Tensor, np.ndarray)):
+        shape = tuple(prompt.shape)
+        if len(shape) != 1:
+            raise ValueError(f"a prompt must be 1-D (one sequence of token ids), got shape {shape}")
+        dtype = prompt.dtype
+        integer = (dtype.kind in "iu" if isinstance(prompt, np.ndarray)
+                   else not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool))
+        if not integer:
+            raise TypeError(f"prompt token ids must be integers, got a {type(prompt).__name__} of "
+                            f"dtype {dtype}")
+        tokens = prompt.tolist()
+    elif isinstance(prompt, (list, tuple, range)):
+        tokens = list(prompt)
+        if any(type(t) is not int for t in tokens):  # fast path: plain ints
+            for i, t in enumerate(tokens):
+                if not _integer_like(t):
+                    raise TypeError(f"prompt token ids must be integers, got {t!r} "
+                                    f"({type(t).__name__}) at index {i}")
+            tokens = [int(t) for t in tokens]
+    else:
+        raise TypeError(f"a prompt must be a list of token ids or a 1-D integer numpy array or "
+                        f"tensor, got {type(prompt).__name__}")
+    if not tokens:
+        raise ValueError("a prompt needs at least one token")
+    if min(tokens) < 0 or max(tokens) >= vocab_size:
+        bad = next(t for t in tokens if not 0 <= t < vocab_size)
+        raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab_size})")
+    return tokens
+
+
+def _seed_list(seeds) -> list[int]:
+    """`seeds` as a list of Python ints in int64's range (the Philox keys are int64 tensors)."""
+    if isinstance(seeds, (torch.Tensor, np.ndarray)):
+        if seeds.ndim != 1:
+            raise ValueError(f"seeds must be 1-D, got shape {tuple(seeds.shape)}")
+        seeds = seeds.tolist()
+    if not isinstance(seeds, (list, tuple, range)):
+        raise TypeError(f"seeds must be a list of ints (one per sequence), got {type(seeds).__name__}")
+    if not seeds:
+        raise ValueError("add() needs at least one seed (one per sequence)")
+    for i, s in enumerate(seeds):
+        if not _integer_like(s):
+            raise TypeError(f"seeds must be integers, got {s!r} ({type(s).__name__}) at index {i}")
+        if not -2**63 <= s < 2**63:
+            raise ValueError(f"seed {s} at index {i} is outside int64 [-2**63, 2**63)")
+    return [int(s) for s in seeds]

@@ -20,6 +20,7 @@ Differences from HF, by design:
 from __future__ import annotations
 
 import numbers
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, NonFiniteLogitsError, SamplingParams
+from .engine import Engine, NonFiniteLogitsError, SamplingParams, weights_fingerprint
 
 # HF generation arguments gptfast implements, with HF's defaults (GenerationConfig).
 _DEFAULTS: dict[str, Any] = {
@@ -150,17 +151,9 @@ class GenerateOutput:
 
 
 # transformers models converted once, keyed by the HF object, with the fingerprint of the
-# weights they were converted from.
+# weights they were converted from. The lock makes threads' first calls share one conversion.
 _CONVERTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _weights_fingerprint(module) -> tuple | None:
-    """Changes whenever a parameter is replaced, moved, cast or modified in place (PyTorch's
-    version counter); None when it cannot be read (inference tensors keep no version)."""
-    try:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in module.parameters())
-    except RuntimeError:
-        return None
+_CONVERTING = threading.Lock()
 
 
 def _as_gptfast(model):
@@ -177,12 +170,13 @@ def _as_gptfast(model):
         if not hasattr(model, "lm_head"):
             raise TypeError(f"a transformers {cls.__name__} has no language-model head; pass a "
                             f"GPT2LMHeadModel")
-        fingerprint = _weights_fingerprint(model)
-        entry = _CONVERTED.get(model)
-        if entry is None or fingerprint is None or entry[1] != fingerprint:
-            p = next(model.parameters())
-            entry = (GPT2.from_pretrained(model, dtype=p.dtype, device=p.device), fingerprint)
-            _CONVERTED[model] = entry
+        with _CONVERTING:
+            fingerprint = weights_fingerprint(model)
+            entry = _CONVERTED.get(model)
+            if entry is None or fingerprint is None or entry[1] != fingerprint:
+                p = next(model.parameters())
+                entry = (GPT2.from_pretrained(model, dtype=p.dtype, device=p.device), fingerprint)
+                _CONVERTED[model] = entry
         # The HF object's generation_config is read on every call, as HF does.
         defaults = dict(entry[0].generation_defaults)
         gen = getattr(model, "generation_config", None)
@@ -276,16 +270,6 @@ def _infer_attention_mask(input_ids, pad, eos):
     return (input_ids != pad).long()
 
 
-def _invalidate_stale_prefix_cache(model) -> None:
-    """Cached prefix blocks hold K/V computed from the weights of their time: drop them when the
-    weights have changed since the last call."""
-    fingerprint = _weights_fingerprint(model)
-    if model._kv_cache is not None and (fingerprint is None or
-                                        fingerprint != getattr(model, "_prefix_fingerprint", None)):
-        model.kv_cache.manager.reset_prefix_cache()
-    model._prefix_fingerprint = fingerprint
-
-
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, stopping_criteria=None, seed: int | None = None,
@@ -335,7 +319,6 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     config = model.config
     defaults = model.generation_defaults if hf_defaults is None else hf_defaults
     args, explicit = _resolve_arguments(defaults, generation_config, kwargs)
-    _invalidate_stale_prefix_cache(model)
 
     # ---------------------------------------------------------------- arguments
     eos = _eos_list(args["eos_token_id"])

@@ -13,6 +13,8 @@ the tensors and turns the manager's answers into the per-step metadata the atten
 from __future__ import annotations
 
 import itertools
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -103,10 +105,24 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, H, D]
         self.manager = _C.BlockManager(num_blocks, block_size, enable_prefix_caching)
         self._seq_ids = itertools.count()
+        # NOTE: every Engine on this cache takes this lock for each step, add, cancel and abort:
+        # the block manager, the K/V tensors and the model's decode-graph buffers are shared, and
+        # a prompt's blocks become prefix-cache hits for other engines only once the step that
+        # allocated them has written their K/V (admission and prefill are one locked step).
+        self.lock = threading.RLock()
+        self.engines: weakref.WeakSet = weakref.WeakSet()  # the live engines sharing this cache
+        # The weights the cached prefixes were computed from (an Engine's fingerprint of them);
+        # None: unknown, so no cached prefix is trusted.
+        self.weights_fingerprint: tuple | None = None
 
-    def new_sequence_id(self) -> int:
-        """A sequence id unused in this cache's manager (shared by every engine on the model)."""
-        return next(self._seq_ids)
+    def new_sequence_ids(self, n: int) -> range:
+        """`n` consecutive sequence ids unused in this cache's manager (shared by every engine on
+        the model)."""
+        with self.lock:
+            start = next(self._seq_ids)
+            if n > 1:
+                self._seq_ids = itertools.count(start + n)
+            return range(start, start + n)
 
     @property
     def total_blocks(self) -> int:

@@ -13,6 +13,7 @@ Two forward paths share the weights:
 from __future__ import annotations
 
 import math
+import threading
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,7 @@ from . import ops
 from .config import GPT2Config, get_config
 from .kv_cache import AttnMetadata, KVCache
 
+_KV_CACHE_LOCK = threading.Lock()
 _MKLDNN_BF16 = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 if TYPE_CHECKING:
@@ -328,12 +330,13 @@ class GPT2(nn.Module):
     @property
     def kv_cache(self) -> KVCache:
         """The paged KV cache, allocated on first use on the model's device and dtype."""
-        cache = self._kv_cache
-        if cache is None or cache.device != self.device or cache.dtype != self.dtype:
-            cache = KVCache(self.config, block_size=self.block_size, num_blocks=self.num_kv_blocks,
-                            dtype=self.dtype, device=self.device)
-            self._kv_cache = cache
-        return cache
+        with _KV_CACHE_LOCK:  # threads making their first calls at once must share one cache
+            cache = self._kv_cache
+            if cache is None or cache.device != self.device or cache.dtype != self.dtype:
+                cache = KVCache(self.config, block_size=self.block_size, num_blocks=self.num_kv_blocks,
+                                dtype=self.dtype, device=self.device)
+                self._kv_cache = cache
+            return cache
 
     def _apply(self, fn, *args, **kwargs):
         # Moving or casting the model drops the cache, the decode graphs and the prepacked

@@ -20,12 +20,15 @@ can hold tensors and plain containers, never code that runs on load.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import re
+import stat
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import torch
 
@@ -77,13 +80,16 @@ class Checkpoint:
     tokenizer_dir: Path | None = None
 
 
-def load_checkpoint(src) -> Checkpoint:
+def load_checkpoint(src, check_values: bool = True) -> Checkpoint:
     """Load GPT-2 weights from an HF folder, a live transformers model or a nanoGPT file.
 
     Parameters
     ----------
     src : str, Path, transformers.GPT2LMHeadModel or transformers.GPT2Model
         See the module docstring for the accepted sources.
+    check_values : bool
+        Refuse weights that are not floating point or hold NaN or infinity, naming the first
+        such tensor (one pass over the weights). False loads them as they are.
 
     Returns
     -------
@@ -92,11 +98,13 @@ def load_checkpoint(src) -> Checkpoint:
     Raises
     ------
     FileNotFoundError
-        `src` does not exist, or the folder holds no weights file.
+        `src` does not exist (or is a broken symbolic link), or the folder holds no weights file.
     ValueError
-        The config asks for something gptfast does not compute, a weights file is unreadable
-        or holds more than tensors, or keys/shapes do not match the config (every problem is
-        listed).
+        The config asks for something gptfast does not compute or for more parameters than the
+        checkpoint stores (checked before anything is allocated), a file is a directory, a named
+        pipe or a symbolic link loop, a shard path leaves the folder, a weights file is
+        unreadable or holds more than tensors, keys/shapes do not match the config (every
+        problem is listed), or (with `check_values`) a weight is not finite or not floating point.
 
     Examples
     --------
@@ -104,19 +112,25 @@ def load_checkpoint(src) -> Checkpoint:
     >>> ckpt.state_dict["h.0.attn.c_attn.weight"].shape  # (3 * n_embd, n_embd)
     torch.Size([2304, 768])
     """
+    ckpt = _load(src)
+    if check_values:
+        _check_values(ckpt.state_dict, ckpt.source)
+    return ckpt
+
+
+def _load(src) -> Checkpoint:
     if isinstance(src, (str, Path)):
         path = Path(src)
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         if path.is_dir():
-            if (path / "config.json").is_file():
+            if os.path.lexists(path / "config.json"):
                 return _load_hf_folder(path)
-            if (path / "ckpt.pt").is_file():
+            if os.path.lexists(path / "ckpt.pt"):
                 return _load_nanogpt(path / "ckpt.pt")
             raise FileNotFoundError(
                 f"{str(path)!r} is neither an HF checkpoint folder (no config.json) nor a nanoGPT "
                 f"folder (no ckpt.pt); it holds {sorted(p.name for p in path.iterdir())}"
             )
+        _require_file(path, "checkpoint")
         if path.suffix in (".pt", ".pth"):
             return _load_nanogpt(path)
         raise ValueError(
@@ -186,10 +200,10 @@ def _load_hf_folder(folder: Path) -> Checkpoint:
     cfg = _read_json(folder / "config.json")
     config = config_from_hf(cfg)
     generation = _generation_defaults(cfg)
-    if (folder / "generation_config.json").is_file():
+    if os.path.lexists(folder / "generation_config.json"):
         generation.update(_generation_overrides(_read_json(folder / "generation_config.json")))
 
-    weights = next((folder / n for n in _HF_WEIGHT_FILES if (folder / n).is_file()), None)
+    weights = next((folder / n for n in _HF_WEIGHT_FILES if os.path.lexists(folder / n)), None)
     if weights is None:
         raise FileNotFoundError(
             f"no weights in HF checkpoint folder {str(folder)!r}: expected one of {list(_HF_WEIGHT_FILES)}; "
@@ -199,8 +213,15 @@ def _load_hf_folder(folder: Path) -> Checkpoint:
         index = _read_json(weights)
         if not isinstance(index.get("weight_map"), dict):
             raise ValueError(f"{str(weights)!r} has no 'weight_map' object")
+        shards = sorted(set(map(str, index["weight_map"].values())))
+        for shard in shards:
+            # NOTE: checked by name, not by resolving links: HF's cache folders link each file
+            # to a blob outside the snapshot folder, which is fine; a name that climbs out is not.
+            if PurePath(shard).is_absolute() or ".." in PurePath(shard).parts or not shard:
+                raise ValueError(f"{str(weights)!r} lists shard {shard!r}, a path outside the "
+                                 f"checkpoint folder; shards must be file names inside {str(folder)!r}")
         raw = {}
-        for shard in sorted(set(index["weight_map"].values())):
+        for shard in shards:
             raw.update(_read_tensor_file(folder / shard))
     else:
         raw = _read_tensor_file(weights)
@@ -316,6 +337,19 @@ def _resolve_head(state_dict: dict, config: GPT2Config) -> tuple[GPT2Config, dic
 
 
 def _validate(state_dict: dict, config: GPT2Config, source: str, hf_layout: bool = False) -> None:
+    # NOTE: sized in closed form first: a config far larger than the weights (n_layer 10^6) fails
+    # before a table of its parameters is built or anything is allocated for it; a near miss
+    # gets the itemised list below.
+    need, stored = config.num_params(), sum(t.numel() for t in state_dict.values())
+    per_layer = 12 if config.bias else 6
+    tensors = 2 + config.n_layer * per_layer + (2 if config.bias else 1) + (not config.tie_word_embeddings)
+    if need > stored and tensors - len(state_dict) > 10 * _MAX_REPORTED_PROBLEMS:
+        raise ValueError(
+            f"{source}: its config describes a model of {need:,} parameters (n_layer={config.n_layer}, "
+            f"n_embd={config.n_embd}, vocab_size={config.vocab_size}, n_positions="
+            f"{config.n_positions}; {4 * need / 2**30:.1f} GiB in fp32) but the checkpoint stores "
+            f"only {stored:,} values; the config does not match the weights"
+        )
     expected = config.param_shapes()
     problems = []
     for key, shape in expected.items():
@@ -354,20 +388,66 @@ def _generation_overrides(gen: dict) -> dict:
 # --- files ---------------------------------------------------------------------------------
 
 
+def _check_values(state_dict: dict, source: str) -> None:
+    """Every weight floating point and finite, else a ValueError naming the first bad tensor."""
+    for key, t in state_dict.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{source}: weight {key!r} has dtype {t.dtype}; GPT-2 weights are "
+                             f"floating point (load_checkpoint(..., check_values=False) loads it "
+                             f"anyway)")
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            first = tuple(int(i) for i in (~finite).nonzero()[0])
+            raise ValueError(f"{source}: weight {key!r} holds {bad} NaN or infinite value(s), the "
+                             f"first at index {first} ({t[first].item()}); pass "
+                             f"check_values=False to load_checkpoint to load it anyway")
+
+
+def _file_problem(path: Path) -> tuple[type, str] | None:
+    """Why `path` cannot be read as a regular file (the exception class and the reason), or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return ValueError, "is a symbolic link loop (following it never reaches a file)"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            if os.path.islink(path):
+                return FileNotFoundError, f"is a broken symbolic link (to {os.readlink(path)!r})"
+            return FileNotFoundError, "does not exist"
+        return ValueError, f"cannot be read: {e.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return ValueError, "is a directory, not a file"
+    if stat.S_ISFIFO(st.st_mode):
+        return ValueError, "is a named pipe (FIFO), not a regular file (reading it would wait for a writer)"
+    if not stat.S_ISREG(st.st_mode):
+        return ValueError, "is not a regular file (a socket or a device)"
+    return None
+
+
+def _require_file(path: Path, what: str) -> None:
+    problem = _file_problem(path)
+    if problem is not None:
+        cls, why = problem
+        raise cls(f"{what} {str(path)!r} {why}")
+
+
 def _read_json(path: Path) -> dict:
+    _require_file(path, "JSON file")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"malformed JSON in {str(path)!r}: {e}") from e
+    except RecursionError:
+        raise ValueError(f"the JSON in {str(path)!r} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got a {type(data).__name__}")
     return data
 
 
 def _read_tensor_file(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    _require_file(path, "weights file")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -881,7 +881,7 @@ def run_kernels(args) -> int:
     report["triton_cache"] = "fresh" if args.fresh_cache else "reused (compile seconds may be cache hits)"
     print(_tables(report))
     paths = _save(report, args.out, args.json)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
+    print("\nwrote:\n" + "\n".join(f"  {p}" for p in paths))
     problems = _problems(report)
     for line in problems:
         print(f"PROBLEM: {line}")

@@ -19,7 +19,8 @@
 # GPU_E2E_BUDGET_S (default 570) caps the whole script; each run's timeout is what is left of it,
 # and a run that would get under 60 s is skipped (listed as such in the summary).
 #
-# Files under OUT (flat): gpu_e2e.log, pip.log, nvidia-smi.txt, per run e2e-<gpu>-<stamp>.{json,csv,md},
+# Files under OUT (flat): gpu_e2e.log, pip.log, nvidia-smi.txt, per run e2e-<gpu>-<stamp>.{json,csv,md}
+# (e2e-<gpu>-<stamp>.partial.json instead, with the rows measured so far, when a run is cut short),
 # summary.md. Without a GPU it says so and exits 0. GPU_CHECK_DEVICE=cpu is a dry run of the plumbing
 # on a machine without a GPU (no install, CPU workloads; try MODELS=tiny DTYPES=fp32).
 # A copy of the tree without .git records the commit given in GPTFAST_GIT_COMMIT (and

@@ -33,6 +33,7 @@ def _test_timeout() -> float | None:
     return seconds if seconds > 0 else None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-timeout's own configure reads its option
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on the CPU")

@@ -835,6 +835,19 @@ def _tables(report: dict) -> str:
     return "\n".join(parts)
 
 
+def _dumps(doc: dict) -> str:
+    """JSON with one line per top-level key, and per element of a list of records (a decode step,
+    a variant): a full sweep's thousands of launches stay a readable, diffable file."""
+    lines = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            text = "[\n" + ",\n".join("  " + json.dumps(v, ensure_ascii=False) for v in value) + "\n ]"
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        lines.append(f" {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def _save(report: dict, out_dir: Path | None, json_path: Path | None) -> list[Path]:
     import csv
     import datetime
@@ -852,7 +865,7 @@ def _save(report: dict, out_dir: Path | None, json_path: Path | None) -> list[Pa
         out_dir = default_out_dir() if out_dir is None else out_dir
         json_path = Path(out_dir) / f"kernels-{report['target']}-{report['model']}-{stamp}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(_jsonable(doc), indent=1) + "\n")
+    json_path.write_text(_dumps(_jsonable(doc)))
     csv_path = json_path.with_suffix(".csv")
     columns = ["kernel", "dtype", "target", "num_warps", "num_stages", "registers", "spill_bytes", "stack_bytes",
                "smem_bytes", "ctas_per_sm", "compile_s", "constexprs", "specialization", "hash"]
@@ -881,7 +894,7 @@ def run_kernels(args) -> int:
     report["triton_cache"] = "fresh" if args.fresh_cache else "reused (compile seconds may be cache hits)"
     print(_tables(report))
     paths = _save(report, args.out, args.json)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
+    print("\nwrote:\n" + "\n".join(f"  {p}" for p in paths))
     problems = _problems(report)
     for line in problems:
         print(f"PROBLEM: {line}")

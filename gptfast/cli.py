@@ -247,7 +247,8 @@ def _load(args):
     if args.random_weights:
         print(f"building {args.model} with random weights ({SHORT_DTYPE[args.dtype]}, {args.device}) ...",
               file=sys.stderr, flush=True)
-        model = GPT2.from_config(args.model, seed=0, dtype=dtype, device=args.device, progress=True)
+        model = GPT2.from_config(args.model, seed=0, dtype=dtype, device=args.device,
+                                  progress=sys.stderr.isatty())
         print(f"NOTE: random weights (preset {args.model!r}, GPT-2 init, seed 0): the speed is real, the text "
               "is noise", file=sys.stderr)
     else:
@@ -260,7 +261,7 @@ def _load(args):
                              f"beside the weights, and {where} has none: give token ids with --ids")
         print(f"loading {folder} ({SHORT_DTYPE[args.dtype]}, {args.device}) ...", file=sys.stderr, flush=True)
         try:
-            model = GPT2.from_pretrained(folder, dtype=dtype, device=args.device, progress=True)
+            model = GPT2.from_pretrained(folder, dtype=dtype, device=args.device, progress=sys.stderr.isatty())
         except (FileNotFoundError, ValueError, TypeError) as exc:
             raise UsageError(" ".join(str(exc).split())) from None
         if model.tokenizer_dir is not None:

@@ -292,7 +292,7 @@ def _spawn(folder, tmp_path, *args):
                HF_HUB_OFFLINE="1")
     child = pexpect.spawn(sys.executable, ["-m", "gptfast", "generate", str(folder), *(args or ["--interactive"]),
                                            "--max-new-tokens", "4000", "--seed", "0"],
-                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=120)
+                          cwd=str(tmp_path), env=env, encoding="utf-8", timeout=300)  # a loaded CI machine
     if not args:
         child.expect_exact("Token ids >>> ")
     return child, pexpect

@@ -88,6 +88,11 @@ def _activation_(name: str, h: torch.Tensor) -> torch.Tensor:
     return torch._C._nn.gelu_(h, approximate="tanh" if name == "gelu_tanh" else "none")
 
 
+# `GPT2._decode_cpu` gathers every layer's cached K/V once per step while the copy takes at most
+# this much (GPT-2 124M in fp32: 8 rows of 64 tokens take 38 MB), else layer by layer.
+_STEP_GATHER_BYTES = 64 << 20
+
+
 def _plain_decode(meta: AttnMetadata) -> bool:
     """Whether every row of a CPU decode step writes a slot and attends to at least one key (the
     static runner's padding rows do neither; they take the general path)."""
@@ -510,44 +515,66 @@ class GPT2(nn.Module):
         """A decode step on the CPU with as few ops as the math allows (`forward_paged`'s path
         when every row has a slot and a key: always, outside the static runner's padding rows).
 
-        At batch 1 to 8 the matmuls stream the weights and every other op is pure dispatch
-        overhead, so what serves every layer is computed once per step (the page ids, the key
-        count, the padding mask of a ragged batch) and each layer runs 14 ops: LayerNorm, QKV,
-        two cache writes, two page gathers, SDPA (in the cache dtype: bf16 K/V are not copied to
-        fp32, the kernel accumulates in fp32), out-projection, residual add in place, LayerNorm,
-        c_fc, GELU in place, c_proj, residual add in place. The math is `forward_paged`'s
-        reference path: the same kernels on the same operands (fp32 greedy tokens stay HF's)."""
+        At batch 1 to 8 the matmuls stream the weights and every other op is dispatch overhead
+        (and, for the ops PyTorch runs on several threads, a fork/join), so what serves every
+        layer is done once per step: the pages holding keys, the key count, the padding mask of
+        a ragged batch and, while it fits in `_STEP_GATHER_BYTES`, the gather of every layer's
+        cached K/V (two index_selects instead of two per layer); each layer then writes its new
+        K/V row into that gathered copy, and one write per step puts every layer's new rows into
+        the cache. A layer runs 12 ops: LayerNorm, QKV, two row writes, SDPA (in the cache
+        dtype: bf16 K/V are not copied to fp32; the kernel accumulates in fp32), out-projection,
+        in-place residual add, LayerNorm, c_fc, in-place GELU, c_proj, in-place residual add.
+        The math is the reference path's: the same kernels on the same operands (fp32 greedy
+        tokens stay HF's)."""
         B = tokens.shape[0]
         H, D = self.config.n_head, self.config.head_dim
         C = H * D
+        L = cache.k.shape[0]
         slots = meta.slot_mapping
         lens = meta.seq_lens
         block_size = cache.block_size
         longest = int(lens.max())
         pages = meta.block_tables[:, : -(-longest // block_size)]  # (B, P): only pages holding keys
         P = pages.shape[1]
+        width = P * block_size  # gathered keys per row
         pages = pages.reshape(-1)  # (B * P,) int32: index_select takes it as is
         mask = None
         if not bool((lens == longest).all()):
             # a ragged batch: True where a key exists, shared by every layer
             mask = (torch.arange(longest, device=lens.device) < lens[:, None]).view(B, 1, 1, longest)
+        once = 2 * L * B * width * C * cache.k.element_size() <= _STEP_GATHER_BYTES
+        if once:
+            k_all = cache.k.index_select(1, pages).view(L, B * width, H, D)  # every layer's keys
+            v_all = cache.v.index_select(1, pages).view(L, B * width, H, D)
+            # the row of each sequence's new token in the gathered copy
+            rows = torch.arange(B, device=lens.device) * width + (lens.long() - 1)  # (B,)
         act = self.config.activation
         x = self.wte(tokens).add_(self.wpe(positions))  # (B, C)
         for i, block in enumerate(self.h):
             attn = block.attn
             qkv = attn.c_attn(block.ln_1(x)).view(B, 3, H, D)  # (B, 3, nh, hs)
             q, k, v = qkv.unbind(1)  # each (B, nh, hs), strided views
-            k_cache, v_cache = cache.k[i], cache.v[i]  # [blocks, bs, nh, hs]
-            k_cache.view(-1, H, D).index_copy_(0, slots, k)
-            v_cache.view(-1, H, D).index_copy_(0, slots, v)
-            keys = k_cache.index_select(0, pages).view(B, P * block_size, H, D)[:, :longest]
-            values = v_cache.index_select(0, pages).view(B, P * block_size, H, D)[:, :longest]
-            y = F.scaled_dot_product_attention(q[:, :, None], keys.transpose(1, 2), values.transpose(1, 2),
-                                               attn_mask=mask, scale=attn.scale)  # (B, nh, 1, hs)
+            if once:
+                keys, values = k_all[i], v_all[i]  # (B * width, nh, hs)
+                keys.index_copy_(0, rows, k)
+                values.index_copy_(0, rows, v)
+            else:
+                k_cache, v_cache = cache.k[i], cache.v[i]  # [blocks, bs, nh, hs]
+                k_cache.view(-1, H, D).index_copy_(0, slots, k)
+                v_cache.view(-1, H, D).index_copy_(0, slots, v)
+                keys, values = k_cache.index_select(0, pages), v_cache.index_select(0, pages)
+            keys = keys.view(B, width, H, D)[:, :longest].transpose(1, 2)  # (B, nh, longest, hs)
+            values = values.view(B, width, H, D)[:, :longest].transpose(1, 2)
+            y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
+                                               scale=attn.scale)  # (B, nh, 1, hs)
             x.add_(attn.c_proj(y.view(B, C)))
             mlp = block.mlp
             h = mlp.c_fc(block.ln_2(x))  # (B, 4C)
             x.add_(mlp.c_proj(_activation_(act, h)))
+        if once:
+            # every layer's new K/V rows into their slots: [L, blocks * bs, nh, hs]
+            cache.k.view(L, -1, H, D).index_copy_(1, slots, k_all.index_select(1, rows))
+            cache.v.view(L, -1, H, D).index_copy_(1, slots, v_all.index_select(1, rows))
         x = self.ln_f(x)
         return linear(x, self.head_weight(), None, self._head)  # (B, V)
 

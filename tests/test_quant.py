@@ -233,11 +233,14 @@ def test_int8_accuracy_policy(trained):
 
 
 # ---------------------------------------------------------------- the CPU decode fast path
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("quantize", [None, "int8"], ids=["float", "int8"])
-def test_cpu_decode_fast_path_matches_general_path(monkeypatch, dtype, quantize):
+@pytest.mark.parametrize("dtype,quantize,gather", [
+    (torch.float32, None, "step"), (torch.float32, None, "layer"), (torch.bfloat16, None, "step"),
+    (torch.float32, "int8", "step"), (torch.bfloat16, "int8", "layer")], ids=str)
+def test_cpu_decode_fast_path_matches_general_path(monkeypatch, dtype, quantize, gather):
     """The lean CPU decode step gives the general paged path's tokens on a ragged batch (and is
-    the path taken)."""
+    the path taken), with the K/V gathered once per step or layer by layer."""
+    if gather == "layer":
+        monkeypatch.setattr(gmodel, "_STEP_GATHER_BYTES", 0)
     model = GPT2.from_config("tiny", seed=0, dtype=dtype, quantize=quantize)
     ids = torch.randint(1, 1000, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)

@@ -430,6 +430,8 @@ def test_e2e_compiled_reference_rows(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     rows, _ = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", ceilings=CEILINGS, progress=False,
                           log=lambda s: None)
+    contenders = {e2e.GPTFAST_INT8, e2e.CT2_FP32, e2e.CT2_INT8}  # the CPU fp32 run's (test above)
+    rows = [r for r in rows if r["engine"] not in contenders]
     batch1 = {r["engine"]: r for r in rows if r["scenario"].startswith("batch 1")}
     assert list(batch1) == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST, *e2e.VARIANTS]
     ref = batch1[e2e.REF_COMPILE]

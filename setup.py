@@ -115,6 +115,8 @@ setup(
             "scipy",
         ],
         "bench": ["matplotlib", "transformers>=4.45"],
+        # the CPU contender of `gptfast bench --suite e2e` (skipped with a note when absent)
+        "ctranslate2": ["ctranslate2>=4.5", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["gptfast = gptfast.cli:main"]},
     zip_safe=False,

@@ -244,6 +244,7 @@ class DecodeGraphRunner:
         in a static device buffer that the next step overwrites. Either way the host buffers may
         be rewritten as soon as it returns.
         """
+        self.model.refresh_weight_copies()  # int8 copies of weights changed in place (none replay stale)
         bucket = self.bucket(batch)
         if bucket is None:
             raise ValueError(f"batch {batch} is larger than the runner's largest bucket {self.max_batch}")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import ops, quant
 from .config import GPT2Config, get_config
 from .kv_cache import AttnMetadata, KVCache
 
@@ -36,7 +36,13 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, holder) -> 
     prepacked for it, kept on `holder._packed`. That is ~1.5x faster than `F.linear` for the
     skinny decode matmuls (measured on an AVX-512 Xeon: the plain bf16 path re-lays the weight
     out on every call). The packed copy is rebuilt whenever the weight is replaced or modified in
-    place (its version counter changes)."""
+    place (its version counter changes). When `holder._quantize` is "int8", the matmul runs on
+    the holder's int8 copy of `w` (`gptfast.quant`), which follows `w` the same way."""
+    if holder._quantize is not None:
+        q = quant.int8_weight(holder, w)
+        if x.device.type == "cpu" and not ops.use_triton(x):
+            return quant.int8_linear_cpu(x, q, b)
+        return ops.int8_linear(x, q.q, q.scale, b)
     if w.dtype is torch.bfloat16 and w.device.type == "cpu" and _MKLDNN_BF16:
         try:
             key = (w.data_ptr(), w._version)
@@ -52,12 +58,17 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, holder) -> 
 
 class _PackedHolder:
     _packed: tuple | None = None
+    _quantize: str | None = None  # "int8": the matmul runs on `_int8`
+    _int8 = None  # gptfast.quant.Int8Weight
 
 
 class Linear(nn.Linear):
-    """nn.Linear through `linear` (prepacked bf16 weights on the CPU)."""
+    """nn.Linear through `linear` (prepacked bf16 weights on the CPU, int8 copies when the
+    model is quantised)."""
 
     _packed: tuple | None = None
+    _quantize: str | None = None
+    _int8 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self)
@@ -69,6 +80,25 @@ def _activation(name: str):
     if name == "gelu":
         return F.gelu
     return F.relu
+
+
+def _activation_(name: str, h: torch.Tensor) -> torch.Tensor:
+    """The activation `name` (see `_activation`) on `h`, in place."""
+    if name == "relu":
+        return torch.relu_(h)
+    return torch._C._nn.gelu_(h, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+# `GPT2._decode_cpu` gathers every layer's cached K/V once per step while the copy takes at most
+# this much (GPT-2 124M in fp32: 8 rows of 64 tokens take 38 MB), else layer by layer.
+_STEP_GATHER_BYTES = 64 << 20
+
+
+def _plain_decode(meta: AttnMetadata) -> bool:
+    """Whether every row of a CPU decode step writes a slot and attends to at least one key (the
+    static runner's padding rows do neither; they take the general path)."""
+    return (meta.slot_mapping.device.type == "cpu" and bool((meta.slot_mapping >= 0).all())
+            and bool((meta.seq_lens > 0).all()))
 
 
 class Attention(nn.Module):
@@ -215,7 +245,8 @@ class GPT2(nn.Module):
         }
         self._kv_cache: KVCache | None = None
         self._graph_runner = None  # (fingerprint, gptfast.graphs.DecodeGraphRunner)
-        self._head = _PackedHolder()  # the head's prepacked weight (see `linear`)
+        self._head = _PackedHolder()  # the head's prepacked or int8 weight (see `linear`)
+        self.quantize: str | None = None  # see `quantize_weights`
         self.eval()
         self.requires_grad_(False)
 
@@ -224,7 +255,7 @@ class GPT2(nn.Module):
     def from_config(cls, config: GPT2Config | str, seed: int | None = None,
                     dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     block_size: int = 16, num_kv_blocks: int | None = None,
-                    progress: bool = False) -> "GPT2":
+                    progress: bool = False, quantize: str | None = None) -> "GPT2":
         """A randomly initialised model.
 
         Parameters
@@ -238,6 +269,8 @@ class GPT2(nn.Module):
             As for `from_pretrained`.
         progress : bool
             Show a progress bar.
+        quantize : None or "int8"
+            As for `from_pretrained`.
 
         Returns
         -------
@@ -247,8 +280,10 @@ class GPT2(nn.Module):
         if isinstance(config, str):
             config = get_config(config)
         _check_dtype(dtype)
+        quant.check_mode(quantize)
         with torch.inference_mode(False):  # real parameters even when called in inference mode
-            return cls._random(config, seed, dtype, device, block_size, num_kv_blocks, progress)
+            model = cls._random(config, seed, dtype, device, block_size, num_kv_blocks, progress)
+        return model.quantize_weights(quantize)
 
     @classmethod
     def _random(cls, config, seed, dtype, device, block_size, num_kv_blocks, progress) -> "GPT2":
@@ -272,33 +307,40 @@ class GPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, src, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", block_size: int = 16,
-                        num_kv_blocks: int | None = None, progress: bool = False) -> "GPT2":
+                        num_kv_blocks: int | None = None, progress: bool = False,
+                        quantize: str | None = None) -> "GPT2":
         """Load GPT-2 weights from an HF checkpoint folder, a hub name ("gpt2",
         "openai-community/gpt2-medium": through the local Hugging Face cache, downloading where
         the hub is reachable; see `gptfast.hub`), a `transformers.GPT2LMHeadModel`, or a nanoGPT
         `ckpt.pt` (see `gptfast.weights.load_checkpoint`). Random weights: `from_config`.
 
         `dtype` None keeps fp32 (the checkpoint's own dtype is not guessed from storage).
-        `progress` shows a progress bar while the weights are copied in.
+        `progress` shows a progress bar while the weights are copied in. `quantize="int8"` runs
+        the linears and the head on int8 copies of their weights (see `quantize_weights`).
         """
         from . import hub
         from .weights import load_checkpoint
 
+        quant.check_mode(quantize)
         ckpt = load_checkpoint(hub.snapshot(src) if hub.is_hub_id(src) else src)
         return cls.from_checkpoint(ckpt, dtype=dtype, device=device, block_size=block_size,
-                                   num_kv_blocks=num_kv_blocks, progress=progress)
+                                   num_kv_blocks=num_kv_blocks, progress=progress, quantize=quantize)
 
     @classmethod
     def from_checkpoint(cls, ckpt: "Checkpoint", dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", block_size: int = 16,
-                        num_kv_blocks: int | None = None, progress: bool = False) -> "GPT2":
+                        num_kv_blocks: int | None = None, progress: bool = False,
+                        quantize: str | None = None) -> "GPT2":
         """The model holding a loaded `gptfast.weights.Checkpoint` (see `from_pretrained`)."""
         dtype = torch.float32 if dtype is None else dtype
         _check_dtype(dtype)
+        quant.check_mode(quantize)
         # NOTE: outside inference mode (generate() converts HF models inside it): inference
-        # tensors keep no version counter, which the prefix cache and the bf16 packing rely on.
+        # tensors keep no version counter, which the prefix cache, the bf16 packing and the int8
+        # copies rely on.
         with torch.inference_mode(False):
-            return cls._load(ckpt, dtype, device, block_size, num_kv_blocks, progress)
+            model = cls._load(ckpt, dtype, device, block_size, num_kv_blocks, progress)
+        return model.quantize_weights(quantize)
 
     @classmethod
     def _load(cls, ckpt, dtype, device, block_size, num_kv_blocks, progress) -> "GPT2":
@@ -317,6 +359,40 @@ class GPT2(nn.Module):
         model.source = ckpt.source
         model.tokenizer_dir = ckpt.tokenizer_dir
         return model
+
+    def quantize_weights(self, mode: str | None) -> "GPT2":
+        """Run every block's linears and the output head on int8 copies of their weights
+        (`mode="int8"`, see `gptfast.quant`) or on the float weights again (None).
+
+        The parameters are not changed: the int8 copies are made at first use and follow the
+        float weights (in-place changes, replacements, moves and casts re-quantise them).
+
+        Returns
+        -------
+        self
+        """
+        quant.check_mode(mode)
+        self.quantize = mode
+        for holder in self._weight_holders():
+            holder._quantize = mode
+            holder._int8 = None
+        return self
+
+    def _weight_holders(self):
+        """Every object `linear` keeps a derived weight copy on: the Linears and the head's."""
+        return [m for m in self.modules() if isinstance(m, Linear)] + [self._head]
+
+    def refresh_weight_copies(self) -> None:
+        """Re-quantise now every int8 copy whose float weight changed since it was made.
+
+        `linear` does this at each call; a replayed CUDA graph makes no call, so the graph
+        runner calls this before each replay (the copies are refreshed in place, at the
+        addresses the graphs hold)."""
+        if self.quantize is None:
+            return
+        for holder in self._weight_holders():
+            w = self.head_weight() if holder is self._head else holder.weight
+            quant.int8_weight(holder, w)
 
     # ---------------------------------------------------------------- properties
     @property
@@ -351,10 +427,9 @@ class GPT2(nn.Module):
 
             self._kv_cache = None
             self._graph_runner = None
-            self._head._packed = None
-            for module in self.modules():
-                if isinstance(module, Linear):
-                    module._packed = None
+            for holder in self._weight_holders():
+                holder._packed = None
+                holder._int8 = None
             _bump_weights_epoch()
         return result
 
@@ -397,7 +472,7 @@ class GPT2(nn.Module):
         for block in self.h:
             x = block(x, mask)
         x = self.ln_f(x)
-        return F.linear(x, self.head_weight())  # (B, T, V)
+        return linear(x, self.head_weight(), None, self._head)  # (B, T, V)
 
     def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                       logits_indices: torch.Tensor | None = None,
@@ -425,8 +500,12 @@ class GPT2(nn.Module):
         logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`).
         """
         cache = self.kv_cache if cache is None else cache
-        if ops.use_triton(tokens):
+        if ops.use_triton(tokens) and self.quantize is None:
+            # (an int8 model runs the general path below: its linears go through `linear`)
             logits = self._forward_fused(tokens, positions, meta, logits_indices, cache)
+            return logits.float() if fp32_logits else logits
+        if meta.is_decode and logits_indices is None and _plain_decode(meta):
+            logits = self._decode_cpu(tokens, positions, meta, cache)
             return logits.float() if fp32_logits else logits
         x = self.wte(tokens) + self.wpe(positions)  # (N, C)
         for i, block in enumerate(self.h):
@@ -436,6 +515,73 @@ class GPT2(nn.Module):
         x = self.ln_f(x)
         logits = linear(x, self.head_weight(), None, self._head)  # (M, V)
         return logits.float() if fp32_logits else logits
+
+    def _decode_cpu(self, tokens, positions, meta, cache) -> torch.Tensor:
+        """A decode step on the CPU with as few ops as the math allows (`forward_paged`'s path
+        when every row has a slot and a key: always, outside the static runner's padding rows).
+
+        At batch 1 to 8 the matmuls stream the weights and every other op is dispatch overhead
+        (and, for the ops PyTorch runs on several threads, a fork/join), so what serves every
+        layer is done once per step: the pages holding keys, the key count, the padding mask of
+        a ragged batch and, while it fits in `_STEP_GATHER_BYTES`, the gather of every layer's
+        cached K/V (two index_selects instead of two per layer); each layer then writes its new
+        K/V row into that gathered copy, and one write per step puts every layer's new rows into
+        the cache. A layer runs 12 ops: LayerNorm, QKV, two row writes, SDPA (in the cache
+        dtype: bf16 K/V are not copied to fp32; the kernel accumulates in fp32), out-projection,
+        in-place residual add, LayerNorm, c_fc, in-place GELU, c_proj, in-place residual add.
+        The math is the reference path's: the same kernels on the same operands (fp32 greedy
+        tokens stay HF's)."""
+        B = tokens.shape[0]
+        H, D = self.config.n_head, self.config.head_dim
+        C = H * D
+        L = cache.k.shape[0]
+        slots = meta.slot_mapping
+        lens = meta.seq_lens
+        block_size = cache.block_size
+        longest = int(lens.max())
+        pages = meta.block_tables[:, : -(-longest // block_size)]  # (B, P): only pages holding keys
+        P = pages.shape[1]
+        width = P * block_size  # gathered keys per row
+        pages = pages.reshape(-1)  # (B * P,) int32: index_select takes it as is
+        mask = None
+        if not bool((lens == longest).all()):
+            # a ragged batch: True where a key exists, shared by every layer
+            mask = (torch.arange(longest, device=lens.device) < lens[:, None]).view(B, 1, 1, longest)
+        once = 2 * L * B * width * C * cache.k.element_size() <= _STEP_GATHER_BYTES
+        if once:
+            k_all = cache.k.index_select(1, pages).view(L, B * width, H, D)  # every layer's keys
+            v_all = cache.v.index_select(1, pages).view(L, B * width, H, D)
+            # the row of each sequence's new token in the gathered copy
+            rows = torch.arange(B, device=lens.device) * width + (lens.long() - 1)  # (B,)
+        act = self.config.activation
+        x = self.wte(tokens).add_(self.wpe(positions))  # (B, C)
+        for i, block in enumerate(self.h):
+            attn = block.attn
+            qkv = attn.c_attn(block.ln_1(x)).view(B, 3, H, D)  # (B, 3, nh, hs)
+            q, k, v = qkv.unbind(1)  # each (B, nh, hs), strided views
+            if once:
+                keys, values = k_all[i], v_all[i]  # (B * width, nh, hs)
+                keys.index_copy_(0, rows, k)
+                values.index_copy_(0, rows, v)
+            else:
+                k_cache, v_cache = cache.k[i], cache.v[i]  # [blocks, bs, nh, hs]
+                k_cache.view(-1, H, D).index_copy_(0, slots, k)
+                v_cache.view(-1, H, D).index_copy_(0, slots, v)
+                keys, values = k_cache.index_select(0, pages), v_cache.index_select(0, pages)
+            keys = keys.view(B, width, H, D)[:, :longest].transpose(1, 2)  # (B, nh, longest, hs)
+            values = values.view(B, width, H, D)[:, :longest].transpose(1, 2)
+            y = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask,
+                                               scale=attn.scale)  # (B, nh, 1, hs)
+            x.add_(attn.c_proj(y.view(B, C)))
+            mlp = block.mlp
+            h = mlp.c_fc(block.ln_2(x))  # (B, 4C)
+            x.add_(mlp.c_proj(_activation_(act, h)))
+        if once:
+            # every layer's new K/V rows into their slots: [L, blocks * bs, nh, hs]
+            cache.k.view(L, -1, H, D).index_copy_(1, slots, k_all.index_select(1, rows))
+            cache.v.view(L, -1, H, D).index_copy_(1, slots, v_all.index_select(1, rows))
+        x = self.ln_f(x)
+        return linear(x, self.head_weight(), None, self._head)  # (B, V)
 
     def _forward_fused(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
         """`forward_paged` with the fused ops (the path on CUDA): each residual add, the bias of

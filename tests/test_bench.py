@@ -1,6 +1,7 @@
 """The benchmark runner (gptfast/bench): correctness before timing, result files, table, compare."""
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -385,7 +386,12 @@ def test_e2e_tiny_runs_and_matches_hf():
     assert cont["speedup_hf"] == pytest.approx(cont["tok_s"] / by[("padded batches of 8", e2e.HF_EAGER)]["tok_s"])
     # on the CPU: no compiled engines and no reference-ops engine (that is gptfast itself there)
     engines = {r["engine"] for r in rows}
-    assert engines == {e2e.HF_EAGER, e2e.GPTFAST, *e2e.VARIANTS}
+    # in fp32 on the CPU: gptfast int8, and CTranslate2 at both precisions when it is installed
+    ct2 = importlib.util.find_spec("ctranslate2") is not None
+    contenders = {e2e.GPTFAST_INT8} | ({e2e.CT2_FP32, e2e.CT2_INT8} if ct2 else set())
+    assert engines == {e2e.HF_EAGER, e2e.GPTFAST, *e2e.VARIANTS} | contenders
+    assert by[("batch 1", e2e.GPTFAST_INT8)]["dtype"] == "int8"
+    assert ("speedup_ct2" in fast) == ct2 and any("CTranslate2" in n for n in notes)
     # the argument variants: batch 1 only, timed, their path named
     for name, (_, path) in e2e.VARIANTS.items():
         [v] = [r for r in rows if r["engine"] == name]
@@ -424,6 +430,8 @@ def test_e2e_compiled_reference_rows(monkeypatch):
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     rows, _ = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", ceilings=CEILINGS, progress=False,
                           log=lambda s: None)
+    contenders = {e2e.GPTFAST_INT8, e2e.CT2_FP32, e2e.CT2_INT8}  # the CPU fp32 run's (test above)
+    rows = [r for r in rows if r["engine"] not in contenders]
     batch1 = {r["engine"]: r for r in rows if r["scenario"].startswith("batch 1")}
     assert list(batch1) == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST, *e2e.VARIANTS]
     ref = batch1[e2e.REF_COMPILE]

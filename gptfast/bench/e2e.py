@@ -50,7 +50,7 @@ from .ceilings import Ceilings
 
 COLUMNS = [
     "model", "scenario", "engine", "dtype", "status", "tok_s", "tok_s_prefill", "ttft_ms", "itl_p50_ms",
-    "itl_p99_ms", "weight_gbps", "pct_bw", "speedup_hf", "note",
+    "itl_p99_ms", "weight_gbps", "pct_bw", "speedup_hf", "speedup_ct2", "note",
 ]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,6 +63,11 @@ HF_STATIC = "HF static cache + compile"
 REF_OPS = "gptfast eager reference ops"
 REF_COMPILE = "eager ref + compile (reduce-overhead)"
 GPTFAST = "gptfast"
+GPTFAST_INT8 = "gptfast int8"
+# the engine a CPU user would pick instead (optional: the `ctranslate2` extra), at the same weight
+# precision as gptfast fp32 and gptfast int8
+CT2_FP32 = "CTranslate2 float32"
+CT2_INT8 = "CTranslate2 int8_float32"
 # gptfast with generate() arguments that change the decode path (batch 1, timed beside greedy):
 # sampling stays inside the CUDA graph; a repetition penalty stops the graph at the logits and
 # runs the processor and the sampler eagerly (README, "The fast decode path").
@@ -348,6 +353,91 @@ def _static_compiled(gpt_model, max_len: int) -> Callable[..., torch.Tensor]:
             built["gen"] = StaticCacheGenerator(gpt_model, batch_size=ids.shape[0], max_len=max_len,
                                                 compile=True, mode="reduce-overhead")
         return built["gen"].generate(ids, new, streamer=streamer)
+
+    return generate
+
+
+def _placeholder_vocab(folder, vocab_size: int) -> None:
+    """A GPT-2 tokenizer (vocab.json + merges.txt) naming ids `t0`, `t1`, ... and the last id
+    `<|endoftext|>`, for a checkpoint without one: CTranslate2's converter builds its vocabulary
+    from the tokenizer, and the suite feeds token ids, never text."""
+    import json
+    from pathlib import Path
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)}
+    vocab["<|endoftext|>"] = vocab_size - 1
+    Path(folder, "vocab.json").write_text(json.dumps(vocab))
+    Path(folder, "merges.txt").write_text("#version: 0.2\n")
+
+
+def ctranslate2_engines(hf, model: str, workdir, threads: int) -> tuple[list[Engine], str]:
+    """CTranslate2 generators for the HF model `hf`, converted with CTranslate2's own converter
+    to float32 and int8_float32, as suite engines (greedy, EOS never ends a run early); and a note.
+    ([], why) when ctranslate2 is not installed.
+
+    Parameters
+    ----------
+    hf : transformers.GPT2LMHeadModel (fp32, CPU): the weights every engine runs.
+    model : the suite's model argument (a checkpoint folder's tokenizer is reused).
+    workdir : a folder for the HF copy and the converted models.
+    threads : CTranslate2's intra-op threads (gptfast's and HF's: torch's thread count).
+    """
+    try:
+        import ctranslate2
+    except ImportError:
+        return [], ("CTranslate2 not installed: its rows are skipped (pip install 'gptfast[ctranslate2]' "
+                    "adds it)")
+    import json
+    import shutil
+    from pathlib import Path
+
+    from gptfast.tokenizer import has_tokenizer_files
+
+    src = Path(workdir, "hf")
+    hf.save_pretrained(src)
+    if Path(model).is_dir() and has_tokenizer_files(model):
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                     "special_tokens_map.json"):
+            if Path(model, name).is_file():
+                shutil.copy(Path(model, name), src / name)
+    else:
+        _placeholder_vocab(src, hf.config.vocab_size)
+    engines = []
+    for name, compute_type in ((CT2_FP32, "float32"), (CT2_INT8, "int8_float32")):
+        out = Path(workdir, compute_type)
+        ctranslate2.converters.TransformersConverter(str(src)).convert(
+            str(out), quantization=compute_type, force=True)
+        generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
+                                          intra_threads=threads, inter_threads=1)
+        names = json.loads(Path(out, "vocabulary.json").read_text())  # token i's name
+        engines.append(Engine(name, _ct2_generate(generator, names)))
+    note = (f"CTranslate2 {ctranslate2.__version__} (converted from the same HF weights by "
+            f"ctranslate2.converters.TransformersConverter; {threads} intra-op threads, as torch's): "
+            f"{CT2_FP32} beside gptfast fp32, {CT2_INT8} beside {GPTFAST_INT8}")
+    return engines, note
+
+
+def _ct2_generate(generator, names: list[str]) -> Callable[..., torch.Tensor]:
+    """`Engine.generate` over a `ctranslate2.Generator` whose vocabulary is `names`: each row's
+    prompt without its padding, greedy, exactly `new` tokens (min_length), the output shaped like
+    HF's (prompt + new)."""
+
+    def generate(ids, mask, new, streamer=None):
+        # CTranslate2 takes prompts as token names (ids come back as ids)
+        batch = [[names[t] for t in row[m.bool()].tolist()] for row, m in zip(ids, mask)]
+        callback = None
+        if streamer is not None:
+            streamer.put(ids[0])  # the prompt first, as HF's generate does
+
+            def callback(step):
+                streamer.put(torch.tensor([step.token_id]))
+                return False  # keep going
+        results = generator.generate_batch(batch, max_length=new, min_length=new, sampling_topk=1,
+                                           include_prompt_in_result=False, callback=callback)
+        if streamer is not None:
+            streamer.end()
+        out = torch.tensor([r.sequences_ids[0] for r in results], dtype=ids.dtype)
+        return torch.cat([ids.cpu(), out], dim=1)
 
     return generate
 
@@ -729,6 +819,17 @@ def run_e2e(
     if hf32 is not None:
         fp32_engine = _engines(hf32, gpt, gpt_generate, device, False, False)[0]
         engines.insert(1, Engine(HF_FP32, fp32_engine.generate))
+    if device == "cpu" and torch_dtype == torch.float32:
+        # gptfast int8 and CTranslate2 (when installed) at the same weight precisions
+        gpt8 = GPT2.from_pretrained(hf, quantize="int8")
+        engines.append(Engine(GPTFAST_INT8, _engines(hf, gpt8, gpt_generate, device, False, False)[1].generate))
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # the generators hold their weights in memory
+            ct2, note = ctranslate2_engines(hf, model, tmp, torch.get_num_threads())
+        engines += ct2
+        notes.append(note)
+        log(f"e2e: {note}")
     w_bytes = weight_bytes_per_step(config, torch_dtype)
 
     def build_rows() -> list[dict]:
@@ -739,7 +840,7 @@ def run_e2e(
         scenario = f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
         compiled_speed = None
         for name, r in batch1.items():
-            row_dtype = "fp32" if name == HF_FP32 else dtype
+            row_dtype = _row_dtype(name, dtype)
             row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name,
                        scenario=scenario, dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
             if isinstance(r, Exception):
@@ -761,7 +862,8 @@ def run_e2e(
                     agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
                 row.update(r, note="greedy: " + ", ".join(agree))
             if r["tok_s"] is not None:
-                row_bytes = weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else w_bytes
+                row_bytes = (weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else
+                             weight_bytes_per_step(config, torch.int8) if row_dtype == "int8" else w_bytes)
                 row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9
                 if ceilings is not None:
                     row["pct_bw"] = row["weight_gbps"] / ceilings.copy_gbps * 100
@@ -789,7 +891,7 @@ def run_e2e(
 
         scenario = f"mixed: {len(plan.requests)} req, padded batches of {plan.batch_size}"
         for name, r in mixed.items():
-            row_dtype = "fp32" if name == HF_FP32 else dtype
+            row_dtype = _row_dtype(name, dtype)
             row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
                        dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
             if isinstance(r, Exception):
@@ -871,10 +973,33 @@ def run_e2e(
             torch._dynamo.reset()  # drops the compiled graphs and their CUDA-graph memory pools
 
     rows = build_rows()
+    _versus_ctranslate2(rows)
     notes.append(f"weights read per decode step: {w_bytes / 1e6:.1f} MB ({dtype}, tied head counted once "
                  f"as the head, one wpe row)")
     notes += step_notes
     return rows, notes
+
+
+def _row_dtype(name: str, dtype: str) -> str:
+    """The weight precision an engine's row is timed at."""
+    if name in (GPTFAST_INT8, CT2_INT8):
+        return "int8"
+    return "fp32" if name in (HF_FP32, CT2_FP32) else dtype
+
+
+def _versus_ctranslate2(rows: list[dict]) -> None:
+    """gptfast's rows get `speedup_ct2` (and a note): tokens/s over CTranslate2's at the same
+    weight precision in the same scenario (fp32 over float32, int8 over int8_float32)."""
+    pairs = {GPTFAST: CT2_FP32, GPTFAST_INT8: CT2_INT8}
+    speed = {(r["scenario"], r["engine"]): r.get("tok_s") for r in rows}
+    for r in rows:
+        other = pairs.get(r["engine"])
+        if other is None or (r["engine"] == GPTFAST and r["dtype"] != "fp32"):
+            continue
+        theirs = speed.get((r["scenario"], other))
+        if theirs and r.get("tok_s"):
+            r["speedup_ct2"] = r["tok_s"] / theirs
+            r["note"] = (r.get("note") or "") + f"; {r['speedup_ct2']:.2f}x {other}"
 
 
 def _agreement(reference: torch.Tensor, got: torch.Tensor) -> int:

@@ -41,6 +41,7 @@ HEADERS = {
     "weight_gbps": "weights GB/s",
     "pct_bw": "% copy BW",
     "speedup_hf": "× HF",
+    "speedup_ct2": "× CT2",
     "note": "note",
 }
 

@@ -30,7 +30,7 @@ SCREEN = {
                       "speedup_eager", "speedup_baselines", "noise_pct"]),
     "e2e": (("model", "run_dtype", "scenario"), ["engine", "dtype", "status", "tok_s", "tok_s_prefill", "ttft_ms",
                                              "itl_p50_ms", "itl_p99_ms", "weight_gbps", "pct_bw", "speedup_hf",
-                                             "noise_pct"]),
+                                             "speedup_ct2", "noise_pct"]),
 }
 # Shorter headers for the screen (the result files keep `results.HEADERS`).
 SCREEN_HEADERS = {"tok_s_prefill": "+prefill", "weight_gbps": "wt GB/s", "pct_bw": "% BW", "itl_p50_ms": "ITL p50",
@@ -38,7 +38,8 @@ SCREEN_HEADERS = {"tok_s_prefill": "+prefill", "weight_gbps": "wt GB/s", "pct_bw
 SCREEN_LEGEND = {
     "e2e": "tok/s: decode tokens/s (batch 1) or useful tokens/s (mixed); +prefill: tokens/s with prefill; "
            "TTFT, ITL p50/p99 in ms; wt GB/s: weights read per second; % BW: of the measured copy bandwidth; "
-           "× HF: over HF generate in the same run; noise %: spread of the repeats",
+           "× HF: over HF generate in the same run; × CT2: over CTranslate2 at the same weight precision "
+           "(CPU, when installed); noise %: spread of the repeats",
 }
 
 

@@ -5,7 +5,7 @@ An op `name` lives in `gptfast/ops/<file>.py` as the launcher `name` and the ref
 go to Triton, CPU tensors to the reference (see `common.use_triton`).
 """
 
-from . import attention, norm, sampling
+from . import attention, norm, quant_linear, sampling
 from .common import as_cuda, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
 
 kv_cache_write = dispatch(attention.kv_cache_write, attention.kv_cache_write_ref)
@@ -17,3 +17,4 @@ add_layernorm = dispatch(norm.add_layernorm, norm.add_layernorm_ref)
 embed_layernorm = dispatch(norm.embed_layernorm, norm.embed_layernorm_ref)
 linear_gelu = dispatch(norm.linear_gelu, norm.linear_gelu_ref)
 bias_gelu_ = dispatch(norm.bias_gelu_, norm.bias_gelu__ref)
+int8_linear = dispatch(quant_linear.int8_linear, quant_linear.int8_linear_ref)

@@ -1,0 +1,191 @@
+"""Shared pieces of the small-batch (GEMV) decode ops: `ln_linear`, `proj_residual`, `head_argmax`.
+
+Not an op of its own: the Triton helpers the fused GEMV kernels inline, the launch configuration
+and the argument checks they share.
+
+A decode step with 1-8 rows multiplies a few activation rows by each weight matrix: every weight
+is read once per step and used for 1-8 rows, so the step is bound by the weight bytes (GPT-2 124M
+in bf16: ~247 MB per step), not by FLOPs. The kernels are GEMVs ("rows x weight^T") shaped for
+that:
+
+- the weight is nn.Linear's `[N_out, K]`, rows contiguous along K: a program loads a
+  `[BLOCK_N, BLOCK_K]` tile whose rows are contiguous runs of K (16-byte vector loads);
+- the output columns are split over programs (`BLOCK_N` columns each, 8..64, chosen so there are
+  about two programs per SM), each program walks the whole K dimension, so every weight element
+  is read by exactly one program, once, for all the rows of the batch (a `BLOCK_R`-row tile,
+  `BLOCK_R` in {1, 2, 4, 8}); no split-K, so no cross-program reduction and no atomics: results
+  are deterministic;
+- products are accumulated in fp32 as `acc[r, n] += sum_k x[r, k] * w[n, k]` over a
+  `[BLOCK_R, BLOCK_N, BLOCK_K]` broadcast (CUDA-core FMAs, no tensor cores: at <= 8 rows they
+  would sit idle, and the exact fp32 products keep fp32 runs within the parity policy);
+- the cheap work rides along: a LayerNorm of the input rows in the prologue (each program
+  recomputes the rows' mean and variance, two passes over K elements per row from L1/L2, then
+  normalises each K tile as it goes), bias, GELU or a residual add in the epilogue.
+
+Trade-off (out = 768 columns, e.g. the projections into the residual stream): 8-column tiles give
+96 programs, under one per SM on a 132-SM H100/H200; split-K would give more, but needs either
+atomics (non-deterministic sums) or a second pass (a launch, which is what these kernels remove).
+Each program then streams 8 rows x K contiguous weights with several 16-byte loads in flight per
+thread. Whether that reaches full bandwidth has not been measured (no GPU was available); the
+benchmark cases compare each op with the unfused sequence it replaces, in % of the byte floor.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import interpreting
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_ROWS = 8  # rows per program; more rows run in more row blocks (the model uses this path for <= 8)
+_MIN_BLOCK_N = 8
+_MAX_BLOCK_N = 64
+_MAX_BLOCK_K = 512
+# fp32 elements of the [BLOCK_R, BLOCK_N, BLOCK_K] product per program: 64 per thread at 4 warps
+_PRODUCT_ELEMENTS = 8192
+_PROGRAMS_PER_SM = 2
+# SM count assumed off-GPU (interpreter): small, so the CPU tests use several column blocks
+_INTERPRETER_SM_COUNT = 4
+
+
+# --------------------------------------------------------------------------------------------
+# Triton helpers (inlined into the kernels of ln_linear, linear_residual, head_argmax)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def gelu_tanh(u):
+    """gelu_tanh(u) = 0.5 u (1 + tanh(z)) = u * sigmoid(2 z), z = sqrt(2/pi) (u + 0.044715 u^3);
+    the sigmoid form has no cancellation for negative u (as `norm.bias_gelu_`)."""
+    z2 = 1.5957691216057308 * (u + 0.044715 * u * u * u)
+    return u / (1.0 + tl.exp(-z2))
+
+
+@triton.jit
+def row_stats(x_rows, mask_r, K, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Mean and 1/sqrt(var + eps) of the rows `x_rows[r] + k`, k < K (fp32, biased variance, the
+    centred second pass of `norm.add_layernorm`), reading K in BLOCK_K tiles."""
+    offs_k = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        m = mask_r[:, None] & (k < K)[None, :]
+        total += tl.sum(tl.load(x_rows + k[None, :], mask=m, other=0.0).to(tl.float32), 1)
+    mean = total / K
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        m = mask_r[:, None] & (k < K)[None, :]
+        d = tl.load(x_rows + k[None, :], mask=m, other=0.0).to(tl.float32) - mean[:, None]
+        sq += tl.sum(tl.where(m, d * d, 0.0), 1)
+    return mean, tl.rsqrt(sq / K + eps)
+
+
+@triton.jit
+def ln_tile(x, mean, rstd, lnw_ptr, lnb_ptr, k, mask_k, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
+    """LayerNorm of one fp32 tile x [BLOCK_R, BLOCK_K] at columns k (fp32)."""
+    h = (x - mean[:, None]) * rstd[:, None]
+    if HAS_LNW:
+        h = h * tl.load(lnw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    if HAS_LNB:
+        h = h + tl.load(lnb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    return h
+
+
+@triton.jit
+def dot_tile(acc, x, w):
+    """acc [BLOCK_R, BLOCK_N] += x [BLOCK_R, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, fp32 FMAs."""
+    return acc + tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration and checks
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _INTERPRETER_SM_COUNT
+
+
+def blocks(R: int, N: int, K: int, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_N, BLOCK_K) for R rows, N output columns, K inputs on `sms` SMs.
+
+    BLOCK_N: the largest of 64, 32, 16, 8 that still gives `_PROGRAMS_PER_SM` programs per SM
+    (8 when none does). BLOCK_K: the product tile holds at most `_PRODUCT_ELEMENTS` fp32 values,
+    at most 512; a power of 2 dividing K is preferred (no masked tail), down to 64.
+    E.g. 132 SMs, R=1: QKV (N=2304, K=768) -> 8 x 256 (288 programs); c_fc (3072) -> 8 x 256;
+    out=768 -> 8 x 256 (96 programs); c_proj of the MLP (K=3072) -> 8 x 512; the head
+    (N=50257) -> 64 x 128 (786 programs).
+    """
+    block_r = min(MAX_ROWS, triton.next_power_of_2(max(R, 1)))
+    block_n = _MAX_BLOCK_N
+    while block_n > _MIN_BLOCK_N and triton.cdiv(N, block_n) < _PROGRAMS_PER_SM * sms:
+        block_n //= 2
+    cap = min(_MAX_BLOCK_K, max(16, _PRODUCT_ELEMENTS // (block_r * block_n)), triton.next_power_of_2(K))
+    block_k = cap
+    while block_k > 64 and K % block_k:
+        block_k //= 2
+    if K % block_k:
+        block_k = cap
+    return block_r, block_n, block_k
+
+
+def check_launch_device(name: str, *tensors: torch.Tensor | None) -> torch.device:
+    named = [t for t in tensors if t is not None]
+    device = named[0].device
+    for t in named[1:]:
+        if t.device != device:
+            raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"{name}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"got device {device}; use {name}_ref on the CPU"
+        )
+    return device
+
+
+def check_rows(name: str, arg: str, t, K: int | None = None, dtype: torch.dtype | None = None) -> None:
+    """t: 2-D [rows, K] with a contiguous last dimension, one of DTYPES (or exactly `dtype`)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: {arg} must be 2-D, got shape {tuple(t.shape)}")
+    if K is not None and t.shape[1] != K:
+        raise ValueError(f"{name}: {arg} must have {K} columns, got shape {tuple(t.shape)}")
+    if dtype is None and t.dtype not in DTYPES:
+        raise ValueError(f"{name}: {arg} dtype must be one of {DTYPES}, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name}: {arg}'s last dimension must be contiguous (stride 1), got strides {t.stride()}")
+
+
+def check_vector(name: str, arg: str, t, n: int, dtype: torch.dtype) -> None:
+    """t: None or a contiguous 1-D [n] tensor of `dtype`."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: {arg} must be 1-D [{n}], got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name}: {arg} must be contiguous (stride 1), got stride {t.stride(0)}")
+
+
+def check_eps(name: str, eps) -> float:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{name}: eps must be a finite Python float >= 0, got {eps!r}")
+    return float(eps)

@@ -278,3 +278,128 @@ def test_head_argmax_flags_a_plus_inf_logit_of_one_row():
     ref_tokens, ref_status = head_argmax.layernorm_head_argmax_ref(x, None, None, 1e-5, w_inf)
     assert status.tolist() == [0, 1, 0] == ref_status.tolist()
     assert tokens[1].item() == -1 and tokens.tolist() == ref_tokens.tolist()
+
+
+# --------------------------------------------------------------------------------------------
+# the model's GEMV decode step
+# --------------------------------------------------------------------------------------------
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from gptfast import GPT2, GPT2Config  # noqa: E402
+from gptfast.kv_cache import AttnMetadata  # noqa: E402
+
+# non-power-of-2 width (48) and 3 heads of 16; block size 4 so the context spans several blocks
+MODEL_CONFIG = GPT2Config(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=3)
+PROMPT = [5, 17, 3, 96, 0, 41, 8]
+
+
+def _meta(lens, bs, decode, device="cpu"):
+    """Metadata of a step for sequences stored contiguously from block 1 on (slot = bs + position)."""
+    B = len(lens)
+    max_blocks = -(-MODEL_CONFIG.n_positions // bs)
+    tables = torch.zeros(B, max_blocks, dtype=torch.int32)
+    for b in range(B):
+        tables[b] = torch.arange(max_blocks, dtype=torch.int32) + 1 + b * max_blocks
+    if decode:
+        pos = torch.tensor(lens) - 1
+        slots = tables[torch.arange(B), pos // bs].long() * bs + pos % bs
+        return AttnMetadata(slots, tables, torch.tensor(lens, dtype=torch.int32), None, 1, True)
+    slots = torch.cat([tables[b, torch.arange(n) // bs].long() * bs + torch.arange(n) % bs for b, n in enumerate(lens)])
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    return AttnMetadata(slots, tables, torch.tensor(lens, dtype=torch.int32), cu, max(lens), False)
+
+
+def _prefilled_model(rows: int):
+    """A tiny model whose cache holds `rows` copies of PROMPT (prefilled on the reference path),
+    and the decode step's inputs: the next token of each row."""
+    model = GPT2.from_config(MODEL_CONFIG, seed=0, block_size=4, num_kv_blocks=8 * 8 + 1)
+    T = len(PROMPT)
+    tokens = torch.tensor(PROMPT * rows)
+    positions = torch.arange(T).repeat(rows)
+    model.forward_paged(tokens, positions, _meta([T] * rows, 4, decode=False))
+    step = (torch.tensor([11 + r for r in range(rows)]), torch.full((rows,), T), _meta([T + 1] * rows, 4, True))
+    return model, step
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Records the ATen ops that launch a kernel (not views, not allocations) and, through the
+    Triton launch hook installed by `_count_kernels`, the Triton kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[str] = []
+        self.inside_triton = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        returns = func._schema.returns
+        is_view = any(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        allocates_only = func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided)
+        if not self.inside_triton and not is_view and not allocates_only:
+            self.kernels.append(f"aten.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+def _count_kernels(monkeypatch, fn):
+    """The kernels `fn()` launches: every Triton launch (counted at `kernel[grid](...)`) and every
+    kernel-launching ATen op outside them. Returns (fn's result, list of kernel names)."""
+    counter = _KernelCounter()
+    kernel_type = type(ln_linear._ln_linear_kernel)  # JITFunction, or the interpreter's
+    real_getitem = kernel_type.__getitem__
+
+    def counting_getitem(self, grid):
+        launch = real_getitem(self, grid)
+
+        def run(*args, **kwargs):
+            counter.kernels.append(self.fn.__name__)
+            counter.inside_triton += 1  # the interpreter's own tensor work is not a kernel
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                counter.inside_triton -= 1
+
+        return run
+
+    monkeypatch.setattr(kernel_type, "__getitem__", counting_getitem)
+    with counter:
+        result = fn()
+    return result, counter.kernels
+
+
+def test_gemv_decode_step_is_5_kernels_per_block_plus_the_head(monkeypatch):
+    """One batch-1 decode forward on the kernel path: 5 launches per block and 1 for the head (2
+    for the greedy head), no other kernel. gpt2's 12 blocks: 61 (62 greedy) for the forward."""
+    monkeypatch.setenv("GPTFAST_KERNELS", "triton")
+    model, (tokens, positions, meta) = _prefilled_model(rows=1)
+    cache_k = model.kv_cache.k.clone()
+    logits, kernels = _count_kernels(monkeypatch, lambda: model.forward_paged(tokens, positions, meta))
+    per_block = ["_ln_linear_kernel", "_decode_split_kernel", "_linear_residual_kernel", "_ln_linear_kernel",
+                 "_linear_residual_kernel"]
+    assert kernels == per_block * MODEL_CONFIG.n_layer + ["_ln_linear_kernel"], kernels
+    assert logits.dtype == torch.float32  # written as fp32 by the head: no cast kernel
+    model.kv_cache.k.copy_(cache_k)  # the same step again (the append is idempotent anyway)
+    (tok, status), kernels = _count_kernels(monkeypatch, lambda: model.forward_paged_greedy(tokens, positions, meta))
+    assert kernels == per_block * MODEL_CONFIG.n_layer + ["_ln_linear_kernel", "_argmax_reduce_kernel"], kernels
+    assert tok.tolist() == [int(logits.argmax())] and status.tolist() == [0]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_gemv_decode_step_matches_the_reference_path(rows, monkeypatch):
+    """fp32: the GEMV step's logits within 1e-4 of the eager (reference) path's, the same K/V
+    appended, and the greedy method's tokens the argmax of those logits on both paths."""
+    model, (tokens, positions, meta) = _prefilled_model(rows)
+    k0, v0 = model.kv_cache.k.clone(), model.kv_cache.v.clone()
+    monkeypatch.setenv("GPTFAST_KERNELS", "reference")
+    ref = model.forward_paged(tokens, positions, meta)
+    ref_k, ref_v = model.kv_cache.k.clone(), model.kv_cache.v.clone()
+    ref_tokens, ref_status = model.forward_paged_greedy(tokens, positions, meta)
+    monkeypatch.setenv("GPTFAST_KERNELS", "triton")
+    model.kv_cache.k.copy_(k0)
+    model.kv_cache.v.copy_(v0)
+    got = model.forward_paged(tokens, positions, meta)
+    assert_close(got, ref, atol=1e-4, rtol=1e-4, name="GEMV step logits")
+    assert_close(model.kv_cache.k, ref_k, atol=1e-5, rtol=1e-5, name="k cache")
+    assert_close(model.kv_cache.v, ref_v, atol=1e-5, rtol=1e-5, name="v cache")
+    got_tokens, got_status = model.forward_paged_greedy(tokens, positions, meta)
+    assert ref_tokens.tolist() == got_tokens.tolist() == ref.argmax(dim=-1).tolist()
+    assert ref_status.tolist() == got_status.tolist() == [0] * rows

@@ -10,8 +10,8 @@ that:
 
 - the weight is nn.Linear's `[N_out, K]`, rows contiguous along K: a program loads a
   `[BLOCK_N, BLOCK_K]` tile whose rows are contiguous runs of K (16-byte vector loads);
-- the output columns are split over programs (`BLOCK_N` columns each, 8..64, chosen so there are
-  about two programs per SM), each program walks the whole K dimension, so every weight element
+- the output columns are split over programs (`BLOCK_N` columns each, 8 or 16, chosen so there
+  are about two programs per SM), each program walks the whole K dimension, so every weight element
   is read by exactly one program, once, for all the rows of the batch (a `BLOCK_R`-row tile,
   `BLOCK_R` in {1, 2, 4, 8}); no split-K, so no cross-program reduction and no atomics: results
   are deterministic;
@@ -43,10 +43,10 @@ from .common import interpreting
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 8  # rows per program; more rows run in more row blocks (the model uses this path for <= 8)
 _MIN_BLOCK_N = 8
-_MAX_BLOCK_N = 64
+_MAX_BLOCK_N = 16
 _MAX_BLOCK_K = 512
-# fp32 elements of the [BLOCK_R, BLOCK_N, BLOCK_K] product per program: 64 per thread at 4 warps
-_PRODUCT_ELEMENTS = 8192
+# fp32 elements of the [BLOCK_R, BLOCK_N, BLOCK_K] product per program: 32 per thread at 4 warps
+_PRODUCT_ELEMENTS = 4096
 _PROGRAMS_PER_SM = 2
 # SM count assumed off-GPU (interpreter): small, so the CPU tests use several column blocks
 _INTERPRETER_SM_COUNT = 4
@@ -121,15 +121,21 @@ def sm_count(device: torch.device) -> int:
 def blocks(R: int, N: int, K: int, sms: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_N, BLOCK_K) for R rows, N output columns, K inputs on `sms` SMs.
 
-    BLOCK_N: the largest of 64, 32, 16, 8 that still gives `_PROGRAMS_PER_SM` programs per SM
-    (8 when none does). BLOCK_K: the product tile holds at most `_PRODUCT_ELEMENTS` fp32 values,
-    at most 512; a power of 2 dividing K is preferred (no masked tail), down to 64.
-    E.g. 132 SMs, R=1: QKV (N=2304, K=768) -> 8 x 256 (288 programs); c_fc (3072) -> 8 x 256;
-    out=768 -> 8 x 256 (96 programs); c_proj of the MLP (K=3072) -> 8 x 512; the head
-    (N=50257) -> 64 x 128 (786 programs).
+    BLOCK_N: the largest of 16 and 8 that still gives `_PROGRAMS_PER_SM` programs per SM (8
+    when none does) and leaves room for 64-wide K tiles (8 columns at 8 rows). BLOCK_K: the
+    product tile holds at most `_PRODUCT_ELEMENTS` fp32 values, at most 512; a power of 2
+    dividing K is preferred (no masked tail), down to 64.
+    E.g. 132 SMs, R=1: QKV (N=2304, K=768) -> 8 x 256 (288 programs); c_fc (3072) -> 8 x 256
+    (384); out=768 -> 8 x 256 (96); the MLP's c_proj (K=3072) -> 8 x 512 (96); the head
+    (N=50257) -> 16 x 256 (3142). R=8: 8 x 64 everywhere (the head: 6283 programs).
+
+    Why so narrow: compiled for sm_90 (bf16), wider tiles cost registers without adding bytes in
+    flight per thread (the head at 64 x 128: 255 registers, at 16 x 256: 56); every variant the
+    model uses stays at <= 96 registers (158 for the merge prologue at R=8) with no spills.
     """
     block_r = min(MAX_ROWS, triton.next_power_of_2(max(R, 1)))
-    block_n = _MAX_BLOCK_N
+    # at most as many columns as leave K tiles of 64 (128-byte bf16 runs per weight row)
+    block_n = max(_MIN_BLOCK_N, min(_MAX_BLOCK_N, _PRODUCT_ELEMENTS // (block_r * 64)))
     while block_n > _MIN_BLOCK_N and triton.cdiv(N, block_n) < _PROGRAMS_PER_SM * sms:
         block_n //= 2
     cap = min(_MAX_BLOCK_K, max(16, _PRODUCT_ELEMENTS // (block_r * block_n)), triton.next_power_of_2(K))

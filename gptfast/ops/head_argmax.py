@@ -13,7 +13,7 @@ needs the logits (`ln_linear.layernorm_linear`, then the sampler).
 Two kernels:
 
 1. `ln_linear`'s kernel in its ARGMAX mode (grid `(G, cdiv(R, BLOCK_R))`, G = cdiv(V, BLOCK_N)
-   column blocks, e.g. 786 for GPT-2 on 132 SMs): LN prologue, GEMV, and an epilogue that reduces
+   column blocks, e.g. 3142 for GPT-2 at batch 1 on 132 SMs): LN prologue, GEMV, and an epilogue that reduces
    its BLOCK_N logits of each row to (max, lowest column of the max, flags) written to
    `[R, G]` partials (fp32, int32, int32). The logits never reach DRAM.
 2. `_argmax_reduce_kernel`, grid `(R,)`: one program per row reduces its G partials (in column
@@ -205,7 +205,7 @@ def _case(device, R, C, V, dtype) -> BenchCase:
         return None
 
     e = torch.tensor([], dtype=dtype).element_size()
-    G = triton.cdiv(V, 64)
+    G = ln_linear.column_blocks(R, V, C, torch.device(device))
     return BenchCase(
         op="layernorm_head_argmax",
         label=f"R={R} C={C} V={V} {str(dtype).removeprefix('torch.')}",

@@ -150,8 +150,9 @@ def _launch(out, x, part_acc, part_ml, weight, bias, residual, R, K, H, S, head_
     block_r, block_n, block_k = gemv.blocks(R, N, K, gemv.sm_count(out.device))
     block_s = triton.next_power_of_2(S)
     if merge:
-        # the merge tile is [BLOCK_R, BLOCK_K, BLOCK_S] x 3 loads: keep it at most 8192 elements
-        block_k = min(block_k, max(16, 8192 // (block_r * block_s)))
+        # the merge tile is [BLOCK_R, BLOCK_K, BLOCK_S] x 3 loads: at most 4096 elements each
+        # (sm_90, bf16, S=8: 80 registers at R=1, no spills)
+        block_k = min(block_k, max(16, 4096 // (block_r * block_s)))
     _linear_residual_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r))](
         out, x, part_acc, part_ml, weight,
         weight if bias is None else bias,  # unused pointer when absent

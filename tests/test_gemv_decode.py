@@ -213,7 +213,7 @@ def test_attn_merge_linear_residual_matches_reference(R, H, S, D, N, dtype, pois
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("R,C,V", [(1, 32, 97), (3, 48, 1), (8, 40, 300), (9, 24, 50)], ids=lambda v: str(v))
+@pytest.mark.parametrize("R,C,V", [(1, 32, 97), (3, 48, 1), (8, 40, 150), (9, 24, 50)], ids=lambda v: str(v))
 def test_head_argmax_matches_greedy_sampler(R, C, V, dtype, poison_empty):
     x, lnw, lnb, w, _ = linear_inputs(R, C, V, dtype, seed=R + C + V, bias=False)
     w = (w * 8).to(dtype)  # well separated maxima: no near-ties for rounding to flip
@@ -383,7 +383,7 @@ def test_gemv_decode_step_is_5_kernels_per_block_plus_the_head(monkeypatch):
     assert tok.tolist() == [int(logits.argmax())] and status.tolist() == [0]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 5])
 def test_gemv_decode_step_matches_the_reference_path(rows, monkeypatch):
     """fp32: the GEMV step's logits within 1e-4 of the eager (reference) path's, the same K/V
     appended, and the greedy method's tokens the argmax of those logits on both paths."""

@@ -48,8 +48,12 @@ _MAX_BLOCK_K = 512
 # fp32 elements of the [BLOCK_R, BLOCK_N, BLOCK_K] product per program: 32 per thread at 4 warps
 _PRODUCT_ELEMENTS = 4096
 _PROGRAMS_PER_SM = 2
-# SM count assumed off-GPU (interpreter): small, so the CPU tests use several column blocks
-_INTERPRETER_SM_COUNT = 4
+# Off the GPU (the interpreter): an SM count and a column-block cap that give few, wide programs
+# (the interpreter's time grows with the programs it runs; registers do not matter there), still
+# several column blocks for the tests' awkward sizes (N=97: 2 blocks of 64).
+_INTERPRETER_SM_COUNT = 1
+_INTERPRETER_MAX_BLOCK_N = 64
+_INTERPRETER_PRODUCT_ELEMENTS = 65536
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,23 +89,6 @@ def row_stats(x_rows, mask_r, K, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constex
     return mean, tl.rsqrt(sq / K + eps)
 
 
-@triton.jit
-def ln_tile(x, mean, rstd, lnw_ptr, lnb_ptr, k, mask_k, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr):
-    """LayerNorm of one fp32 tile x [BLOCK_R, BLOCK_K] at columns k (fp32)."""
-    h = (x - mean[:, None]) * rstd[:, None]
-    if HAS_LNW:
-        h = h * tl.load(lnw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-    if HAS_LNB:
-        h = h + tl.load(lnb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-    return h
-
-
-@triton.jit
-def dot_tile(acc, x, w):
-    """acc [BLOCK_R, BLOCK_N] += x [BLOCK_R, BLOCK_K] @ w [BLOCK_N, BLOCK_K]^T, fp32 FMAs."""
-    return acc + tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-
-
 # --------------------------------------------------------------------------------------------
 # launch configuration and checks
 # --------------------------------------------------------------------------------------------
@@ -118,14 +105,14 @@ def sm_count(device: torch.device) -> int:
     return _INTERPRETER_SM_COUNT
 
 
-def blocks(R: int, N: int, K: int, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_N, BLOCK_K) for R rows, N output columns, K inputs on `sms` SMs.
+def blocks(R: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_N, BLOCK_K) for R rows, N output columns, K inputs on `device`.
 
     BLOCK_N: the largest of 16 and 8 that still gives `_PROGRAMS_PER_SM` programs per SM (8
     when none does) and leaves room for 64-wide K tiles (8 columns at 8 rows). BLOCK_K: the
     product tile holds at most `_PRODUCT_ELEMENTS` fp32 values, at most 512; a power of 2
     dividing K is preferred (no masked tail), down to 64.
-    E.g. 132 SMs, R=1: QKV (N=2304, K=768) -> 8 x 256 (288 programs); c_fc (3072) -> 8 x 256
+    E.g. on a 132-SM GPU, R=1: QKV (N=2304, K=768) -> 8 x 256 (288 programs); c_fc (3072) -> 8 x 256
     (384); out=768 -> 8 x 256 (96); the MLP's c_proj (K=3072) -> 8 x 512 (96); the head
     (N=50257) -> 16 x 256 (3142). R=8: 8 x 64 everywhere (the head: 6283 programs).
 
@@ -133,12 +120,16 @@ def blocks(R: int, N: int, K: int, sms: int) -> tuple[int, int, int]:
     flight per thread (the head at 64 x 128: 255 registers, at 16 x 256: 56); every variant the
     model uses stays at <= 96 registers (158 for the merge prologue at R=8) with no spills.
     """
+    sms = sm_count(device)
+    on_gpu = device.type == "cuda"
+    max_n = _MAX_BLOCK_N if on_gpu else _INTERPRETER_MAX_BLOCK_N
+    product = _PRODUCT_ELEMENTS if on_gpu else _INTERPRETER_PRODUCT_ELEMENTS
     block_r = min(MAX_ROWS, triton.next_power_of_2(max(R, 1)))
     # at most as many columns as leave K tiles of 64 (128-byte bf16 runs per weight row)
-    block_n = max(_MIN_BLOCK_N, min(_MAX_BLOCK_N, _PRODUCT_ELEMENTS // (block_r * 64)))
+    block_n = max(_MIN_BLOCK_N, min(max_n, product // (block_r * 64)))
     while block_n > _MIN_BLOCK_N and triton.cdiv(N, block_n) < _PROGRAMS_PER_SM * sms:
         block_n //= 2
-    cap = min(_MAX_BLOCK_K, max(16, _PRODUCT_ELEMENTS // (block_r * block_n)), triton.next_power_of_2(K))
+    cap = min(_MAX_BLOCK_K, max(16, product // (block_r * block_n)), triton.next_power_of_2(K))
     block_k = cap
     while block_k > 64 and K % block_k:
         block_k //= 2

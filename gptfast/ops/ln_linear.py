@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import gemv
 from .common import TOLERANCES, BenchCase, lazy_generator
-from .gemv import DTYPES, dot_tile, gelu_tanh, ln_tile, row_stats
+from .gemv import DTYPES, gelu_tanh, row_stats
 from .norm import embed_layernorm_ref
 
 # --------------------------------------------------------------------------------------------
@@ -129,10 +129,15 @@ def _ln_linear_kernel(
             x = (x.to(tl.float32) + tl.load(p_rows + k[None, :], mask=m, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
         x = x.to(tl.float32)
         if HAS_LN:
+            # NOTE: inline, not a helper: the interpreter pays a few ms per nested jit call
+            h = (x - mean[:, None]) * rstd[:, None]
+            if HAS_LNW:
+                h = h * tl.load(lnw_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+            if HAS_LNB:
+                h = h + tl.load(lnb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
             # rounded to the input dtype: the GEMM reads what the unfused LayerNorm would write
-            h = ln_tile(x, mean, rstd, lnw_ptr, lnb_ptr, k, mask_k, HAS_LNW, HAS_LNB)
             x = tl.where(m, h.to(w_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        acc = dot_tile(acc, x, w)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)  # fp32 FMAs, no tensor cores
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GELU:
@@ -210,7 +215,7 @@ def _check_out_dtype(name: str, out_dtype, dtype) -> torch.dtype:
 
 def column_blocks(R: int, N: int, K: int, device: torch.device) -> int:
     """Programs along the output columns of a launch: `head_argmax` sizes its partials by it."""
-    return triton.cdiv(N, gemv.blocks(R, N, K, gemv.sm_count(device))[1])
+    return triton.cdiv(N, gemv.blocks(R, N, K, device)[1])
 
 
 def launch(out, s, x, tok, pos, wpe, ln_weight, ln_bias, weight, bias, eps, embed, gelu, R, K,
@@ -218,7 +223,7 @@ def launch(out, s, x, tok, pos, wpe, ln_weight, ln_bias, weight, bias, eps, embe
     """Launch `_ln_linear_kernel` (shared with `head_argmax`, whose `argmax` = (index, flag)
     partials turns `out` into the partial maxima [R, column_blocks], row stride = column_blocks)."""
     N = weight.shape[0]
-    block_r, block_n, block_k = gemv.blocks(R, N, K, gemv.sm_count(x.device))
+    block_r, block_n, block_k = gemv.blocks(R, N, K, x.device)
     idx, flag = (out, out) if argmax is None else argmax
     _ln_linear_kernel[(triton.cdiv(N, block_n), triton.cdiv(R, block_r))](
         out, idx, flag, s, x, tok, pos, wpe,

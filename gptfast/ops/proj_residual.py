@@ -42,7 +42,7 @@ import triton.language as tl
 
 from . import gemv
 from .common import TOLERANCES, BenchCase, lazy_generator
-from .gemv import DTYPES, dot_tile
+from .gemv import DTYPES
 
 # --------------------------------------------------------------------------------------------
 # kernel
@@ -116,7 +116,7 @@ def _linear_residual_kernel(
                              out_ptr.dtype.element_ty)
         else:
             x = tl.load(x_rows + k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc = dot_tile(acc, x, w)
+        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)  # fp32 FMAs, no tensor cores
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_r[:, None] & mask_n[None, :]
@@ -147,7 +147,7 @@ def _check_weight_bias_residual(name: str, K: int, R: int, dtype, weight, bias, 
 
 def _launch(out, x, part_acc, part_ml, weight, bias, residual, R, K, H, S, head_dim, merge):
     N = weight.shape[0]
-    block_r, block_n, block_k = gemv.blocks(R, N, K, gemv.sm_count(out.device))
+    block_r, block_n, block_k = gemv.blocks(R, N, K, out.device)
     block_s = triton.next_power_of_2(S)
     if merge:
         # the merge tile is [BLOCK_R, BLOCK_K, BLOCK_S] x 3 loads: at most 4096 elements each

@@ -1355,6 +1355,44 @@ def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_si
     )
 
 
+def _decode_partials_case(device, batch, context, heads, head_dim, dtype, block_size=16) -> BenchCase:
+    """The small-batch decode step's attention: `decode_attention_partials` with the append (the
+    merge runs in the next kernel). Baseline "split_and_merge": `decode_attention` with the append,
+    the split pass and its merge kernel (two launches) on the same args. Bytes as the append
+    case plus the fp32 partials written (at most 8 splits)."""
+    gen = lazy_generator(device, 6789 + context)
+    on_cuda = device.startswith("cuda")
+
+    def make_args():
+        g = gen()
+        k_cache, v_cache, block_tables, _, _ = _random_paged_cache(
+            batch, context, heads, head_dim, block_size, dtype, device, g
+        )
+        qkv = torch.randn(batch, 3, heads, head_dim, generator=g, device=device).to(dtype)  # [B, 3, H, D]
+        pos = context - 1
+        slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B]
+        lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+        return (qkv[:, 0], k_cache, v_cache, block_tables, lens, head_dim**-0.5, qkv[:, 1], qkv[:, 2], slots)
+
+    def split_and_merge(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots):
+        attend = decode_attention if on_cuda else decode_attention_ref
+        return attend(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots)
+
+    splits = _PARTIALS_MAX_SPLITS  # the bound: the count needs the GPU's SM count (not asked here)
+    e = torch.tensor([], dtype=dtype).element_size()
+    return BenchCase(
+        op="decode_attention_partials",
+        label=f"B={batch} ctx={context} H={heads} D={head_dim} bs={block_size} {str(dtype).removeprefix('torch.')} +append",
+        make_args=make_args,
+        bytes_moved=(2 * batch * (context - 1) + 5 * batch) * heads * head_dim * e
+        + 4 * batch * heads * splits * (head_dim + 2),
+        flops=4 * batch * heads * context * head_dim,
+        params=dict(B=batch, context=context, H=heads, D=head_dim, block_size=block_size, dtype=str(dtype)),
+        baselines={"split_and_merge": split_and_merge},
+        atol=TOLERANCES[dtype]["atol"] * 10, rtol=TOLERANCES[dtype]["rtol"],
+    )
+
+
 def _kv_write_case(device, tokens, heads, head_dim, dtype, block_size=16) -> BenchCase:
     """`tokens` new K/V rows scattered to random distinct slots of a cache with room for them."""
     gen = lazy_generator(device, 99 + tokens)
@@ -1395,7 +1433,10 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     launches it replaces. The same with the QKV bias fused as well ("+append+bias", what the
     model's decode step runs) has baseline "add_then_append": the bias added to the projection
     output by a separate elementwise kernel, then the append op. Baselines take the op's args;
-    their extra inputs are built by make_args, so that setup is not timed.
+    their extra inputs are built by make_args, so that setup is not timed. `decode_attention_partials`
+    (the small-batch step's attention, its merge done by the next kernel) at B 1 and 8, context
+    384 (the issue's 128 + 256 tokens; full: also B=1 at 1024), has baseline "split_and_merge":
+    `decode_attention` with the append, split pass + merge kernel.
     """
     if device == "cpu":
         return [
@@ -1404,6 +1445,7 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
             _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
             _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8, bias=True),
             _kv_write_case("cpu", 5, 2, 16, torch.float32, block_size=8),
+            _decode_partials_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
         ]
     fp16, bf16 = torch.float16, torch.bfloat16
     if quick:
@@ -1421,4 +1463,6 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     cases += [_decode_append_case(device, b, 1024, 12, 64, bf16, bias=bias) for bias in (False, True) for b in append]
     # the decode step's append (one token per sequence) and a prefill's (whole prompts)
     cases += [_kv_write_case(device, n, 12, 64, bf16) for n in ((256, 8192) if quick else (1, 256, 8192))]
+    # the small-batch step's attention: partials only, the merge folded into the out-projection
+    cases += [_decode_partials_case(device, b, c, 12, 64, bf16) for b, c in ((1, 384), (8, 384)) + (() if quick else ((1, 1024),))]
     return cases

@@ -403,3 +403,30 @@ def test_gemv_decode_step_matches_the_reference_path(rows, monkeypatch):
     got_tokens, got_status = model.forward_paged_greedy(tokens, positions, meta)
     assert ref_tokens.tolist() == got_tokens.tolist() == ref.argmax(dim=-1).tolist()
     assert ref_status.tolist() == got_status.tolist() == [0] * rows
+
+
+def test_gemv_decode_kernels_compile_for_sm90_without_spills():
+    """Every kernel variant of gpt2's small-batch decode step (bf16, batch 1 and 8) compiles for
+    sm_90 with the wheel's ptxas, with no spill bytes (tests/sm90_compile.py, run without the
+    interpreter in a subprocess: the kernels here are the interpreter's)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip(f"no ptxas in the triton wheel ({ptxas})")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(root / "tests" / "sm90_compile.py")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(rows) == 16, rows
+    spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, spilled

@@ -118,8 +118,12 @@ def _ln_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w  # W: [N, K], rows contiguous along K
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # NOTE: products are summed over K once, after the loop: the loop body is loads and FMAs
+    # only (no cross-lane shuffles per tile), so consecutive tiles' loads can be in flight together
+    acc3 = tl.zeros([BLOCK_R, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # unrolled: ptxas then issues two tiles' weight loads before their FMAs (the loop is not
+    # software-pipelined through shared memory; sm_90 SASS checked)
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=2):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -137,7 +141,8 @@ def _ln_linear_kernel(
                 h = h + tl.load(lnb_ptr + k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
             # rounded to the input dtype: the GEMM reads what the unfused LayerNorm would write
             x = tl.where(m, h.to(w_ptr.dtype.element_ty).to(tl.float32), 0.0)
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)  # fp32 FMAs, no tensor cores
+        acc3 += x[:, None, :] * w.to(tl.float32)[None, :, :]  # fp32 FMAs, no tensor cores
+    acc = tl.sum(acc3, 2)  # [BLOCK_R, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if GELU:

@@ -96,6 +96,7 @@ def _linear_residual_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -106,8 +107,13 @@ def _linear_residual_kernel(
     mask_n = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_w  # W: [N, K], rows contiguous along K
     x_rows = x_ptr + rows[:, None] * stride_x  # x: [R, K], any row stride
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    # NOTE: products are summed over K once, after the loop: the loop body is loads and FMAs
+    # only (no cross-lane shuffles per tile), so consecutive tiles' loads can be in flight together
+    acc3 = tl.zeros([BLOCK_R, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # unrolled: ptxas then issues two tiles' weight loads before their FMAs (the loop is not
+    # software-pipelined through shared memory; sm_90 SASS checked); not with the merge prologue,
+    # whose [BLOCK_R, BLOCK_K, BLOCK_S] tiles would double the registers
+    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
         k = k0 + offs_k
         mask_k = k < K
         w = tl.load(w_rows + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -116,7 +122,8 @@ def _linear_residual_kernel(
                              out_ptr.dtype.element_ty)
         else:
             x = tl.load(x_rows + k[None, :], mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], 2)  # fp32 FMAs, no tensor cores
+        acc3 += x[:, None, :] * w.to(tl.float32)[None, :, :]  # fp32 FMAs, no tensor cores
+    acc = tl.sum(acc3, 2)  # [BLOCK_R, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_r[:, None] & mask_n[None, :]
@@ -166,6 +173,7 @@ def _launch(out, x, part_acc, part_ml, weight, bias, residual, R, K, H, S, head_
         BLOCK_R=block_r,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        UNROLL=1 if merge else 2,
         num_warps=4,
     )  # fmt: skip
 

@@ -15,12 +15,17 @@ that:
   is read by exactly one program, once, for all the rows of the batch (a `BLOCK_R`-row tile,
   `BLOCK_R` in {1, 2, 4, 8}); no split-K, so no cross-program reduction and no atomics: results
   are deterministic;
-- products are accumulated in fp32 as `acc[r, n] += sum_k x[r, k] * w[n, k]` over a
-  `[BLOCK_R, BLOCK_N, BLOCK_K]` broadcast (CUDA-core FMAs, no tensor cores: at <= 8 rows they
-  would sit idle, and the exact fp32 products keep fp32 runs within the parity policy);
+- products are accumulated in fp32 elementwise in a `[BLOCK_R, BLOCK_N, BLOCK_K]` tile and
+  summed over K once after the loop (CUDA-core FMAs, no tensor cores: at <= 8 rows they would
+  sit idle, and exact fp32 products keep fp32 runs within the parity policy); the loop body is
+  loads and FMAs only, unrolled by 2 so that two tiles' weight loads are in flight together
+  (16-byte loads: the launch specialises on 16-byte-aligned pointers and strides);
 - the cheap work rides along: a LayerNorm of the input rows in the prologue (each program
   recomputes the rows' mean and variance, two passes over K elements per row from L1/L2, then
   normalises each K tile as it goes), bias, GELU or a residual add in the epilogue.
+
+Registers and spills are checked by compiling every variant the model launches for sm_90
+without a GPU (tests/sm90_compile.py; tests/test_gemv_decode.py asserts no spills).
 
 Trade-off (out = 768 columns, e.g. the projections into the residual stream): 8-column tiles give
 96 programs, under one per SM on a 132-SM H100/H200; split-K would give more, but needs either

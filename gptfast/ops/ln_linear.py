@@ -16,6 +16,9 @@ c_attn (+ bias) [K1] and ln_2 -> c_fc + bias + GELU [K4]; `embed_layernorm_linea
 K1 with the embedding gathered in its prologue (no separate embedding kernel); and the final ln_f
 -> LM head writing fp32 logits (no separate cast) is `layernorm_linear` without a bias.
 
+The kernel has a third mode, ARGMAX, used by `head_argmax`: instead of storing the outputs each
+program reduces its columns to a per-row (max, lowest column of the max, NaN/inf flags) partial.
+
 Kernel: grid `(cdiv(N, BLOCK_N), cdiv(R, BLOCK_R))` (see `gemv.blocks`). Each program computes the
 LN statistics of its rows (2 passes over K, L1/L2), then walks K in BLOCK_K tiles: normalises the
 x tile, loads the `[BLOCK_N, BLOCK_K]` weight tile, accumulates in fp32; epilogue bias, GELU,

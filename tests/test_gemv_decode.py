@@ -430,3 +430,22 @@ def test_gemv_decode_kernels_compile_for_sm90_without_spills():
     assert len(rows) == 16, rows
     spilled = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
+
+
+@pytest.mark.parametrize("module", [ln_linear, proj_residual, head_argmax], ids=lambda m: m.__name__.split(".")[-1])
+def test_benchmark_cases(module):
+    """The GPU cases list without a GPU (quick is a subset); the CPU cases pass the runner's check,
+    fast (interpreter) against reference, and each baseline computes the same thing."""
+    from gptfast.bench.runner import default_check, run_and_capture
+
+    quick, full = module.benchmark_cases("cuda", quick=True), module.benchmark_cases("cuda", quick=False)
+    assert {c.label for c in quick} < {c.label for c in full}
+    assert all(c.bytes_moved > 0 and c.flops > 0 and c.baselines for c in full)
+    for case in module.benchmark_cases("cpu", quick=True):
+        args = case.make_args()
+        fast = run_and_capture(getattr(module, case.op), args)
+        ref = run_and_capture(getattr(module, case.op + "_ref"), args)
+        check = case.check or (lambda f, r, a: default_check(f, r, case.atol, case.rtol))
+        assert check(fast, ref, args) is None, case.label
+        for name, baseline in case.baselines.items():
+            assert check(run_and_capture(baseline, args), ref, args) is None, f"{case.label} {name}"

@@ -500,8 +500,15 @@ class GPT2(nn.Module):
         logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`).
         """
         cache = self.kv_cache if cache is None else cache
+        # (an int8 model runs the general path below: its linears go through `linear`)
+        if ops.use_triton(tokens) and self.quantize is None and self._gemv_step(tokens, meta):
+            x = self._forward_gemv(tokens, positions, meta, logits_indices, cache)
+            ln = self.ln_f
+            # the final LayerNorm in the head GEMV's prologue; fp32 logits straight from it
+            return ops.layernorm_linear(x, ln.weight, ln.bias, self.config.layer_norm_epsilon,
+                                        self.head_weight(), None,
+                                        out_dtype=torch.float32 if fp32_logits else None)  # (M, V)
         if ops.use_triton(tokens) and self.quantize is None:
-            # (an int8 model runs the general path below: its linears go through `linear`)
             logits = self._forward_fused(tokens, positions, meta, logits_indices, cache)
             return logits.float() if fp32_logits else logits
         if meta.is_decode and logits_indices is None and _plain_decode(meta):
@@ -602,6 +609,81 @@ class GPT2(nn.Module):
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)  # (M, C)
         return F.linear(h, self.head_weight())  # (M, V), the model's dtype
+
+    def forward_paged_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
+                             logits_indices: torch.Tensor | None = None,
+                             cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward_paged` followed by a greedy pick: token ids without the logits.
+
+        For rows that decode greedily with no logits processor and no score output. In a
+        small-batch decode step on the kernel path (see `_gemv_step`) the final LayerNorm, the
+        head GEMV and the argmax are `ops.layernorm_head_argmax` (two launches, no logits
+        written); elsewhere the logits and `ops.sample` with every row greedy. Either way the
+        result is what `ops.sample` gives a greedy row of `forward_paged`'s logits in the model's
+        dtype: the lowest id among the maxima, and the sampler's flags.
+
+        Parameters
+        ----------
+        tokens, positions, meta, logits_indices, cache :
+            As for `forward_paged`.
+
+        Returns
+        -------
+        tokens : LongTensor (M,)
+            The argmax of each row's logits, -1 for a flagged row.
+        status : IntTensor (M,)
+            0 ok; 1 a logit is NaN or +inf; 2 no logit is finite.
+        """
+        cache = self.kv_cache if cache is None else cache
+        if ops.use_triton(tokens) and self.quantize is None and self._gemv_step(tokens, meta):
+            x = self._forward_gemv(tokens, positions, meta, logits_indices, cache)
+            ln = self.ln_f
+            return ops.layernorm_head_argmax(x, ln.weight, ln.bias, self.config.layer_norm_epsilon,
+                                             self.head_weight())
+        logits = self.forward_paged(tokens, positions, meta, logits_indices, cache, fp32_logits=False)
+        M, device = logits.shape[0], logits.device
+        zeros_f = torch.zeros(M, dtype=torch.float32, device=device)
+        zeros_l = torch.zeros(M, dtype=torch.int64, device=device)
+        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l)
+
+    def _gemv_step(self, tokens: torch.Tensor, meta: AttnMetadata) -> bool:
+        """Whether a step on the kernel path takes the small-batch GEMV kernels (`_forward_gemv`):
+        decode steps of 1-8 rows, GPT-2's tanh-GELU. Larger batches and prefill keep
+        `_forward_fused` (cuBLAS with fused epilogues)."""
+        return (meta.is_decode and 1 <= tokens.shape[0] <= ops.gemv.MAX_ROWS
+                and self.h[0].mlp.gelu_tanh)
+
+    def _forward_gemv(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
+        """The decode step for 1-8 rows as fused GEMV kernels: 5 launches per block, every weight
+        read once for all the rows. Returns the residual stream before ln_f, (M, C).
+
+        Per block: K1 ln_1 -> c_attn + bias (block 0 gathers the embedding in its prologue, so
+        there is no embedding kernel); K2 split-KV attention partials with the K/V append; K3
+        the partials' merge -> c_proj + bias + residual; K4 ln_2 -> c_fc + bias + GELU; K5 c_proj
+        + bias + residual. The head (ln_f in its prologue) is the caller's: 1 launch for logits,
+        2 for greedy tokens. gpt2 (12 blocks): 60 + 1 (or 2) kernels for the forward.
+        """
+        eps = self.config.layer_norm_epsilon
+        N = tokens.shape[0]
+        for i, block in enumerate(self.h):
+            attn, mlp = block.attn, block.mlp
+            ln = block.ln_1
+            if i == 0:
+                qkv, x = ops.embed_layernorm_linear(tokens, positions, self.wte.weight, self.wpe.weight, ln.weight,
+                                                    ln.bias, eps, attn.c_attn.weight, attn.c_attn.bias)
+            else:
+                qkv = ops.layernorm_linear(x, ln.weight, ln.bias, eps, attn.c_attn.weight, attn.c_attn.bias)
+            q, k, v = qkv.view(N, 3, attn.n_head, attn.head_dim).unbind(1)  # each (N, nh, hs), strided views
+            part_acc, part_ml = ops.decode_attention_partials(q, cache.k[i], cache.v[i], meta.block_tables,
+                                                              meta.seq_lens, attn.scale, k_new=k, v_new=v,
+                                                              slot_mapping=meta.slot_mapping)
+            x = ops.attn_merge_linear_residual(part_acc, part_ml, attn.c_proj.weight, attn.c_proj.bias, x)
+            ln = block.ln_2
+            h = ops.layernorm_linear(x, ln.weight, ln.bias, eps, mlp.c_fc.weight, mlp.c_fc.bias, gelu=True)
+            x = ops.linear_residual(h, mlp.c_proj.weight, mlp.c_proj.bias, x)
+        if logits_indices is not None:
+            x = x.index_select(0, logits_indices)  # (M, C)
+        return x
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):

@@ -349,7 +349,8 @@ def test_decode_attention_rejects_bad_inputs():
 
 def test_benchmark_cases_cpu():
     cases = A.benchmark_cases("cpu", quick=True)
-    assert {c.op for c in cases} == {"prefill_attention", "decode_attention", "kv_cache_write"}
+    assert {c.op for c in cases} == {"prefill_attention", "decode_attention", "kv_cache_write",
+                                     "decode_attention_partials"}
     for case in [c for c in cases if c.op == "kv_cache_write"]:
         # in place: the launcher and the reference must leave identical caches
         args_fast = case.make_args()

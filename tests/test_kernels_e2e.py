@@ -26,16 +26,6 @@ def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _batch():
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, CONFIG.vocab_size, (3, 9), generator=gen)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    mask[2, :1] = 0
-    ids[mask == 0] = 0
-    return ids, mask
-
-
 @pytest.fixture(params=["0", "1"], ids=["eager-decode", "graph-runner"])
 def graphs(request, monkeypatch):
     """Decode steps eager, or through the graph runner (captured on a GPU, its static-buffer
@@ -44,26 +34,42 @@ def graphs(request, monkeypatch):
     return request.param == "1"
 
 
+_FUSED_OPS = ("embed_layernorm", "add_layernorm", "linear_gelu", "decode_attention",
+              "embed_layernorm_linear", "layernorm_linear", "decode_attention_partials",
+              "attn_merge_linear_residual", "linear_residual")
+
+
 def _count_fused_calls(monkeypatch) -> dict:
     """Count calls of the fused ops the model's kernel path uses."""
     from gptfast import ops
 
-    calls = {}
-    for name in ("embed_layernorm", "add_layernorm", "linear_gelu", "decode_attention"):
+    calls = dict.fromkeys(_FUSED_OPS, 0)
+    for name in _FUSED_OPS:
         real = getattr(ops, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            if _name == "decode_attention":
-                calls["decode_append"] = calls.get("decode_append", 0) + ("k_new" in kwargs)
-                calls["decode_bias"] = calls.get("decode_bias", 0) + (kwargs.get("qkv_bias") is not None)
+            calls[_name] += 1
+            if _name.startswith("decode_attention"):
+                calls[_name + "_append"] = calls.get(_name + "_append", 0) + ("k_new" in kwargs)
+                calls[_name + "_bias"] = calls.get(_name + "_bias", 0) + (kwargs.get("qkv_bias") is not None)
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)
     return calls
 
 
+def _batch(rows: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, CONFIG.vocab_size, (rows, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :1] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
 def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
+    """3 rows: decode steps take the small-batch GEMV kernels (`GPT2._forward_gemv`)."""
     monkeypatch.setenv("GPTFAST_KERNELS", "triton")
     calls = _count_fused_calls(monkeypatch)
     model = GPT2.from_pretrained(hf, device=_device(), block_size=4)
@@ -75,14 +81,41 @@ def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
     assert torch.equal(got, ref), f"kernels: {got.tolist()}\nHF: {ref.tolist()}"
     stats = model.kv_cache.stats()
     assert stats["free_blocks"] == stats["total_blocks"]
-    # the fused path ran: per step one embed+LN, two add+LN per layer, K/V appended in attention
     layers = CONFIG.n_layer
-    assert calls["embed_layernorm"] >= 6 and calls["add_layernorm"] == 2 * layers * calls["embed_layernorm"]
-    assert calls["linear_gelu"] == layers * calls["embed_layernorm"]
-    assert calls["decode_append"] == calls["decode_attention"] == layers * (calls["embed_layernorm"] - 1)
-    assert calls["decode_bias"] == calls["decode_attention"]  # c_attn's bias added inside attention
+    # the prefill step: embed+LN, two add+LN per layer, c_fc + GELU
+    prefills = calls["embed_layernorm"]
+    assert prefills >= 1 and calls["add_layernorm"] == 2 * layers * prefills
+    assert calls["linear_gelu"] == layers * prefills
+    # 5 decode steps, each 5 GEMV-path launches per layer: block 0's c_attn with the embedding,
+    # the other c_attn, every c_fc and the head through layernorm_linear, the attention partials
+    # with the K/V append (c_attn's bias already added), the merge in c_proj, the MLP's c_proj
+    steps = calls["embed_layernorm_linear"]
+    assert steps == 5 and calls["decode_attention"] == 0
+    assert calls["layernorm_linear"] == 2 * layers * steps
+    assert calls["decode_attention_partials"] == calls["decode_attention_partials_append"] == layers * steps
+    assert calls["decode_attention_partials_bias"] == 0
+    assert calls["attn_merge_linear_residual"] == calls["linear_residual"] == layers * steps
     if graphs:
         assert model._graph_runner[1].num_replays == 5
+
+
+def test_greedy_through_kernels_above_8_rows_keeps_the_cublas_path(hf, monkeypatch):
+    """9 rows: decode steps keep `_forward_fused` (cuBLAS GEMMs with fused epilogues, the K/V
+    append and c_attn's bias inside the attention kernel); still HF's tokens."""
+    monkeypatch.setenv("GPTFAST_KERNELS", "triton")
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
+    calls = _count_fused_calls(monkeypatch)
+    model = GPT2.from_pretrained(hf, device=_device(), block_size=4)
+    ids, mask = _batch(rows=9)
+    kw = dict(attention_mask=mask, max_new_tokens=2, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        ref = hf.generate(ids, do_sample=False, **kw)
+    got = gptfast.generate(model, ids.to(model.device), **kw).cpu()
+    assert torch.equal(got, ref), f"kernels: {got.tolist()}\nHF: {ref.tolist()}"
+    layers = CONFIG.n_layer
+    steps = calls["embed_layernorm"] - 1  # one prefill step for the 9 prompts
+    assert steps == 1 and calls["embed_layernorm_linear"] == calls["decode_attention_partials"] == 0
+    assert calls["decode_attention_append"] == calls["decode_attention_bias"] == layers * steps
 
 
 def test_sampling_through_kernels_is_seeded_and_top_k_1_is_greedy(hf, monkeypatch, graphs):

@@ -880,6 +880,110 @@ def decode_attention(
     return out
 
 
+# Splits of `decode_attention_partials` by default: its merge runs in the next kernel's prologue
+# (`proj_residual.attn_merge_linear_residual`), where every program reads all the partials (from
+# L2), so fewer splits than the two-kernel path: at batch 1, 12 heads x 8 = 96 programs.
+_PARTIALS_MAX_SPLITS = 8
+
+
+def partials_num_splits(batch: int, heads: int, max_context: int, head_dim: int, device: torch.device) -> int:
+    """The default split count of `decode_attention_partials` (static shapes only: CUDA-graph
+    safe): `decode_attention`'s choice, at most 8."""
+    block_n = _decode_block_n(triton.next_power_of_2(head_dim))
+    return min(_PARTIALS_MAX_SPLITS, _decode_num_splits(batch, heads, max_context, block_n, _sm_count(device)))
+
+
+def decode_attention_partials(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    qkv_bias: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_attention`'s split-KV pass alone (Triton, one launch): the unnormalised partials,
+    for a consumer that merges them itself (`attn_merge_linear_residual` folds the merge into the
+    output projection, so a small-batch decode step has no merge kernel).
+
+    Split s of row b covers the keys `[s * T, min((s + 1) * T, seq_len))`, T = `BLOCK_N *
+    ceil(ceil(seq_len / BLOCK_N) / num_splits)` (`BLOCK_N` = 64 for head_dim <= 64, else 32);
+    `m` is the max of its scores `scale * log2(e) * <q, k_j>` (base-2 units), `l = sum_j 2^(s_j -
+    m)`, `acc = sum_j 2^(s_j - m) v_j`. An empty split has m = -inf, l = 0, acc = 0. The merged
+    output is `sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s`, M = max_s m_s.
+
+    Parameters
+    ----------
+    q, k_cache, v_cache, block_tables, seq_lens, scale, k_new, v_new, slot_mapping, qkv_bias :
+        As for `decode_attention` (the append and bias work the same way).
+    num_splits : int or None
+        Splits per (row, head), >= 1; None: `partials_num_splits` (from shapes only).
+
+    Returns
+    -------
+    part_acc : Tensor [B, H, num_splits, D], fp32
+    part_ml : Tensor [B, H, num_splits, 2], fp32: (m, l) per split.
+
+    Examples
+    --------
+    >>> part_acc, part_ml = decode_attention_partials(q, k_cache, v_cache, block_tables, seq_lens,
+    ...                                               D ** -0.5, k_new=k, v_new=v, slot_mapping=slots)
+    """
+    name = "decode_attention_partials"
+    _check_cache(name, q, k_cache, v_cache)
+    B, H, D = q.shape
+    _check_int_vector(name, "seq_lens", seq_lens, B, torch.int32)
+    _check_block_tables(name, block_tables, B)
+    qk_scale = _check_scale(name, scale) * _LOG2E
+    append = _check_append(name, q, k_new, v_new, slot_mapping)
+    has_bias = _check_qkv_bias(name, q, qkv_bias, append)
+    _check_launch_device(name, q, k_cache, v_cache, block_tables, seq_lens,
+                         *((k_new, v_new, slot_mapping) if append else ()), *((qkv_bias,) if has_bias else ()))
+    block_size = k_cache.shape[1]
+    max_blocks = block_tables.shape[1]
+    num_splits = _check_num_splits(name, num_splits, B, H, max_blocks * block_size, D, q.device)
+    part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+    part_ml = torch.empty((B, H, num_splits, 2), dtype=torch.float32, device=q.device)
+    if B == 0:
+        return part_acc, part_ml
+    block_d = triton.next_power_of_2(D)
+    if not append:
+        k_new, v_new, slot_mapping = q, q, seq_lens
+    if not has_bias:
+        qkv_bias = q
+    _decode_split_kernel[(B, H, num_splits)](
+        part_acc, part_acc, part_ml, q, k_cache, v_cache, k_new, v_new, slot_mapping, qkv_bias, block_tables,
+        seq_lens,
+        qk_scale,
+        q.stride(0), q.stride(1), 0, 0,
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
+        block_tables.stride(0), max_blocks, H, num_splits,
+        HEAD_DIM=D,
+        SPLIT=True,
+        APPEND=append,
+        HAS_QKV_BIAS=has_bias,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=_decode_block_n(block_d),
+        BLOCK_D=block_d,
+        num_warps=4,
+        num_stages=2,
+    )  # fmt: skip
+    return part_acc, part_ml
+
+
+def _check_num_splits(name, num_splits, B, H, max_context, D, device) -> int:
+    if num_splits is None:
+        return partials_num_splits(B, H, max_context, D, device)
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 1:
+        raise ValueError(f"{name}: num_splits must be None or an int >= 1, got {num_splits!r}")
+    return num_splits
+
+
 # --------------------------------------------------------------------------------------------
 # references (eager PyTorch, fp32 math; the CPU path of the runtime)
 # --------------------------------------------------------------------------------------------
@@ -966,6 +1070,35 @@ def prefill_attention_ref(
     return out
 
 
+def _decode_inputs_ref(name, q, k_cache, v_cache, block_tables, seq_lens, k_new, v_new, slot_mapping,
+                      qkv_bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What `decode_attention_ref` attends with: (q [B, H, D], k, v [B, H, max_blocks * bs, D]),
+    the bias added and the new K/V written to the cache and put at their position (see there)."""
+    B = q.shape[0]
+    append = _check_append(name, q, k_new, v_new, slot_mapping)
+    if _check_qkv_bias(name, q, qkv_bias, append):
+        # as the kernel: q + bias in fp32 (not rounded), K/V + bias rounded to the cache dtype
+        # (fp64, the tests' exact dtype, stays fp64)
+        bias = qkv_bias.to(torch.promote_types(qkv_bias.dtype, torch.float32))  # [3, H, D]
+        q = q.to(bias.dtype) + bias[0]
+        k_new = (k_new.to(bias.dtype) + bias[1]).to(k_cache.dtype)
+        v_new = (v_new.to(bias.dtype) + bias[2]).to(v_cache.dtype)
+    if append:
+        # graph-padding rows (seq_len 0) cache nothing, as in the kernel
+        slots = torch.where(seq_lens > 0, slot_mapping, torch.full_like(slot_mapping, -1))
+        kv_cache_write_ref(k_new, v_new, k_cache, v_cache, slots)
+    k = _gather_pages(k_cache, block_tables).transpose(1, 2)  # [B, H, max_blocks * bs, D]
+    v = _gather_pages(v_cache, block_tables).transpose(1, 2)
+    if append and k.shape[2] > 0:
+        # k, v are fresh gathered copies: put the new token at its position in place, O(B * H * D)
+        has_key = (seq_lens > 0)[:, None, None]  # [B, 1, 1]
+        rows = torch.arange(B, device=q.device)
+        pos = (seq_lens.long().clamp(1, k.shape[2]) - 1)  # [B]; rows without a key keep their values
+        k[rows, :, pos] = torch.where(has_key, k_new.to(k.dtype), k[rows, :, pos])  # [B, H, D]
+        v[rows, :, pos] = torch.where(has_key, v_new.to(v.dtype), v[rows, :, pos])
+    return q, k, v
+
+
 def decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -989,29 +1122,10 @@ def decode_attention_ref(
     to the cache dtype (q is not). No host sync without the append (on the CPU, see below); the
     write itself syncs on CUDA (adding the bias does not).
     """
-    B, H, D = q.shape
     out_dtype = q.dtype
-    append = _check_append("decode_attention_ref", q, k_new, v_new, slot_mapping)
-    if _check_qkv_bias("decode_attention_ref", q, qkv_bias, append):
-        # as the kernel: q + bias in fp32 (not rounded), K/V + bias rounded to the cache dtype
-        # (fp64, the tests' exact dtype, stays fp64)
-        bias = qkv_bias.to(torch.promote_types(qkv_bias.dtype, torch.float32))  # [3, H, D]
-        q = q.to(bias.dtype) + bias[0]
-        k_new = (k_new.to(bias.dtype) + bias[1]).to(k_cache.dtype)
-        v_new = (v_new.to(bias.dtype) + bias[2]).to(v_cache.dtype)
-    if append:
-        # graph-padding rows (seq_len 0) cache nothing, as in the kernel
-        slots = torch.where(seq_lens > 0, slot_mapping, torch.full_like(slot_mapping, -1))
-        kv_cache_write_ref(k_new, v_new, k_cache, v_cache, slots)
-    k = _gather_pages(k_cache, block_tables).transpose(1, 2)  # [B, H, max_blocks * bs, D]
-    v = _gather_pages(v_cache, block_tables).transpose(1, 2)
-    if append and k.shape[2] > 0:
-        # k, v are fresh gathered copies: put the new token at its position in place, O(B * H * D)
-        has_key = (seq_lens > 0)[:, None, None]  # [B, 1, 1]
-        rows = torch.arange(B, device=q.device)
-        pos = (seq_lens.long().clamp(1, k.shape[2]) - 1)  # [B]; rows without a key keep their values
-        k[rows, :, pos] = torch.where(has_key, k_new.to(k.dtype), k[rows, :, pos])  # [B, H, D]
-        v[rows, :, pos] = torch.where(has_key, v_new.to(v.dtype), v[rows, :, pos])
+    q, k, v = _decode_inputs_ref("decode_attention_ref", q, k_cache, v_cache, block_tables, seq_lens,
+                                 k_new, v_new, slot_mapping, qkv_bias)
+    B = q.shape[0]
     if q.device.type == "cpu" and B > 0:
         # On the CPU (the runtime's eager path) the lengths are host values: when every row is
         # full, skip the mask (the fused kernel is faster without one).
@@ -1023,6 +1137,44 @@ def decode_attention_ref(
     visible = torch.arange(k.shape[2], device=q.device)[None, :] < seq_lens[:, None]  # [B, L]
     out = _attend(q[:, :, None], k, v, visible[:, None, None, :], scale)  # [B, H, 1, D]
     return out[:, :, 0].to(out_dtype)
+
+
+def decode_attention_partials_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+    qkv_bias: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference of `decode_attention_partials` (same signature): the inputs of
+    `decode_attention_ref` (append, bias), then each split's (acc, m, l) over its key range, fp32."""
+    name = "decode_attention_partials_ref"
+    B, H, D = q.shape
+    q, k, v = _decode_inputs_ref(name, q, k_cache, v_cache, block_tables, seq_lens, k_new, v_new,
+                                 slot_mapping, qkv_bias)
+    L = k.shape[2]
+    S = _check_num_splits(name, num_splits, B, H, L, D, q.device)
+    block_n = _decode_block_n(triton.next_power_of_2(D))
+    lens = seq_lens.long().clamp(0, L)  # [B]
+    tiles_per_split = ((lens + block_n - 1) // block_n + S - 1) // S  # [B]
+    span = (tiles_per_split * block_n).clamp_min(1)  # keys per split
+    pos = torch.arange(L, device=q.device)
+    split_of = pos[None, :] // span[:, None]  # [B, L]
+    in_split = (pos[None, None, :] < lens[:, None, None]) & (
+        split_of[:, None, :] == torch.arange(S, device=q.device)[None, :, None])  # [B, S, L]
+    scores = torch.einsum("bhd,bhld->bhl", q.float(), k.float()) * (scale * _LOG2E)  # [B, H, L]
+    scores = torch.where(in_split[:, None], scores[:, :, None, :], float("-inf"))  # [B, H, S, L]
+    m = scores.amax(dim=-1)  # [B, H, S]
+    p = torch.exp2(scores - torch.where(m == float("-inf"), 0.0, m)[..., None])  # masked keys: 0
+    part_acc = p @ v.float()  # [B, H, S, L] @ [B, H, L, D] -> [B, H, S, D]
+    part_ml = torch.stack((m, p.sum(dim=-1)), dim=-1)  # [B, H, S, 2]
+    return part_acc, part_ml
 
 
 # --------------------------------------------------------------------------------------------
@@ -1202,6 +1354,44 @@ def _decode_append_case(device, batch, context, heads, head_dim, dtype, block_si
     )
 
 
+def _decode_partials_case(device, batch, context, heads, head_dim, dtype, block_size=16) -> BenchCase:
+    """The small-batch decode step's attention: `decode_attention_partials` with the append (the
+    merge runs in the next kernel). Baseline "split_and_merge": `decode_attention` with the append,
+    the split pass and its merge kernel (two launches) on the same args. Bytes as the append
+    case plus the fp32 partials written (at most 8 splits)."""
+    gen = lazy_generator(device, 6789 + context)
+    on_cuda = device.startswith("cuda")
+
+    def make_args():
+        g = gen()
+        k_cache, v_cache, block_tables, _, _ = _random_paged_cache(
+            batch, context, heads, head_dim, block_size, dtype, device, g
+        )
+        qkv = torch.randn(batch, 3, heads, head_dim, generator=g, device=device).to(dtype)  # [B, 3, H, D]
+        pos = context - 1
+        slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size  # [B]
+        lens = torch.full((batch,), context, device=device, dtype=torch.int32)
+        return (qkv[:, 0], k_cache, v_cache, block_tables, lens, head_dim**-0.5, qkv[:, 1], qkv[:, 2], slots)
+
+    def split_and_merge(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots):
+        attend = decode_attention if on_cuda else decode_attention_ref
+        return attend(q, k_cache, v_cache, block_tables, lens, scale, k_new, v_new, slots)
+
+    splits = _PARTIALS_MAX_SPLITS  # the bound: the count needs the GPU's SM count (not asked here)
+    e = torch.tensor([], dtype=dtype).element_size()
+    return BenchCase(
+        op="decode_attention_partials",
+        label=f"B={batch} ctx={context} H={heads} D={head_dim} bs={block_size} {str(dtype).removeprefix('torch.')} +append",
+        make_args=make_args,
+        bytes_moved=(2 * batch * (context - 1) + 5 * batch) * heads * head_dim * e
+        + 4 * batch * heads * splits * (head_dim + 2),
+        flops=4 * batch * heads * context * head_dim,
+        params=dict(B=batch, context=context, H=heads, D=head_dim, block_size=block_size, dtype=str(dtype)),
+        baselines={"split_and_merge": split_and_merge},
+        atol=TOLERANCES[dtype]["atol"] * 10, rtol=TOLERANCES[dtype]["rtol"],
+    )
+
+
 def _kv_write_case(device, tokens, heads, head_dim, dtype, block_size=16) -> BenchCase:
     """`tokens` new K/V rows scattered to random distinct slots of a cache with room for them."""
     gen = lazy_generator(device, 99 + tokens)
@@ -1242,7 +1432,10 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     launches it replaces. The same with the QKV bias fused as well ("+append+bias", what the
     model's decode step runs) has baseline "add_then_append": the bias added to the projection
     output by a separate elementwise kernel, then the append op. Baselines take the op's args;
-    their extra inputs are built by make_args, so that setup is not timed.
+    their extra inputs are built by make_args, so that setup is not timed. `decode_attention_partials`
+    (the small-batch step's attention, its merge done by the next kernel) at B 1 and 8, context
+    384 (the issue's 128 + 256 tokens; full: also B=1 at 1024), has baseline "split_and_merge":
+    `decode_attention` with the append, split pass + merge kernel.
     """
     if device == "cpu":
         return [
@@ -1251,6 +1444,7 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
             _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
             _decode_append_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8, bias=True),
             _kv_write_case("cpu", 5, 2, 16, torch.float32, block_size=8),
+            _decode_partials_case("cpu", 2, 40, 2, 16, torch.float32, block_size=8),
         ]
     fp16, bf16 = torch.float16, torch.bfloat16
     if quick:
@@ -1268,4 +1462,6 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     cases += [_decode_append_case(device, b, 1024, 12, 64, bf16, bias=bias) for bias in (False, True) for b in append]
     # the decode step's append (one token per sequence) and a prefill's (whole prompts)
     cases += [_kv_write_case(device, n, 12, 64, bf16) for n in ((256, 8192) if quick else (1, 256, 8192))]
+    # the small-batch step's attention: partials only, the merge folded into the out-projection
+    cases += [_decode_partials_case(device, b, c, 12, 64, bf16) for b, c in ((1, 384), (8, 384)) + (() if quick else ((1, 1024),))]
     return cases

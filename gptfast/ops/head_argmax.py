@@ -1,0 +1,226 @@
+"""Greedy decoding's head: final LayerNorm -> LM-head GEMV -> argmax, token ids without logits.
+
+Math (x: [R, C] the residual stream, W: [V, C] the head, the tied `wte`)::
+
+    logits = round(LN(x) @ W^T)        (rounded to x's dtype, as the full-logits path stores them)
+    token  = min { i : logits[i] = max_j logits[j] }      (ties to the lowest id)
+    status = 1 if some logit is NaN or +inf, 2 if none is finite, else 0;  token = -1 if status != 0
+
+exactly what `sampling.sample` gives a greedy row (temperature <= 0) of the full logits: same
+tokens, same flags. For greedy rows with no logits processor and no score output; every other row
+needs the logits (`ln_linear.layernorm_linear`, then the sampler).
+
+Two kernels:
+
+1. `ln_linear`'s kernel in its ARGMAX mode (grid `(G, cdiv(R, BLOCK_R))`, G = cdiv(V, BLOCK_N)
+   column blocks, e.g. 3142 for GPT-2 at batch 1 on 132 SMs): LN prologue, GEMV, and an epilogue that reduces
+   its BLOCK_N logits of each row to (max, lowest column of the max, flags) written to
+   `[R, G]` partials (fp32, int32, int32). The logits never reach DRAM.
+2. `_argmax_reduce_kernel`, grid `(R,)`: one program per row reduces its G partials (in column
+   order, so ties keep the lowest id) to the token and status.
+
+Bytes: V C e (the head, 77 MB for GPT-2 124M in bf16, the floor: 16 us at 4.8 TB/s) + R C e (x)
++ 2 C e (LN affine) + 12 R G (partials, written and read once) + 12 R (outputs), against the
+unfused head + greedy sampler's extra R V (e + e) (logits written, then read). FLOPs 2 R V C.
+Deterministic: no atomics, a fixed reduction order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import gemv, ln_linear
+from ._triton import tl, triton  # stand-ins where Triton is not installed
+from .common import BenchCase, lazy_generator
+from .sampling import sample_ref
+
+_MAX_BLOCK_G = 1024
+
+# --------------------------------------------------------------------------------------------
+# kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["G"])
+def _argmax_reduce_kernel(tok_ptr, status_ptr, pmax_ptr, pidx_ptr, pflag_ptr, G, BLOCK_G: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_G)
+    best = float("-inf")
+    best_col = 2147483647
+    flags = 0
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + lanes
+        mask = g < G
+        # partials [R, G] contiguous, in column order
+        m = tl.load(pmax_ptr + row * G + g, mask=mask, other=float("-inf"))
+        col = tl.load(pidx_ptr + row * G + g, mask=mask, other=2147483647)
+        flags |= tl.reduce_or(tl.load(pflag_ptr + row * G + g, mask=mask, other=0), 0)
+        chunk_best = tl.max(m, 0)
+        chunk_col = tl.min(tl.where(m == chunk_best, col, 2147483647), 0)
+        # a later chunk wins only with a strictly larger max, or an equal max at a lower column
+        # (it cannot be lower, chunks are in column order, but the rule needs no such assumption)
+        take = (chunk_best > best) | ((chunk_best == best) & (chunk_col < best_col))
+        best_col = tl.where(take, chunk_col, best_col)
+        best = tl.maximum(best, chunk_best)
+    status = tl.where((flags & 1) != 0, 1, tl.where((flags & 2) == 0, 2, 0))
+    token = tl.where(status == 0, best_col.to(tl.int64), -1)
+    tl.store(tok_ptr + row, token)
+    tl.store(status_ptr + row, status.to(tl.int32))
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+
+
+def layernorm_head_argmax(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens straight from the residual stream: `argmax(LayerNorm(x) @ weight.T)` per row,
+    ties to the lowest id, with the sampler's flags (Triton, two launches, no logits in DRAM).
+
+    CUDA-graph capturable (grid and partials from shapes only).
+
+    Parameters
+    ----------
+    x : Tensor [R, C]
+        fp32/fp16/bf16, last dimension contiguous, any row stride.
+    ln_weight, ln_bias : Tensor [C] or None
+        The final LayerNorm's affine terms, x's dtype.
+    eps : float
+        Added to the variance, >= 0.
+    weight : Tensor [V, C]
+        The LM head (nn.Linear layout, e.g. the tied `wte.weight`), x's dtype, rows contiguous.
+
+    Returns
+    -------
+    tokens : Tensor [R], int64
+        The argmax id, or -1 for a flagged row.
+    status : Tensor [R], int32
+        0 ok; 1 a logit is NaN or +inf; 2 no logit is finite (as `sampling.sample`).
+
+    Examples
+    --------
+    >>> tokens, status = layernorm_head_argmax(x, ln_f.weight, ln_f.bias, 1e-5, wte.weight)
+    """
+    name = "layernorm_head_argmax"
+    gemv.check_rows(name, "x", x)
+    R, C = x.shape
+    if C < 1:
+        raise ValueError(f"{name}: x needs C >= 1 columns (the LayerNorm is over them), got shape {tuple(x.shape)}")
+    for arg, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        gemv.check_vector(name, arg, t, C, x.dtype)
+    eps = gemv.check_eps(name, eps)
+    V = ln_linear._check_linear(name, C, x.dtype, weight, None)
+    if V < 1:
+        raise ValueError(f"{name}: weight needs at least one row (the vocabulary), got shape {tuple(weight.shape)}")
+    device = gemv.check_launch_device(name, x, ln_weight, ln_bias, weight)
+    tokens = torch.empty(R, dtype=torch.int64, device=device)
+    status = torch.empty(R, dtype=torch.int32, device=device)
+    if R == 0:
+        return tokens, status
+    G = ln_linear.column_blocks(R, V, C, device)
+    pmax = torch.empty((R, G), dtype=torch.float32, device=device)
+    pidx = torch.empty((R, G), dtype=torch.int32, device=device)
+    pflag = torch.empty((R, G), dtype=torch.int32, device=device)
+    ln_linear.launch(pmax, x, x, x, x, x, ln_weight, ln_bias, weight, None, eps, False, False, R, C,
+                     argmax=(pidx, pflag))
+    block_g = min(_MAX_BLOCK_G, triton.next_power_of_2(G))
+    _argmax_reduce_kernel[(R,)](tokens, status, pmax, pidx, pflag, G, BLOCK_G=block_g,
+                                num_warps=max(1, min(4, block_g // 256)))
+    return tokens, status
+
+
+# --------------------------------------------------------------------------------------------
+# reference (the unfused sequence, eager)
+# --------------------------------------------------------------------------------------------
+
+
+def layernorm_head_argmax_ref(
+    x: torch.Tensor,
+    ln_weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float,
+    weight: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager reference of `layernorm_head_argmax` (same signature): `ln_linear.layernorm_linear_ref`
+    (logits in x's dtype), then `sampling.sample_ref` with every row greedy."""
+    logits = ln_linear.layernorm_linear_ref(x, ln_weight, ln_bias, eps, weight, None)
+    R = x.shape[0]
+    zeros_f = torch.zeros(R, dtype=torch.float32, device=x.device)
+    zeros_i = torch.zeros(R, dtype=torch.int32, device=x.device)
+    zeros_l = torch.zeros(R, dtype=torch.int64, device=x.device)
+    return sample_ref(logits, zeros_f, zeros_i, zeros_f + 1.0, zeros_l, zeros_l)
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+def _case(device, R, C, V, dtype) -> BenchCase:
+    """Baseline "head_then_sample": `layernorm_linear` to the logits (the model's head, in the
+    dtype), then the greedy sampler (`ops.sample` with temperature 0), the two launches it
+    replaces (three with the final LayerNorm of the older path)."""
+    gen = lazy_generator(device, 9500 + R + V)
+    on_cuda = device.startswith("cuda")
+
+    def make_args():
+        g = gen()
+        x = torch.randn(R, C, generator=g, device=device).to(dtype)
+        lnw = (1 + 0.1 * torch.randn(C, generator=g, device=device)).to(dtype)
+        lnb = (0.1 * torch.randn(C, generator=g, device=device)).to(dtype)
+        w = (0.1 * torch.randn(V, C, generator=g, device=device)).to(dtype)
+        return (x, lnw, lnb, 1e-5, w)
+
+    def head_then_sample(x, lnw, lnb, eps, w):
+        from .sampling import sample
+
+        head = ln_linear.layernorm_linear if on_cuda else ln_linear.layernorm_linear_ref
+        logits = head(x, lnw, lnb, eps, w, None)
+        zf = torch.zeros(R, dtype=torch.float32, device=x.device)
+        zl = torch.zeros(R, dtype=torch.int64, device=x.device)
+        return (sample if on_cuda else sample_ref)(logits, zf, zl.int(), zf + 1, zl, zl)
+
+    def check(out_fast, out_ref, args) -> str | None:
+        """Tokens must agree exactly, except where the reference's top two logits are within
+        rounding of each other (a different accumulation order may swap them)."""
+        (tok_f, st_f), (tok_r, st_r) = out_fast, out_ref
+        if not torch.equal(st_f.cpu(), st_r.cpu()):
+            return f"status differs: fast {st_f.tolist()}, ref {st_r.tolist()}"
+        differ = (tok_f != tok_r).nonzero().flatten().tolist()
+        if not differ:
+            return None
+        x, lnw, lnb, eps, w = args
+        logits = ln_linear.layernorm_linear_ref(x.float(), lnw.float(), lnb.float(), eps, w.float(), None)
+        for r in differ:
+            gap = (logits[r, tok_r[r]] - logits[r, tok_f[r]]).abs().item()
+            if gap > 2e-2 * logits[r].abs().max().item():
+                return f"row {r}: fast token {tok_f[r].item()}, ref {tok_r[r].item()}, logit gap {gap:.3g}"
+        return None
+
+    e = torch.tensor([], dtype=dtype).element_size()
+    G = triton.cdiv(V, 8)  # column blocks, at most (8-column tiles); the count needs the SM count
+    return BenchCase(
+        op="layernorm_head_argmax",
+        label=f"R={R} C={C} V={V} {str(dtype).removeprefix('torch.')}",
+        make_args=make_args,
+        bytes_moved=(V * C + R * C + 2 * C) * e + 12 * R * G + 12 * R,
+        flops=2 * R * V * C,
+        params=dict(R=R, C=C, V=V, dtype=str(dtype)),
+        baselines={"head_then_sample": head_then_sample},
+        check=check,
+    )
+
+
+def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
+    """GPT-2's greedy head: C=768, V=50257, bf16, R in {1, 8} (quick: 1). Bytes: the head weight
+    once + x + LN affine + the partials; FLOPs 2 R V C. Baseline "head_then_sample": the logits
+    head, then the greedy sampler. cpu: one tiny fp32 case."""
+    if device == "cpu":
+        return [_case("cpu", 2, 32, 97, torch.float32)]
+    return [_case(device, R, 768, 50257, torch.bfloat16) for R in ((1,) if quick else (1, 8))]

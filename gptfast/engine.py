@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import graphs, ops
+from . import graphs, ops, processors
 from .kv_cache import AttnMetadata
 
 
@@ -50,6 +50,12 @@ class SamplingParams:
         top_k 0 and top_p 1.0 switch a filter off.
     repetition_penalty : CTRL's penalty on every token already in the sequence (1.0: off).
     eos_token_ids : tokens that end the sequence.
+    no_repeat_ngram_size : no n-gram of this size occurs twice in prompt + output (0: off).
+    bad_words_ids : token sequences never generated (the last token of each is banned after
+        the others).
+    suppress_tokens : tokens never generated; begin_suppress_tokens : not as the first token.
+    min_p, typical_p : sampling filters applied after top-p, in this order (0.0 and 1.0: off);
+        ignored by greedy rows, as in HF.
     """
 
     max_new_tokens: int
@@ -60,6 +66,12 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    min_p: float = 0.0
+    typical_p: float = 1.0
 
     def __post_init__(self):
         def check(name, ok, allowed):
@@ -79,7 +91,29 @@ class SamplingParams:
             check("temperature", lambda v: v > 0, "> 0 when sampling")
         check("eos_token_ids", lambda v: all(integer(t) and t >= 0 for t in v),
               "a sequence of token ids")
+        check("no_repeat_ngram_size", lambda v: integer(v) and v >= 0, "an int >= 0 (0: off)")
+        check("bad_words_ids", lambda v: all(len(w) >= 1 and all(integer(t) and t >= 0 for t in w)
+                                              for w in v), "a sequence of non-empty token-id sequences")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            check(name, lambda v: all(integer(t) and t >= 0 for t in v), "a sequence of token ids")
+        check("min_p", lambda v: 0 <= v <= 1, "in [0, 1] (0: off)")
+        check("typical_p", lambda v: 0 < v <= 1, "in (0, 1] (1: off)")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def eager_processing(self) -> bool:
+        """Whether a decode step of this sequence needs the logits processors that run
+        eagerly (its graph stops at the logits)."""
+        return (self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+                or bool(self.bad_words_ids) or bool(self.suppress_tokens) or self.warps_eagerly)
+
+    @property
+    def warps_eagerly(self) -> bool:
+        """Whether sampling needs the filters the sampling kernel does not fuse (min_p, typical_p)."""
+        return self.do_sample and (self.min_p > 0 or self.typical_p < 1)
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -465,7 +499,7 @@ class Engine:
             buf["temperature"][:B] = [s.params.temperature if s.params.do_sample else 0.0 for s in seqs]
             buf["top_k"][:B] = [s.params.top_k for s in seqs]
             buf["top_p"][:B] = [s.params.top_p for s in seqs]
-            self._penalty = any(s.params.repetition_penalty != 1.0 for s in seqs)
+            self._penalty = any(s.params.eager_processing for s in seqs)
             # each row's min_new_tokens where it has EOS ids to mask (0: nothing to mask)
             min_new = np.array([s.params.min_new_tokens if s.params.eos_token_ids else 0
                                 for s in seqs], dtype=np.int64)
@@ -500,12 +534,18 @@ class Engine:
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
         offsets = torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev)
+        warped = None
+        if any(s.params.warps_eagerly for s in seqs):
+            # min_p and typical_p come after top-p in HF's order: the whole chain runs here and
+            # the sampler draws from the filtered scores with its own filters off.
+            warped = _warp(scores, seqs, temperature, top_k, top_p)
+            scores, temperature = warped, (temperature > 0).float()
+            top_k, top_p = torch.zeros_like(top_k), torch.ones_like(top_p)
         tokens, status = ops.sample(scores, temperature, top_k, top_p, seeds, offsets)
         tokens, status = tokens.tolist(), status.tolist()
-        warped = None
-        if self.keep_scores:
+        if self.keep_scores and warped is None:
             warped = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
-        return self._commit(seqs, tokens, status, raw, warped)
+        return self._commit(seqs, tokens, status, raw, warped if self.keep_scores else None)
 
     def _commit(self, seqs: list[Sequence], tokens: list[int], status: list[int],
                 raw: torch.Tensor | None, warped: torch.Tensor | None) -> list[StepOutput]:
@@ -560,8 +600,9 @@ class Engine:
 
 
 def _process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """HF's logits processors, in place on fp32 (B, V) logits: the repetition penalty, then
-    end-of-sequence masking until min_new_tokens."""
+    """HF's logits processors, in place on fp32 (B, V) logits, in HF's order: the repetition
+    penalty, n-gram bans, bad words, end-of-sequence masking until min_new_tokens, suppressed
+    tokens, tokens suppressed at the first step."""
     penalized = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
     if penalized:
         width = max(len(seqs[i].tokens) for i in penalized)
@@ -578,8 +619,38 @@ def _process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         picked = sub.gather(1, idx_t)
         picked = torch.where(picked < 0, picked * penalty, picked / penalty)
         logits.index_copy_(0, rows, sub.scatter(1, idx_t, picked))
+    V = logits.shape[1]
     for i, s in enumerate(seqs):
-        if s.num_generated < s.params.min_new_tokens and s.params.eos_token_ids:
-            logits[i, list(s.params.eos_token_ids)] = float("-inf")
+        p = s.params
+        banned: list = []
+        if p.no_repeat_ngram_size:
+            banned.extend(processors.no_repeat_ngram_bans(s.tokens, p.no_repeat_ngram_size).tolist())
+        if p.bad_words_ids:
+            banned.extend(processors.bad_words_bans(s.tokens, p.bad_words_ids))
+        if s.num_generated < p.min_new_tokens and p.eos_token_ids:
+            banned.extend(p.eos_token_ids)
+        banned.extend(p.suppress_tokens)
+        if s.num_generated == 0:
+            banned.extend(p.begin_suppress_tokens)
+        if banned:
+            # ids past the logits' width cannot be generated: nothing to mask (as in HF)
+            logits[i, [t for t in banned if t < V]] = float("-inf")
     return logits
+
+
+def _warp(scores: torch.Tensor, seqs: list[Sequence], temperature: torch.Tensor,
+          top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """HF's sampling warpers, eagerly: temperature, top-k, top-p, then min_p and typical_p.
+
+    Returns a new (B, V) fp32 tensor: the scores each row is drawn from (greedy rows unchanged).
+    """
+    x = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
+    for name, fn in (("min_p", processors.min_p_), ("typical_p", processors.typical_)):
+        off = 0.0 if name == "min_p" else 1.0
+        rows = [i for i, s in enumerate(seqs) if s.params.do_sample and getattr(s.params, name) != off]
+        if rows:
+            idx = torch.tensor(rows, device=x.device)
+            value = torch.tensor([getattr(seqs[i].params, name) for i in rows], device=x.device)
+            x.index_copy_(0, idx, fn(x.index_select(0, idx), value))
+    return x
 

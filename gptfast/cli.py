@@ -26,6 +26,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (default 1 = off; implies --greedy)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -115,7 +117,17 @@ def _run_generate(args) -> int:
             t0 = time.perf_counter()
             if args.seed is not None and not args.greedy:
                 kw["seed"] = args.seed + i
-            generate(model, input_ids, streamer=streamer, **kw)
+            if args.num_beams > 1:
+                # beam search settles its tokens at the end: no streaming
+                kw.update(do_sample=False, num_beams=args.num_beams)
+                kw = {k: v for k, v in kw.items() if k not in ("temperature", "top_k", "top_p", "seed")}
+                out = generate(model, input_ids, **kw)
+                n = 1 if input_ids is None else input_ids.shape[1]
+                streamer.put(out[:, :n])
+                streamer.put(out[0, n:])
+                streamer.end()
+            else:
+                generate(model, input_ids, streamer=streamer, **kw)
             dt = time.perf_counter() - t0
             print(f"[{streamer.count} tokens in {dt:.2f}s: {streamer.count / dt:.1f} tokens/s]",
                   file=sys.stderr)

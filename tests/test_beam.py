@@ -149,3 +149,19 @@ def test_bad_beam_arguments_raise(pair, kwargs, match):
     hf, model = pair
     with pytest.raises(ValueError, match=match):
         gptfast.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=2, pad_token_id=0, **kwargs)
+
+
+def test_cli_num_beams_prints_the_beam_search_tokens(capsys):
+    from gptfast import cli
+    from gptfast.model import load_model
+
+    assert cli.main(["generate", "tiny-odd", "--ids", "5,6,7", "--num-beams", "3",
+                     "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.split()]
+    model = load_model("tiny-odd", dtype=torch.float32, device="cpu")
+    pad = model.generation_defaults.get("eos_token_id")
+    want = gptfast.generate(model, torch.tensor([[5, 6, 7]]), num_beams=3, max_new_tokens=4,
+                            pad_token_id=pad if isinstance(pad, int) else 0)
+    assert printed == want[0, 3:].tolist()
+    assert printed != gptfast.generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4,
+                                       pad_token_id=0)[0, 3:].tolist()

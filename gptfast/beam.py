@@ -183,28 +183,9 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             # ---- the KV side of the choice: forks and frees in the block manager
             src = (parent.gather(1, nxt)).tolist()  # (B, nb) beam each new beam continues
             new_tok = token.gather(1, nxt).tolist()
-            new_sids, new_hist = [], []
-            for b in range(B):
-                taken: set[int] = set()
-                row_sids, row_hist = [], []
-                for j in range(nb):
-                    p = src[b][j]
-                    old = beam_sids[b][p]
-                    if old not in taken:
-                        sid = old  # the first child keeps its parent's sequence
-                        taken.add(old)
-                    else:
-                        sid = cache.new_sequence_id()
-                        manager.fork(old, sid)
-                        live.add(sid)
-                    row_sids.append(sid)
-                    row_hist.append(histories[b][p] + [new_tok[b][j]])
-                for old in set(beam_sids[b]) - taken:
-                    manager.free(old)
-                    live.discard(old)
-                new_sids.append(row_sids)
-                new_hist.append(row_hist)
-            beam_sids, histories = new_sids, new_hist
+            beam_sids = reassign_beams(manager, cache.new_sequence_id, beam_sids, src, live)
+            histories = [[histories[b][p] + [new_tok[b][j]] for j, p in enumerate(row)]
+                         for b, row in enumerate(src)]
             flat = [sid for row in beam_sids for sid in row]
             seqs = [Sequence(sid, len(prompts[i // nb]), h, params, 0, 0, num_generated=g + 1)
                     for i, (sid, h) in enumerate(zip(flat, (h for row in histories for h in row)))]
@@ -223,6 +204,45 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     width = int((idx >= 0).sum(dim=1).max())
     return BeamResult(sequences[:, :width], fin_scores[:, :num_return].reshape(-1), idx[:, :width],
                       scores_out, logits_out, peak)
+
+
+def reassign_beams(manager, new_id, beam_sids: list[list[int]], src: list[list[int]],
+                   live: set[int]) -> list[list[int]]:
+    """The block-manager side of one beam choice: no K/V is copied here.
+
+    Parameters
+    ----------
+    manager : gptfast._C.BlockManager
+    new_id : callable returning an unused sequence id
+    beam_sids : (B, nb) the running beams' sequence ids
+    src : (B, nb) for each new beam, the index of the running beam it continues
+    live : the ids this search holds, updated
+
+    Returns
+    -------
+    (B, nb) the new beams' sequence ids: a parent's first child keeps its sequence, the others
+    fork it (sharing every block; the next append copies a shared partial block on write), and
+    parents no beam continues are freed.
+    """
+    out = []
+    for row_sids, row_src in zip(beam_sids, src):
+        taken: set[int] = set()
+        row = []
+        for p in row_src:
+            old = row_sids[p]
+            if old in taken:
+                sid = new_id()
+                manager.fork(old, sid)
+                live.add(sid)
+            else:
+                sid = old
+                taken.add(old)
+            row.append(sid)
+        for old in set(row_sids) - taken:
+            manager.free(old)
+            live.discard(old)
+        out.append(row)
+    return out
 
 
 def _prefill(model, manager, sids: list[int], prompts: list[list[int]],

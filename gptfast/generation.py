@@ -314,7 +314,8 @@ def _invalidate_stale_prefix_cache(model) -> None:
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, stopping_criteria=None, seed: int | None = None,
              **kwargs):
-    """Generate continuations like HF's `GPT2LMHeadModel.generate()` (greedy search or sampling).
+    """Generate continuations like HF's `GPT2LMHeadModel.generate()` (greedy search, sampling or
+    beam search).
 
     Parameters
     ----------
@@ -341,14 +342,16 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         `min_length`, `do_sample`, `temperature`, `top_k` (default 50 when sampling), `top_p`,
         `repetition_penalty`, `num_return_sequences`, `eos_token_id` (int or list),
         `pad_token_id`, `bos_token_id`, `return_dict_in_generate`, `output_scores`,
-        `output_logits`, `use_cache`. Other HF arguments (beam search, `no_repeat_ngram_size`,
-        `bad_words_ids`, ...) raise a ValueError naming them.
+        `output_logits`, `use_cache`, `no_repeat_ngram_size`, `bad_words_ids`,
+        `suppress_tokens`, `begin_suppress_tokens`, `min_p`, `typical_p`, and beam search:
+        `num_beams`, `length_penalty`, `early_stopping`. Other HF arguments raise a ValueError
+        naming them.
 
     Returns
     -------
     LongTensor (B * num_return_sequences, T + new), each prompt's return sequences adjacent and
-    rows padded with `pad_token_id` after they end; or a `GenerateOutput` when
-    `return_dict_in_generate=True`.
+    rows padded with `pad_token_id` after they end; or a `GenerateOutput` (a `GenerateBeamOutput`
+    for beam search) when `return_dict_in_generate=True`.
 
     Examples
     --------

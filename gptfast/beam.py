@@ -33,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops
-from .engine import Sequence, SamplingParams, _process_logits
+from . import graphs, ops
+from .engine import Sequence, SamplingParams, _process_logits, graphs_setting
 from .kv_cache import AttnMetadata
 
 _NEG = -1.0e9  # HF's "never chosen" score offset
@@ -116,6 +116,14 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     scores_out = [] if want_scores else None
     logits_out = [] if want_logits else None
 
+    use_graphs = graphs_setting()
+    if use_graphs is None:
+        use_graphs = device.type == "cuda"
+    # the eager reference ops sync with the host: they cannot be captured
+    use_graphs = use_graphs and not (device.type == "cuda" and ops.kernel_backend() == "reference")
+    runner = graphs.graph_runner(model) if use_graphs else None
+    if runner is not None and B * nb > runner.max_batch:
+        runner = None
     live: set[int] = set()  # manager sequences this search holds
     peak = 0
     interrupted = True
@@ -189,7 +197,8 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             flat = [sid for row in beam_sids for sid in row]
             seqs = [Sequence(sid, len(prompts[i // nb]), h, params, 0, 0, num_generated=g + 1)
                     for i, (sid, h) in enumerate(zip(flat, (h for row in histories for h in row)))]
-            logits = _decode(model, manager, cache, flat, [h[-1] for row in histories for h in row],
+            logits = _decode(model, manager, cache, runner, flat,
+                             [h[-1] for row in histories for h in row],
                              [len(h) for row in histories for h in row])
         interrupted = False
     finally:
@@ -272,20 +281,35 @@ def _prefill(model, manager, sids: list[int], prompts: list[list[int]],
                                cache=model.kv_cache)
 
 
-def _decode(model, manager, cache, sids: list[int], tokens: list[int], lens: list[int]) -> torch.Tensor:
+def _decode(model, manager, cache, runner, sids: list[int], tokens: list[int],
+            lens: list[int]) -> torch.Tensor:
     """One decode step of every running beam: append each beam's newest token (copy-on-write
-    of shared partial blocks), run the paged forward; returns (rows, V) fp32 logits."""
+    of shared partial blocks), run the decode graph up to the logits (or the paged forward
+    eagerly when `runner` is None); returns (rows, V) fp32 logits."""
     ids = np.asarray(sids, dtype=np.int64)
+    R = len(sids)
     if manager.blocks_needed_for_append(ids) > manager.num_free_blocks():
         raise ValueError(f"the KV-cache pool ({manager.total_blocks} blocks) cannot hold the next "
-                         f"step of {len(sids)} beams; load the model with a larger num_kv_blocks "
+                         f"step of {R} beams; load the model with a larger num_kv_blocks "
                          f"or use fewer beams")
-    tok = np.asarray(tokens, dtype=np.int64)
-    slots = np.empty(len(sids), dtype=np.int64)
-    cow = np.empty((len(sids), 2), dtype=np.int64)
+    if runner is not None:
+        buf = runner.np
+        tok, slots = buf["tokens"][:R], buf["slot_mapping"][:R]
+        tok[:] = tokens
+    else:
+        tok, slots = np.asarray(tokens, dtype=np.int64), np.empty(R, dtype=np.int64)
+    cow = np.empty((R, 2), dtype=np.int64)
     n_cow = manager.append_tokens(ids, tok, slots, cow)
     if n_cow:
         cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
+    if runner is not None:
+        buf["seq_lens"][:R] = lens
+        np.subtract(buf["seq_lens"][:R], 1, out=buf["positions"][:R])
+        manager.block_tables(ids, buf["block_tables"][:R])
+        # NOTE: a replay clears the rows past R (seeds, sampling parameters): an engine on this
+        # model must write its per-sequence rows again
+        runner.rows_owner, runner.rows = (lambda: None), []
+        return runner.run(R, sample=False)
     lens_a = np.asarray(lens, dtype=np.int32)
     dev = model.device
     meta = AttnMetadata(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import graphs, ops
+from . import graphs, ops, processors
 from .engine import Sequence, SamplingParams, _process_logits, graphs_setting
 from .kv_cache import AttnMetadata
 
@@ -69,7 +69,8 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_beams: int,
                 num_return: int, length_penalty: float, early_stopping, fill: int,
-                want_scores: bool = False, want_logits: bool = False) -> BeamResult:
+                want_scores: bool = False, want_logits: bool = False,
+                generator: torch.Generator | None = None) -> BeamResult:
     """Run HF's beam search over the model's paged cache.
 
     Parameters
@@ -77,12 +78,16 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     model : gptfast.GPT2
     prompts : B lists of token ids (each row's real tokens).
     params : SamplingParams
-        The length limits, EOS ids and logits processors (sampling fields unused).
+        The length limits, EOS ids and logits processors. `do_sample=True` is beam sampling
+        (HF's): the warpers (temperature, top-k, top-p, min_p, typical_p, each keeping at least
+        #EOS + 1 tokens) apply to the log-probs, and the K continuations are drawn without
+        replacement from the softmax of the accumulated scores instead of taken as the top K.
     num_beams, num_return : beams per prompt; hypotheses returned per prompt (<= num_beams).
     length_penalty : float, exponent of the generated length dividing a hypothesis' score.
     early_stopping : True, False or "never".
     fill : the token that pads hypotheses shorter than the longest returned one.
     want_scores, want_logits : keep each step's processed log-probs / raw logits.
+    generator : torch.Generator for beam sampling's draws (None: torch's global RNG, as HF).
 
     Returns
     -------
@@ -146,6 +151,9 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             peak = max(peak, manager.total_blocks - manager.num_free_blocks())
             raw = logits.float()
             logp = _process_logits(torch.log_softmax(raw, dim=-1), seqs)
+            if params.do_sample:
+                logp = processors.warp_(logp, params.temperature, params.top_k, params.top_p,
+                                        params.min_p, params.typical_p, len(eos) + 1 if eos else 2)
             if g == 0:  # HF runs B * num_beams identical rows at the first step
                 raw, logp = raw.repeat_interleave(nb, 0), logp.repeat_interleave(nb, 0)
             if want_logits:
@@ -153,7 +161,12 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             if want_scores:
                 scores_out.append(logp.cpu().clone())
             acc = (logp.cpu().view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-            top_lp, top_i = torch.topk(acc, K)  # (B, K)
+            if params.do_sample:
+                top_i = torch.multinomial(acc.softmax(dim=-1), K, generator=generator)
+                top_lp, order = acc.gather(1, top_i).sort(dim=-1, descending=True)
+                top_i = top_i.gather(1, order)
+            else:
+                top_lp, top_i = torch.topk(acc, K)  # (B, K)
             parent, token = top_i // V, top_i % V
             cand_tokens = _gather(running_tokens, parent)
             cand_tokens[:, :, g] = token

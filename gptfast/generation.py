@@ -484,7 +484,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     )
     if num_beams > 1:
         return _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return,
-                              float(length_penalty), early_stopping, pad, eos, streamer, criteria)
+                              float(length_penalty), early_stopping, pad, eos, streamer, criteria,
+                              seed)
     rows = B * n_return
     if seed is None:
         # Follow torch's global RNG like HF: a manual_seed before the call reproduces it.
@@ -587,13 +588,12 @@ def _filter_arguments(args: dict, vocab: int, do_sample: bool, eos: tuple[int, .
 
 
 def _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return, length_penalty,
-                   early_stopping, pad, eos, streamer, criteria):
-    """Beam search (`gptfast.beam`) and HF's `GenerateBeamDecoderOnlyOutput` layout."""
+                   early_stopping, pad, eos, streamer, criteria, seed):
+    """Beam search or beam sampling (`gptfast.beam`) and HF's `GenerateBeamDecoderOnlyOutput`
+    layout. Beam sampling draws with torch.multinomial like HF: from torch's global RNG, or
+    from a generator seeded with `seed`."""
     from .beam import beam_search
 
-    if params.do_sample:
-        raise ValueError("beam sampling (do_sample=True with num_beams > 1) is not supported by "
-                         "gptfast; use do_sample=False for beam search or num_beams=1 to sample")
     if streamer is not None:
         raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that "
                          "`num_beams` is set to 1.")
@@ -608,7 +608,8 @@ def _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return,
     fill = (pad or eos[0]) if eos else -1
     res = beam_search(model, prompts, params, num_beams=num_beams, num_return=n_return,
                       length_penalty=length_penalty, early_stopping=early_stopping, fill=fill,
-                      want_scores=want_scores, want_logits=want_logits)
+                      want_scores=want_scores, want_logits=want_logits,
+                      generator=None if seed is None else torch.Generator().manual_seed(seed))
     expanded = input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
     device = input_ids.device
     sequences = torch.cat([expanded, res.sequences], dim=1).to(device)

@@ -102,3 +102,40 @@ def typical_(scores: torch.Tensor, mass: torch.Tensor, min_keep: int = 1) -> tor
     remove_sorted[:, :min_keep] = False
     remove = remove_sorted.scatter(1, order, remove_sorted)
     return scores.masked_fill_(remove, float("-inf"))
+
+
+def warp_(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float,
+          typical_p: float, min_keep: int) -> torch.Tensor:
+    """HF's sampling warpers with one setting for every row, in HF's order: temperature, top-k,
+    top-p, min_p, typical_p, each keeping at least `min_keep` tokens (beam sampling keeps
+    #EOS + 1, so a beam can always continue).
+
+    Parameters
+    ----------
+    scores : (R, V) fp32 tensor, modified in place.
+    temperature : > 0; top_k : 0 is off; top_p, typical_p : 1.0 is off; min_p : 0.0 is off.
+    min_keep : int >= 1.
+
+    Returns
+    -------
+    `scores`, with removed entries -inf. Unlike the engine's sampler, top-p breaks ties at its
+    boundary by position, as HF's sort does.
+    """
+    if temperature != 1.0:
+        scores.div_(temperature)
+    V = scores.shape[-1]
+    if top_k:
+        k = min(max(top_k, min_keep), V)
+        kth = scores.topk(k, dim=-1).values[:, -1:]
+        scores.masked_fill_(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = scores.sort(dim=-1, descending=False)
+        remove = sorted_x.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        remove[:, -min_keep:] = False
+        scores.masked_fill_(remove.scatter(1, order, remove), float("-inf"))
+    R = scores.shape[0]
+    if min_p > 0:
+        min_p_(scores, torch.full((R,), min_p, device=scores.device), min_keep)
+    if typical_p < 1.0:
+        typical_(scores, torch.full((R,), typical_p, device=scores.device), min_keep)
+    return scores

@@ -214,3 +214,22 @@ def test_beam_sampling_draws_what_hf_draws_from_the_same_rng(kw):
     state = torch.get_rng_state()
     assert torch.equal(gptfast.generate(model, ids, mask, seed=3, **kw).sequences, a)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("early_stopping,length_penalty", [(True, 1.0), (False, 1.0), ("never", 2.0),
+                                                           (False, -0.5)])
+def test_search_ends_early_like_hf(pair, early_stopping, length_penalty):
+    """EOS among the likeliest tokens, so hypotheses finish in the first steps and the
+    `early_stopping` rules end the search before the length limit."""
+    hf, model = pair
+    ids, mask = _batch(hf.config.vocab_size, [5, 4], seed=13)
+    with torch.no_grad():
+        first = hf(ids, attention_mask=mask).logits[:, -1]
+    eos = sorted(set(first.topk(8, dim=-1).indices.flatten().tolist()) - {0})
+    kw = dict(num_beams=3, max_new_tokens=8, pad_token_id=0, eos_token_id=eos,
+              early_stopping=early_stopping, length_penalty=length_penalty,
+              return_dict_in_generate=True, output_scores=True, num_return_sequences=2)
+    want = _hf(hf, ids, mask, **kw)
+    _compare(want, gptfast.generate(model, ids, mask, **kw), kw)
+    if early_stopping is True:
+        assert len(want.scores) < 8, "the case does not exercise early stopping"

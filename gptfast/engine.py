@@ -298,6 +298,58 @@ class Engine:
                     s.fork_children.remove(seq)
         self._finish(seq, "stop")
 
+    def beam_search(self, prompts: list[list[int]], params: SamplingParams, num_beams: int,
+                    num_return: int = 1, length_penalty: float = 1.0, early_stopping=False,
+                    seed: int | None = None):
+        """Run a beam search on this engine's model to completion (`gptfast.beam`).
+
+        Parameters
+        ----------
+        prompts : list of token-id lists, one search per prompt.
+        params : SamplingParams
+            Length limits, EOS ids and logits processors; `do_sample=True` is beam sampling.
+        num_beams : int >= 2; num_return : hypotheses per prompt, 1..num_beams.
+        length_penalty : exponent of the generated length dividing a hypothesis' score.
+        early_stopping : True, False or "never" (HF's meanings).
+        seed : beam sampling's generator seed (None: torch's global RNG).
+
+        Returns
+        -------
+        gptfast.beam.BeamResult: generated tokens (B * num_return, new) padded with the first
+        EOS id (-1 without one), their scores and beam indices, and the peak KV blocks held.
+        The beams take their blocks from the same pool as this engine's running sequences,
+        which keep theirs and continue at the next `step()`.
+
+        Examples
+        --------
+        >>> res = engine.beam_search([prompt], SamplingParams(max_new_tokens=16), num_beams=4)
+        >>> best = res.sequences[0]
+        """
+        from .beam import beam_search
+
+        if not isinstance(num_beams, int) or num_beams < 2:
+            raise ValueError(f"num_beams must be an int >= 2, got {num_beams!r}")
+        if not isinstance(num_return, int) or not 1 <= num_return <= num_beams:
+            raise ValueError(f"num_return must be an int in [1, num_beams={num_beams}], got {num_return!r}")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("beam_search needs at least one prompt, each with at least one token")
+        config = self.model.config
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+            if len(p) + params.max_new_tokens > config.n_positions:
+                raise ValueError(f"{len(p)} prompt + {params.max_new_tokens} new tokens exceed the "
+                                 f"model's n_positions ({config.n_positions})")
+        eos = params.eos_token_ids
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return beam_search(self.model, [list(p) for p in prompts], params, num_beams=num_beams,
+                           num_return=num_return, length_penalty=float(length_penalty),
+                           early_stopping=early_stopping, fill=eos[0] if eos else -1,
+                           generator=generator)
+
     def has_unfinished(self) -> bool:
         """Whether any sequence is still waiting or running."""
         return bool(self.waiting or self.running)

@@ -233,3 +233,24 @@ def test_search_ends_early_like_hf(pair, early_stopping, length_penalty):
     _compare(want, gptfast.generate(model, ids, mask, **kw), kw)
     if early_stopping is True:
         assert len(want.scores) < 8, "the case does not exercise early stopping"
+
+
+def test_engine_beam_search_shares_the_pool_with_running_sequences():
+    from gptfast import Engine
+
+    hf = make_hf_model(get_config("tiny-odd"), seed=14)
+    model = GPT2.from_pretrained(hf, block_size=4)
+    engine = Engine(model)
+    [sid] = engine.add([1, 2, 3], SamplingParams(max_new_tokens=6), seeds=[0])
+    first = engine.step()  # the running sequence holds blocks during the search
+    prompt = [5, 6, 7, 8, 9]
+    res = engine.beam_search([prompt], SamplingParams(max_new_tokens=5), num_beams=3, num_return=2)
+    want = _hf(hf, torch.tensor([prompt]), None, num_beams=3, max_new_tokens=5, pad_token_id=0,
+               eos_token_id=None, num_return_sequences=2)
+    assert torch.equal(res.sequences, want[:, len(prompt):])
+    rest = [o.token for o in engine.stream()]
+    alone = gptfast.generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=6, pad_token_id=0,
+                             eos_token_id=None)
+    assert [first[0].token] + rest == alone[0, 3:].tolist()
+    with pytest.raises(ValueError, match="num_return must be"):
+        engine.beam_search([prompt], SamplingParams(max_new_tokens=2), num_beams=2, num_return=3)

@@ -214,3 +214,12 @@ def test_sampling_params_check_the_new_fields():
     p = SamplingParams(max_new_tokens=4, do_sample=True, min_p=0.1, bad_words_ids=[[1, 2]])
     assert p.bad_words_ids == ((1, 2),) and p.warps_eagerly and p.eager_processing
     assert not SamplingParams(max_new_tokens=4, min_p=0.1).warps_eagerly  # greedy ignores it
+
+
+def test_checkpoint_generation_config_options_are_honoured():
+    hf = make_hf_model(get_config("tiny-odd"), seed=9)
+    hf.generation_config.no_repeat_ngram_size = 2
+    hf.generation_config.suppress_tokens = [3, 4]
+    ids = _prompts(hf.config.vocab_size, [5], seed=10)[0][None]
+    kw = dict(max_new_tokens=6, pad_token_id=0)
+    assert torch.equal(gptfast.generate(hf, ids, **kw), _hf(hf, ids, **kw))

@@ -41,12 +41,13 @@ _NEG = -1.0e9  # HF's "never chosen" score offset
 
 
 class BeamResult:
-    """What one beam search returns (all on the CPU).
+    """What one beam search returns.
 
     sequences : LongTensor (B * num_return, new) generated tokens, padded with `fill`
     sequences_scores : fp32 (B * num_return,) length-penalised scores of the returned hypotheses
     beam_indices : int32 (B * num_return, new) the beam row each token came from, -1 after
-    scores, logits : lists of (B * num_beams, V) fp32 tensors per step, or None
+    scores, logits : lists of (B * num_beams, V) fp32 tensors per step (on the model's
+        device), or None
     peak_blocks : most KV blocks the search held at once
     """
 
@@ -70,7 +71,7 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_beams: int,
                 num_return: int, length_penalty: float, early_stopping, fill: int,
                 want_scores: bool = False, want_logits: bool = False,
-                generator: torch.Generator | None = None) -> BeamResult:
+                seed: int | None = None) -> BeamResult:
     """Run HF's beam search over the model's paged cache.
 
     Parameters
@@ -87,7 +88,8 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     early_stopping : True, False or "never".
     fill : the token that pads hypotheses shorter than the longest returned one.
     want_scores, want_logits : keep each step's processed log-probs / raw logits.
-    generator : torch.Generator for beam sampling's draws (None: torch's global RNG, as HF).
+    seed : int or None
+        Beam sampling draws from a generator seeded with it (None: torch's global RNG, as HF).
 
     Returns
     -------
@@ -100,9 +102,15 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     max_new = params.max_new_tokens
     eos = params.eos_token_ids
     K = max(2, 1 + len(eos)) * nb
-    top_nb = torch.zeros(K, dtype=torch.bool)
+    # NOTE: the search state lives on the model's device; only the chosen parents and tokens,
+    # (B, nb) each, and the stop flag come to the host every step
+    top_nb = torch.zeros(K, dtype=torch.bool, device=device)
     top_nb[:nb] = True
-    eos_t = torch.tensor(eos, dtype=torch.long)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    batch_offset = torch.arange(B, device=device)[:, None] * nb
+    generator = None
+    if seed is not None and params.do_sample:
+        generator = torch.Generator(device=device).manual_seed(seed)
 
     need = -(-(max(len(p) for p in prompts) + max_new - 1) // bs)
     if need > manager.total_blocks:
@@ -110,14 +118,14 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
                          f"needs {need} KV blocks of {bs} tokens, but the pool has only "
                          f"{manager.total_blocks}; load the model with a larger num_kv_blocks")
 
-    running_tokens = torch.full((B, nb, max_new), fill, dtype=torch.long)
-    running_idx = torch.full((B, nb, max_new), -1, dtype=torch.int32)
-    running_scores = torch.zeros(B, nb)
+    running_tokens = torch.full((B, nb, max_new), fill, dtype=torch.long, device=device)
+    running_idx = torch.full((B, nb, max_new), -1, dtype=torch.int32, device=device)
+    running_scores = torch.zeros(B, nb, device=device)
     running_scores[:, 1:] = _NEG  # step 0: only the first (identical) beam's continuations count
     fin_tokens, fin_idx = running_tokens.clone(), running_idx.clone()
-    fin_scores = torch.full((B, nb), _NEG)
-    fin_done = torch.zeros(B, nb, dtype=torch.bool)
-    improvable = torch.ones(B, 1, dtype=torch.bool)
+    fin_scores = torch.full((B, nb), _NEG, device=device)
+    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=device)
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
     scores_out = [] if want_scores else None
     logits_out = [] if want_logits else None
 
@@ -157,10 +165,10 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             if g == 0:  # HF runs B * num_beams identical rows at the first step
                 raw, logp = raw.repeat_interleave(nb, 0), logp.repeat_interleave(nb, 0)
             if want_logits:
-                logits_out.append(raw.cpu().clone())
+                logits_out.append(raw.clone())
             if want_scores:
-                scores_out.append(logp.cpu().clone())
-            acc = (logp.cpu().view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+                scores_out.append(logp.clone())
+            acc = (logp.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
             if params.do_sample:
                 top_i = torch.multinomial(acc.softmax(dim=-1), K, generator=generator)
                 top_lp, order = acc.gather(1, top_i).sort(dim=-1, descending=True)
@@ -171,7 +179,7 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             cand_tokens = _gather(running_tokens, parent)
             cand_tokens[:, :, g] = token
             cand_idx = _gather(running_idx, parent)
-            cand_idx[:, :, g] = (parent + torch.arange(B)[:, None] * nb).int()
+            cand_idx[:, :, g] = (parent + batch_offset).int()
             ends = torch.isin(token, eos_t) | (g + 1 >= max_new)  # (B, K)
 
             # the next running beams: the best continuations that do not end
@@ -221,11 +229,11 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
             # blocks of a step that never completed may carry hashes of K/V never written
             manager.reset_prefix_cache()
 
-    sequences = fin_tokens[:, :num_return].reshape(B * num_return, max_new)
-    idx = fin_idx[:, :num_return].reshape(B * num_return, max_new)
+    sequences = fin_tokens[:, :num_return].reshape(B * num_return, max_new).cpu()
+    idx = fin_idx[:, :num_return].reshape(B * num_return, max_new).cpu()
     width = int((idx >= 0).sum(dim=1).max())
-    return BeamResult(sequences[:, :width], fin_scores[:, :num_return].reshape(-1), idx[:, :width],
-                      scores_out, logits_out, peak)
+    return BeamResult(sequences[:, :width], fin_scores[:, :num_return].reshape(-1).cpu(),
+                      idx[:, :width], scores_out, logits_out, peak)
 
 
 def reassign_beams(manager, new_id, beam_sids: list[list[int]], src: list[list[int]],

@@ -344,11 +344,10 @@ class Engine:
                 raise ValueError(f"{len(p)} prompt + {params.max_new_tokens} new tokens exceed the "
                                  f"model's n_positions ({config.n_positions})")
         eos = params.eos_token_ids
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
         return beam_search(self.model, [list(p) for p in prompts], params, num_beams=num_beams,
                            num_return=num_return, length_penalty=float(length_penalty),
                            early_stopping=early_stopping, fill=eos[0] if eos else -1,
-                           generator=generator)
+                           seed=seed)
 
     def has_unfinished(self) -> bool:
         """Whether any sequence is still waiting or running."""

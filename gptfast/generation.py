@@ -609,7 +609,7 @@ def _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return,
     res = beam_search(model, prompts, params, num_beams=num_beams, num_return=n_return,
                       length_penalty=length_penalty, early_stopping=early_stopping, fill=fill,
                       want_scores=want_scores, want_logits=want_logits,
-                      generator=None if seed is None else torch.Generator().manual_seed(seed))
+                      seed=seed)
     expanded = input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
     device = input_ids.device
     sequences = torch.cat([expanded, res.sequences], dim=1).to(device)

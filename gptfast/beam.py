@@ -23,9 +23,15 @@ B * num_beams full-length rows every step). Each running beam is a sequence of t
 manager; choosing the next beams keeps a parent's sequence for its first child, forks it for
 the others (the child shares every block, the last partial one included) and frees parents
 that no beam continues. The next step's append copies a shared partial block on write, so
-beams share their prompt and every full block of their common history. Each step runs the
-paged forward eagerly (the beam choice needs the step's logits on the host), outside the decode
-graph.
+beams share their prompt and every full block of their common history.
+
+Each decode step of the beams replays the model's decode graph that stops at the logits
+(`gptfast.graphs`, when the engine would use graphs: CUDA with the Triton kernels, or
+GPTFAST_CUDA_GRAPHS=1) with the block manager writing slots and block tables straight into its
+buffers. The beam choice runs eagerly after it, on the device (log-softmax, processors, a
+top-k over num_beams * V per prompt); only the chosen parents and tokens come to the host,
+where the forks and frees happen (one sync per step: the next step's block tables depend on
+the choice). Batches above the largest graph bucket run the paged forward eagerly.
 """
 
 from __future__ import annotations

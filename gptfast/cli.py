@@ -103,6 +103,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (default 1 = off; implies --greedy)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--dtype", type=dtype_name, default="float32", metavar="DTYPE",
                    help="weights and activations: fp32/float32 (default), bf16/bfloat16, fp16/float16")
@@ -194,6 +196,8 @@ def _check_generate(args) -> None:
             raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1 (1 = off), got {args.num_beams}")
     if args.ids is not None:
         args.prompt_ids = _parse_ids(args.ids)
     if args.random_weights:
@@ -309,7 +313,18 @@ def _run_generate(args) -> int:
                 kw["seed"] = args.seed + i
             t0 = time.perf_counter()
             try:
-                generate(model, input_ids, streamer=streamer, **kw)
+                if args.num_beams > 1:
+                    # beam search settles its tokens only at the end (HF refuses a streamer too):
+                    # the best hypothesis is printed whole
+                    beam_kw = {k: v for k, v in kw.items() if k not in ("temperature", "top_k", "top_p", "seed")}
+                    out = generate(model, input_ids, do_sample=False, num_beams=args.num_beams,
+                                   **{k: v for k, v in beam_kw.items() if k != "do_sample"})
+                    prompt_len = 1 if input_ids is None else input_ids.shape[1]
+                    streamer.put(out[:1, :prompt_len])
+                    streamer.put(out[0, prompt_len:])
+                    streamer.end()
+                else:
+                    generate(model, input_ids, streamer=streamer, **kw)
             except KeyboardInterrupt:
                 # generate() has released the sample's KV blocks and ended the line on its way out
                 print(f"[interrupted after {streamer.count} tokens]", file=sys.stderr, flush=True)

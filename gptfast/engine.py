@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import graphs, ops
+from . import graphs, ops, processors
 from .kv_cache import AttnMetadata
 
 
@@ -53,6 +53,12 @@ class SamplingParams:
         top_k 0 and top_p 1.0 switch a filter off.
     repetition_penalty : CTRL's penalty on every token already in the sequence (1.0: off).
     eos_token_ids : tokens that end the sequence.
+    no_repeat_ngram_size : no n-gram of this size occurs twice in prompt + output (0: off).
+    bad_words_ids : token sequences never generated (the last token of each is banned after
+        the others).
+    suppress_tokens : tokens never generated; begin_suppress_tokens : not as the first token.
+    min_p, typical_p : sampling filters applied after top-p, in this order (0.0 and 1.0: off);
+        ignored by greedy rows, as in HF.
     """
 
     max_new_tokens: int
@@ -63,6 +69,12 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()
+    suppress_tokens: tuple[int, ...] = ()
+    begin_suppress_tokens: tuple[int, ...] = ()
+    min_p: float = 0.0
+    typical_p: float = 1.0
 
     def __post_init__(self):
         def check(name, ok, allowed):
@@ -82,7 +94,29 @@ class SamplingParams:
             check("temperature", lambda v: v > 0, "> 0 when sampling")
         check("eos_token_ids", lambda v: all(integer(t) and t >= 0 for t in v),
               "a sequence of token ids")
+        check("no_repeat_ngram_size", lambda v: integer(v) and v >= 0, "an int >= 0 (0: off)")
+        check("bad_words_ids", lambda v: all(len(w) >= 1 and all(integer(t) and t >= 0 for t in w)
+                                              for w in v), "a sequence of non-empty token-id sequences")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            check(name, lambda v: all(integer(t) and t >= 0 for t in v), "a sequence of token ids")
+        check("min_p", lambda v: 0 <= v <= 1, "in [0, 1] (0: off)")
+        check("typical_p", lambda v: 0 < v <= 1, "in (0, 1] (1: off)")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in self.bad_words_ids))
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @property
+    def eager_processing(self) -> bool:
+        """Whether a decode step of this sequence needs the logits processors that run
+        eagerly (its graph stops at the logits)."""
+        return (self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+                or bool(self.bad_words_ids) or bool(self.suppress_tokens) or self.warps_eagerly)
+
+    @property
+    def warps_eagerly(self) -> bool:
+        """Whether sampling needs the filters the sampling kernel does not fuse (min_p, typical_p)."""
+        return self.do_sample and (self.min_p > 0 or self.typical_p < 1)
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -331,6 +365,57 @@ class Engine:
             return False
         i = bisect.bisect_right(self._issued, [seq_id, float("inf")]) - 1
         return i >= 0 and self._issued[i][0] <= seq_id < self._issued[i][1]
+
+    def beam_search(self, prompts: list[list[int]], params: SamplingParams, num_beams: int,
+                    num_return: int = 1, length_penalty: float = 1.0, early_stopping=False,
+                    seed: int | None = None):
+        """Run a beam search on this engine's model to completion (`gptfast.beam`).
+
+        Parameters
+        ----------
+        prompts : list of token-id lists, one search per prompt.
+        params : SamplingParams
+            Length limits, EOS ids and logits processors; `do_sample=True` is beam sampling.
+        num_beams : int >= 2; num_return : hypotheses per prompt, 1..num_beams.
+        length_penalty : exponent of the generated length dividing a hypothesis' score.
+        early_stopping : True, False or "never" (HF's meanings).
+        seed : beam sampling's generator seed (None: torch's global RNG).
+
+        Returns
+        -------
+        gptfast.beam.BeamResult: generated tokens (B * num_return, new) padded with the first
+        EOS id (-1 without one), their scores and beam indices, and the peak KV blocks held.
+        The beams take their blocks from the same pool as this engine's running sequences,
+        which keep theirs and continue at the next `step()`.
+
+        Examples
+        --------
+        >>> res = engine.beam_search([prompt], SamplingParams(max_new_tokens=16), num_beams=4)
+        >>> best = res.sequences[0]
+        """
+        from .beam import beam_search
+
+        if not isinstance(num_beams, int) or num_beams < 2:
+            raise ValueError(f"num_beams must be an int >= 2, got {num_beams!r}")
+        if not isinstance(num_return, int) or not 1 <= num_return <= num_beams:
+            raise ValueError(f"num_return must be an int in [1, num_beams={num_beams}], got {num_return!r}")
+        if early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("beam_search needs at least one prompt, each with at least one token")
+        config = self.model.config
+        for p in prompts:
+            bad = [t for t in p if not 0 <= t < config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+            if len(p) + params.max_new_tokens > config.n_positions:
+                raise ValueError(f"{len(p)} prompt + {params.max_new_tokens} new tokens exceed the "
+                                 f"model's n_positions ({config.n_positions})")
+        eos = params.eos_token_ids
+        return beam_search(self.model, [list(p) for p in prompts], params, num_beams=num_beams,
+                           num_return=num_return, length_penalty=float(length_penalty),
+                           early_stopping=early_stopping, fill=eos[0] if eos else -1,
+                           seed=seed)
 
     def has_unfinished(self) -> bool:
         """Whether any sequence is still waiting or running, or outputs are still to be returned."""
@@ -606,7 +691,7 @@ class Engine:
             buf["temperature"][:B] = [s.params.temperature if s.params.do_sample else 0.0 for s in seqs]
             buf["top_k"][:B] = [s.params.top_k for s in seqs]
             buf["top_p"][:B] = [s.params.top_p for s in seqs]
-            self._penalty = any(s.params.repetition_penalty != 1.0 for s in seqs)
+            self._penalty = any(s.params.eager_processing for s in seqs)
             # each row's min_new_tokens where it has EOS ids to mask (0: nothing to mask)
             min_new = np.array([s.params.min_new_tokens if s.params.eos_token_ids else 0
                                 for s in seqs], dtype=np.int64)
@@ -642,12 +727,18 @@ class Engine:
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=dev)
         seeds = torch.tensor([s.seed for s in seqs], dtype=torch.int64, device=dev)
         offsets = torch.tensor([s.num_generated for s in seqs], dtype=torch.int64, device=dev)
+        warped = None
+        if any(s.params.warps_eagerly for s in seqs):
+            # min_p and typical_p come after top-p in HF's order: the whole chain runs here and
+            # the sampler draws from the filtered scores with its own filters off.
+            warped = _warp(scores, seqs, temperature, top_k, top_p)
+            scores, temperature = warped, (temperature > 0).float()
+            top_k, top_p = torch.zeros_like(top_k), torch.ones_like(top_p)
         tokens, status = ops.sample(scores, temperature, top_k, top_p, seeds, offsets)
         tokens, status = tokens.tolist(), status.tolist()
-        warped = None
-        if self.keep_scores:
+        if self.keep_scores and warped is None:
             warped = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
-        return self._commit(seqs, tokens, status, raw, warped)
+        return self._commit(seqs, tokens, status, raw, warped if self.keep_scores else None)
 
     def _commit(self, seqs: list[Sequence], tokens: list[int], status: list[int],
                 raw: torch.Tensor | None, warped: torch.Tensor | None) -> list[StepOutput]:
@@ -703,8 +794,9 @@ class Engine:
 
 
 def _process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """HF's logits processors, in place on fp32 (B, V) logits: the repetition penalty, then
-    end-of-sequence masking until min_new_tokens."""
+    """HF's logits processors, in place on fp32 (B, V) logits, in HF's order: the repetition
+    penalty, n-gram bans, bad words, end-of-sequence masking until min_new_tokens, suppressed
+    tokens, tokens suppressed at the first step."""
     penalized = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
     if penalized:
         width = max(len(seqs[i].tokens) for i in penalized)
@@ -721,9 +813,22 @@ def _process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         picked = sub.gather(1, idx_t)
         picked = torch.where(picked < 0, picked * penalty, picked / penalty)
         logits.index_copy_(0, rows, sub.scatter(1, idx_t, picked))
+    V = logits.shape[1]
     for i, s in enumerate(seqs):
-        if s.num_generated < s.params.min_new_tokens and s.params.eos_token_ids:
-            logits[i, list(s.params.eos_token_ids)] = float("-inf")
+        p = s.params
+        banned: list = []
+        if p.no_repeat_ngram_size:
+            banned.extend(processors.no_repeat_ngram_bans(s.tokens, p.no_repeat_ngram_size).tolist())
+        if p.bad_words_ids:
+            banned.extend(processors.bad_words_bans(s.tokens, p.bad_words_ids))
+        if s.num_generated < p.min_new_tokens and p.eos_token_ids:
+            banned.extend(p.eos_token_ids)
+        banned.extend(p.suppress_tokens)
+        if s.num_generated == 0:
+            banned.extend(p.begin_suppress_tokens)
+        if banned:
+            # ids past the logits' width cannot be generated: nothing to mask (as in HF)
+            logits[i, [t for t in banned if t < V]] = float("-inf")
     return logits
 
 
@@ -798,3 +903,21 @@ def _seed_list(seeds) -> list[int]:
         if not -2**63 <= s < 2**63:
             raise ValueError(f"seed {s} at index {i} is outside int64 [-2**63, 2**63)")
     return [int(s) for s in seeds]
+
+
+def _warp(scores: torch.Tensor, seqs: list[Sequence], temperature: torch.Tensor,
+          top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """HF's sampling warpers, eagerly: temperature, top-k, top-p, then min_p and typical_p.
+
+    Returns a new (B, V) fp32 tensor: the scores each row is drawn from (greedy rows unchanged).
+    """
+    x = ops.sampling.filter_logits_ref(scores, temperature, top_k, top_p)
+    for name, fn in (("min_p", processors.min_p_), ("typical_p", processors.typical_)):
+        off = 0.0 if name == "min_p" else 1.0
+        rows = [i for i, s in enumerate(seqs) if s.params.do_sample and getattr(s.params, name) != off]
+        if rows:
+            idx = torch.tensor(rows, device=x.device)
+            value = torch.tensor([getattr(seqs[i].params, name) for i in rows], device=x.device)
+            x.index_copy_(0, idx, fn(x.index_select(0, idx), value))
+    return x
+

@@ -49,32 +49,32 @@ _DEFAULTS: dict[str, Any] = {
     "output_logits": False,
     "return_dict_in_generate": False,
     "use_cache": True,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "num_beams": 1,
+    "length_penalty": 1.0,
+    "early_stopping": False,
 }
 
 # HF arguments that select behaviour gptfast does not have: an error names them. Each entry is
 # the value at which the argument is inert (the default), so passing that value is accepted.
 _UNSUPPORTED: dict[str, Any] = {
-    "num_beams": 1,
     "num_beam_groups": 1,
     "penalty_alpha": None,
-    "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0,
-    "bad_words_ids": None,
     "force_words_ids": None,
     "constraints": None,
-    "begin_suppress_tokens": None,
-    "suppress_tokens": None,
     "forced_bos_token_id": None,
     "forced_eos_token_id": None,
     "sequence_bias": None,
-    "typical_p": 1.0,
     "epsilon_cutoff": 0.0,
     "eta_cutoff": 0.0,
-    "min_p": None,
     "top_h": None,
     "diversity_penalty": 0.0,
-    "length_penalty": 1.0,
-    "early_stopping": False,
     "exponential_decay_length_penalty": None,
     "renormalize_logits": False,
     "guidance_scale": None,
@@ -150,6 +150,29 @@ class GenerateOutput:
         return tuple(getattr(self, k) for k in self.keys())
 
 
+@dataclass
+class GenerateBeamOutput(GenerateOutput):
+    """Beam search's `return_dict_in_generate=True` output, shaped like HF's
+    `GenerateBeamDecoderOnlyOutput`.
+
+    sequences : LongTensor (B * num_return_sequences, T + new)
+    sequences_scores : fp32 (B * num_return_sequences,) or None (without output_scores)
+        Each returned hypothesis' sum of log-probs over its generated length ** length_penalty.
+    scores : tuple of (B * num_beams, V) fp32 tensors, one per step, or None
+        The processed log-probs of every running beam at each step.
+    logits : tuple like `scores` with the raw logits, or None
+    beam_indices : int32 tensor (B * num_return_sequences, new)
+        The beam row (of B * num_beams) each generated token came from, -1 past the hypothesis.
+    """
+
+    sequences_scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
+
+    def keys(self):
+        return [k for k in ("sequences", "sequences_scores", "scores", "logits", "beam_indices")
+                if getattr(self, k) is not None]
+
+
 # transformers models converted once, keyed by the HF object, with the fingerprint of the
 # weights they were converted from. The lock makes threads' first calls share one conversion.
 _CONVERTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -201,7 +224,7 @@ def _apply_config(args: dict, cfg: dict, where: str) -> None:
         elif key in _UNSUPPORTED:
             if value is not None and value != _UNSUPPORTED[key]:
                 raise ValueError(f"{where}.{key}={value!r} is not supported by gptfast (it "
-                                 f"implements greedy search and sampling)")
+                                 f"implements greedy search, sampling and beam search)")
         elif key not in _IGNORED and not key.startswith("_") and value is not None:
             raise ValueError(f"{where}.{key}={value!r} is not supported by gptfast")
 
@@ -231,8 +254,9 @@ def _resolve_arguments(defaults: dict, generation_config, kwargs: dict) -> tuple
             explicit.add(key)
         elif key in _UNSUPPORTED:
             if value is not None and value != _UNSUPPORTED[key]:
-                raise ValueError(f"generate() argument `{key}` is not supported by gptfast "
-                                 f"(it implements greedy search and sampling); got {key}={value!r}")
+                raise ValueError(f"generate() argument `{key}` is not supported by gptfast (it "
+                                 f"implements greedy search, sampling and beam search); got "
+                                 f"{key}={value!r}")
         else:
             raise TypeError(f"generate() got an unexpected keyword argument {key!r}")
     return args, explicit
@@ -274,7 +298,8 @@ def _infer_attention_mask(input_ids, pad, eos):
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, stopping_criteria=None, seed: int | None = None,
              **kwargs):
-    """Generate continuations like HF's `GPT2LMHeadModel.generate()` (greedy search or sampling).
+    """Generate continuations like HF's `GPT2LMHeadModel.generate()` (greedy search, sampling or
+    beam search).
 
     Parameters
     ----------
@@ -301,14 +326,16 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         `min_length`, `do_sample`, `temperature`, `top_k` (default 50 when sampling), `top_p`,
         `repetition_penalty`, `num_return_sequences`, `eos_token_id` (int or list),
         `pad_token_id`, `bos_token_id`, `return_dict_in_generate`, `output_scores`,
-        `output_logits`, `use_cache`. Other HF arguments (beam search, `no_repeat_ngram_size`,
-        `bad_words_ids`, ...) raise a ValueError naming them.
+        `output_logits`, `use_cache`, `no_repeat_ngram_size`, `bad_words_ids`,
+        `suppress_tokens`, `begin_suppress_tokens`, `min_p`, `typical_p`, and beam search:
+        `num_beams`, `length_penalty`, `early_stopping`. Other HF arguments raise a ValueError
+        naming them.
 
     Returns
     -------
     LongTensor (B * num_return_sequences, T + new), each prompt's return sequences adjacent and
-    rows padded with `pad_token_id` after they end; or a `GenerateOutput` when
-    `return_dict_in_generate=True`.
+    rows padded with `pad_token_id` after they end; or a `GenerateOutput` (a `GenerateBeamOutput`
+    for beam search) when `return_dict_in_generate=True`.
 
     Examples
     --------
@@ -342,7 +369,18 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"`do_sample` has to be a bool, but is {do_sample!r}")
     n_return = _integer("num_return_sequences", args["num_return_sequences"], lambda v: v >= 1,
                         "a positive integer")
-    if n_return > 1 and not do_sample:
+    num_beams = _integer("num_beams", 1 if args["num_beams"] is None else args["num_beams"],
+                         lambda v: v >= 1, "a positive integer")
+    if num_beams > 1 and n_return > num_beams:
+        raise ValueError(f"`num_return_sequences` ({n_return}) has to be smaller or equal to "
+                         f"`num_beams` ({num_beams}).")
+    early_stopping = args["early_stopping"]
+    if early_stopping not in (None, True, False, "never"):
+        raise ValueError(f"`early_stopping` must be a boolean or 'never', but is {early_stopping}.")
+    length_penalty = 1.0 if args["length_penalty"] is None else args["length_penalty"]
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real):
+        raise ValueError(f"`length_penalty` has to be a float, but is {length_penalty!r}")
+    if n_return > 1 and not do_sample and num_beams == 1:
         raise ValueError("Greedy methods without beam search do not support `num_return_sequences` "
                          f"different than 1 (got {n_return}).")
     temperature, top_k, top_p = args["temperature"], args["top_k"], args["top_p"]
@@ -362,6 +400,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         raise ValueError(f"`repetition_penalty` has to be a strictly positive float, but is {penalty}")
     if seed is not None:
         seed = _integer("seed", seed, lambda v: True, "an int")
+    filters = _filter_arguments(args, config.vocab_size, do_sample, eos)
 
     # ---------------------------------------------------------------- prompts
     if input_ids is None:
@@ -424,7 +463,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         top_p=float(top_p if top_p is not None else 1.0) if do_sample else 1.0,
         repetition_penalty=float(penalty if penalty is not None else 1.0),
         eos_token_ids=eos,
+        **filters,
     )
+    if num_beams > 1:
+        return _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return,
+                              float(length_penalty), early_stopping, pad, eos, streamer, criteria,
+                              seed)
     rows = B * n_return
     if seed is None:
         # Follow torch's global RNG like HF: a manual_seed before the call reproduces it.
@@ -469,6 +513,97 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         sequences=sequences,
         scores=tuple(run.scores) if want_scores else None,
         logits=tuple(run.logits) if want_logits else None,
+    )
+
+
+def _filter_arguments(args: dict, vocab: int, do_sample: bool, eos: tuple[int, ...]) -> dict:
+    """The logits-processor arguments, checked as HF checks them, as SamplingParams fields.
+
+    HF applies min_p and typical_p only when sampling (and checks them only then); an id in
+    suppress_tokens / begin_suppress_tokens outside the vocabulary is ignored, as in HF."""
+    out = {}
+    n = args["no_repeat_ngram_size"]
+    if n is not None and not isinstance(n, bool) and isinstance(n, numbers.Real) and n <= 0:
+        n = 0
+    if n:
+        out["no_repeat_ngram_size"] = _integer("ngram_size", n, lambda v: v > 0,
+                                               "a strictly positive integer")
+    bad = args["bad_words_ids"]
+    if bad is not None:
+        if not isinstance(bad, list) or len(bad) == 0:
+            raise ValueError(f"`bad_words_ids` has to be a non-empty list, but is {bad}.")
+        if any(not isinstance(w, list) for w in bad):
+            raise ValueError(f"`bad_words_ids` has to be a list of lists, but is {bad}.")
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0
+               for w in bad for t in w):
+            raise ValueError(f"Each list in `bad_words_ids` has to be a list of positive integers, "
+                             f"but is {bad}.")
+        # HF drops one-token bad words that are EOS ids (ending stays possible)
+        words = [tuple(int(t) for t in w) for w in bad if not (len(w) == 1 and int(w[0]) in eos)]
+        if not words or any(len(w) == 0 for w in words):
+            raise ValueError(f"`sequence_bias` has to be a non-empty dictionary, or non-empty list of "
+                             f"lists but is {dict.fromkeys(words, float('-inf'))}.")
+        outside = [t for w in words for t in w if t >= vocab]
+        if outside:
+            raise ValueError(f"The model vocabulary size is {vocab}, but the following tokens were "
+                             f"being biased: {outside}")
+        out["bad_words_ids"] = tuple(dict.fromkeys(words))
+    for name in ("suppress_tokens", "begin_suppress_tokens"):
+        ids = args[name]
+        if ids is None:
+            continue
+        ids = ids.flatten().tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ids):
+            raise ValueError(f"`{name}` has to be a list of token ids, but is {args[name]!r}")
+        out[name] = tuple(int(t) for t in ids if 0 <= t < vocab)
+    if do_sample:
+        min_p = args["min_p"]
+        if min_p is not None:
+            if isinstance(min_p, bool) or not isinstance(min_p, numbers.Real) or not 0 <= min_p <= 1:
+                raise ValueError(f"`min_p` has to be a float in the [0, 1] interval, but is {min_p}")
+            out["min_p"] = float(min_p)
+        typical = args["typical_p"]
+        if typical is not None and typical < 1.0:
+            if isinstance(typical, bool) or not isinstance(typical, numbers.Real) or not typical > 0:
+                raise ValueError(f"`typical_p` has to be a float > 0 and < 1, but is {typical}")
+            out["typical_p"] = float(typical)
+    return out
+
+
+def _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return, length_penalty,
+                   early_stopping, pad, eos, streamer, criteria, seed):
+    """Beam search or beam sampling (`gptfast.beam`) and HF's `GenerateBeamDecoderOnlyOutput`
+    layout. Beam sampling draws with torch.multinomial like HF: from torch's global RNG, or
+    from a generator seeded with `seed`."""
+    from .beam import beam_search
+
+    if streamer is not None:
+        raise ValueError("`streamer` cannot be used with beam search (yet!). Make sure that "
+                         "`num_beams` is set to 1.")
+    if criteria:
+        raise ValueError("stopping_criteria are not supported with beam search by gptfast; "
+                         "use max_new_tokens and eos_token_id")
+    want_dict = bool(args["return_dict_in_generate"])
+    want_scores = want_dict and bool(args["output_scores"])
+    want_logits = want_dict and bool(args["output_logits"])
+    # HF's fill value of unfinished positions: the pad id (0 counts as unset), else the first
+    # EOS id; -1 without EOS ids
+    fill = (pad or eos[0]) if eos else -1
+    res = beam_search(model, prompts, params, num_beams=num_beams, num_return=n_return,
+                      length_penalty=length_penalty, early_stopping=early_stopping, fill=fill,
+                      want_scores=want_scores, want_logits=want_logits,
+                      seed=seed)
+    expanded = input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
+    device = input_ids.device
+    sequences = torch.cat([expanded, res.sequences], dim=1).to(device)
+    if not want_dict:
+        return sequences
+    return GenerateBeamOutput(
+        sequences=sequences,
+        sequences_scores=res.sequences_scores.to(device) if want_scores else None,
+        scores=tuple(s.to(device) for s in res.scores) if want_scores else None,
+        logits=tuple(t.to(device) for t in res.logits) if want_logits else None,
+        beam_indices=res.beam_indices.to(device),
     )
 
 

@@ -223,11 +223,11 @@ def test_prefix_cache_dropped_when_weights_change():
 
 def test_unsupported_checkpoint_defaults_raise(tiny, tmp_path):
     hf = make_hf_model(get_config("tiny-odd"), seed=26)
-    hf.generation_config.no_repeat_ngram_size = 1
-    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+    hf.generation_config.encoder_no_repeat_ngram_size = 2
+    with pytest.raises(ValueError, match="encoder_no_repeat_ngram_size"):
         gptfast.generate(hf, torch.tensor([[1, 2]]), max_new_tokens=2, pad_token_id=0)
     folder = save_hf_checkpoint(hf, tmp_path / "ckpt")
-    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+    with pytest.raises(ValueError, match="encoder_no_repeat_ngram_size"):
         gptfast.generate(GPT2.from_pretrained(folder), torch.tensor([[1, 2]]), max_new_tokens=2,
                          pad_token_id=0)
 
@@ -497,9 +497,9 @@ def test_generation_config_and_checkpoint_defaults(tiny, tmp_path):
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(num_return_sequences=0), "num_return_sequences"),
     (dict(num_return_sequences=2), "num_return_sequences"),
-    (dict(num_beams=2), "num_beams"),
-    (dict(no_repeat_ngram_size=2), "no_repeat_ngram_size"),
-    (dict(bad_words_ids=[[1]]), "bad_words_ids"),
+    (dict(num_beams=2, num_return_sequences=3), "num_beams"),
+    (dict(num_beam_groups=2), "num_beam_groups"),
+    (dict(epsilon_cutoff=0.1, do_sample=True), "epsilon_cutoff"),
     (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),
     (dict(max_new_tokens=200), "n_positions"),
     (dict(max_length=3, max_new_tokens=None), "max_length"),

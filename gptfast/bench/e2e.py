@@ -73,11 +73,17 @@ CT2_INT8 = "CTranslate2 int8_float32"
 # runs the processor and the sampler eagerly (README, "The fast decode path").
 GPTFAST_SAMPLED = "gptfast, sampling top_p=0.9"
 GPTFAST_PENALTY = "gptfast, repetition_penalty=1.2"
+GPTFAST_MIN_P = "gptfast, sampling min_p=0.05"
+GPTFAST_NGRAM = "gptfast, no_repeat_ngram_size=3"
 VARIANTS = {
     GPTFAST_SAMPLED: (dict(do_sample=True, top_k=0, top_p=0.9, seed=0),
                       "sampled inside the decode graph"),
     GPTFAST_PENALTY: (dict(repetition_penalty=1.2),
                       "graph stops at the logits; penalty and sampler run eagerly"),
+    GPTFAST_MIN_P: (dict(do_sample=True, top_k=0, min_p=0.05, seed=0),
+                    "graph stops at the logits; the filters (min_p after top-p) and sampler run eagerly"),
+    GPTFAST_NGRAM: (dict(no_repeat_ngram_size=3),
+                    "graph stops at the logits; n-gram bans from the row's history run eagerly"),
 }
 # Engines timed at batch 1 only: a static cache (and its compiled graph) has one batch shape; the
 # argument variants only show the cost of their path.

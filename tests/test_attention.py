@@ -379,7 +379,18 @@ def test_benchmark_cases_cpu():
         assert not torch.equal(args_fast[1], kc_before)  # the new K was written ...
         for i in (1, 2):  # ... exactly where the unfused step writes it
             assert torch.equal(args_fast[i], args_ref[i]) and torch.equal(args_fast[i], args_base[i])
-    for case in [c for c in cases if c.op != "kv_cache_write" and c not in appends]:
+    for case in [c for c in cases if c.op == "decode_attention_partials"]:
+        # the partials against their reference; merged, they are the baseline's (split + merge) output
+        from gptfast.ops.proj_residual import merge_partials_ref
+
+        args = case.make_args()
+        fast = A.decode_attention_partials(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        ref = A.decode_attention_partials_ref(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        for got, want in zip(fast, ref):
+            assert_close(got, want, atol=case.atol, rtol=case.rtol, name=case.label)
+        (base_name, base_fn), = case.baselines.items()
+        assert_close(merge_partials_ref(*fast), base_fn(*args), atol=case.atol, rtol=case.rtol, name=base_name)
+    for case in [c for c in cases if c.op not in ("kv_cache_write", "decode_attention_partials") and c not in appends]:
         args = case.make_args()
         fast, ref = getattr(A, case.op), getattr(A, case.op + "_ref")
         expected = ref(*args)

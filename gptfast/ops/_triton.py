@@ -41,6 +41,15 @@ except ImportError as exc:  # no wheel for this platform, or not installed
         def jit(fn=None, **_options):
             return _MissingKernel(fn) if fn is not None else _MissingKernel
 
+        # host-side helpers the launchers and benchmark cases size their grids and tiles with
+        @staticmethod
+        def cdiv(a: int, b: int) -> int:
+            return -(-a // b)
+
+        @staticmethod
+        def next_power_of_2(n: int) -> int:
+            return max(int(n), 0) if n <= 1 else 1 << (int(n) - 1).bit_length()
+
         def __getattr__(self, name):
             raise RuntimeError(f"triton.{name} is unavailable: {MISSING_REASON}")
 

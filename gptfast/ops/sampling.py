@@ -342,7 +342,14 @@ def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr
     tl.store(status_ptr + row, status.to(tl.int32))
 
 
-def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets):
+def _outputs(B, device, out):
+    if out is not None:
+        return out
+    return (torch.empty(B, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.int32, device=device))
+
+
+def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets, out=None):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a 2-D tensor [B, V], got {shape}")
@@ -366,10 +373,20 @@ def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets):
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}; "
                              "all inputs must share one device")
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be a (tokens, status) pair of tensors, got {type(out).__name__}")
+        for name, t, dtype in (("out tokens", out[0], torch.int64), ("out status", out[1], torch.int32)):
+            if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != (B,)
+                    or t.stride(0) != 1 or t.device != logits.device):
+                got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a contiguous [B] = ({B},) {dtype} tensor on "
+                                 f"{logits.device}, got {got}")
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+           seeds: torch.Tensor, offsets: torch.Tensor,
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row with HF's temperature -> top-k -> top-p warpers (Triton, one launch).
 
     Parameters
@@ -387,6 +404,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     offsets : torch.Tensor
         [B] int64 step counter per row, read on the device (the runtime increments it between
         steps, so CUDA-graph replays draw fresh numbers).
+    out : (tokens, status) or None
+        Contiguous [B] int64 and [B] int32 tensors to write into (a CUDA graph's static outputs);
+        None allocates them.
 
     Returns
     -------
@@ -404,14 +424,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     >>> p = torch.tensor([0.9, 1.0], device="cuda"); seeds = row_seeds(0, 2, "cuda")
     >>> tokens, status = sample(logits, t, k, p, seeds, torch.zeros(2, dtype=torch.int64, device="cuda"))
     """
-    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
+    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets, out)
     if not logits.is_cuda and not interpreting():
         raise ValueError(f"sample (Triton) needs CUDA tensors, got {logits.device}; use sample_ref on the CPU "
                          "(or set TRITON_INTERPRET=1 before importing triton)")
     B, V = logits.shape
     params = [t.contiguous() for t in (temperature, top_k, top_p, seeds, offsets)]
-    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
-    status = torch.empty(B, dtype=torch.int32, device=logits.device)
+    tokens, status = _outputs(B, logits.device, out)
     # per-row scratch for the <= _CAP candidates the searches narrow a row down to
     scratch_x = torch.empty(B, _CAP, dtype=torch.float32, device=logits.device)
     scratch_col = torch.empty(B, _CAP, dtype=torch.int32, device=logits.device)
@@ -542,14 +561,15 @@ def filter_logits_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               seeds: torch.Tensor, offsets: torch.Tensor,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager reference of `sample` (same signature): HF's warpers in torch, then an inverse-CDF draw.
 
     The uniform of each row is splitmix64(splitmix64(seed) ^ offset) (53 bits, on the inputs'
     device, no host sync), so a draw is reproducible from (seed, offset) but not the same number as
     the kernel's Philox stream. Greedy rows are argmax; flags as in `sample`.
     """
-    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
+    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets, out)
     B, V = logits.shape
     x = logits.float()
     tokens = torch.argmax(x, dim=-1)  # greedy rows' answer: lowest index among ties
@@ -568,7 +588,11 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
         drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_max(V - 1)
         tokens[rows] = drawn
     tokens = torch.where(status == 0, tokens, -1)
-    return tokens, status
+    if out is None:
+        return tokens, status
+    out[0].copy_(tokens)
+    out[1].copy_(status)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -231,7 +231,9 @@ def test_masks_far_below_and_negative_logits(full_row):
 
 DIST_CASES = {  # name: (V, temperature, top_k, top_p, draws through the interpreter)
     "plain": (997, 1.0, 0, 1.0, 600),
-    "plain-3-chunks": (5003, 1.0, 0, 1.0, 400),  # the draw races chunks of 1024 columns
+    # the draw races chunks of 1024 columns; 800 draws: the cosine expected from exact sampling is
+    # 0.9956 (0.991 at 400, too close to the 0.99 bound)
+    "plain-3-chunks": (5003, 1.0, 0, 1.0, 800),
     "k6-p0.95": (997, 0.7, 6, 0.95, 300),
 }
 

@@ -254,6 +254,16 @@ Examples
       .def("free_list", &BlockManager::free_list,
            "The free list from head (handed out next) to tail (tests, debugging).")
       .def(
+          "next_free_blocks",
+          [](const BlockManager& self, py::handle out) {
+            Buffer o = get_buffer(out, "out", 1, true, false, false);
+            return self.next_free_blocks(out_of(o));
+          },
+          py::arg("out"), R"doc(
+Write the blocks the next allocations take, in order (the head of the free list), into
+out[:n] (int32/int64) and return n = min(len(out), free blocks). A decode step launched before
+its input token is known names its new block this way; the append that follows takes it.)doc")
+      .def(
           "allocate_prompt",
           [](BlockManager& self, int64_t seq_id, py::handle tokens) {
             Buffer t = get_buffer(tokens, "tokens", 1, false, false, true);

@@ -123,6 +123,12 @@ std::vector<int32_t> BlockManager::free_list() const {
   return out;
 }
 
+int64_t BlockManager::next_free_blocks(IntOut out) const {
+  size_t n = 0;
+  for (int32_t b = free_head_; b >= 0 && n < out.size; b = blocks_[b].next) out.set(n++, b);
+  return static_cast<int64_t>(n);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Free list
 

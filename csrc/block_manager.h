@@ -139,6 +139,10 @@ class BlockManager {
   std::vector<int64_t> tokens_of(int64_t seq_id) const;
   // The free list from head (handed out next) to tail.
   std::vector<int32_t> free_list() const;
+  // Writes the blocks the next allocations will take, in order (the head of the free list),
+  // into out[0 : n]; returns n = min(out.size, free blocks). Lets a caller that must name a
+  // block before it can append the token (a decode step launched ahead) know which one it gets.
+  int64_t next_free_blocks(IntOut out) const;
 
   // Registers a new sequence with prompt `tokens`; returns how many leading tokens are already
   // cached (a multiple of block_size, always < tokens.size()), or -1 (nothing changed) when the

@@ -158,6 +158,18 @@ class StepOutput:
     scores: torch.Tensor | None = None
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A graph decode step launched but not read yet: its launch id, the engine's output slot it
+    lands in, its rows (in batch order), and whether it was launched ahead (before the previous
+    step's tokens were read, by an earlier `step()` call)."""
+
+    launch: int
+    slot: int
+    seqs: list[Sequence]
+    ahead: bool
+
+
 class NonFiniteLogitsError(ValueError):
     """A sequence's logits held NaN or +inf, or no finite value at all, while sampling."""
 
@@ -187,6 +199,12 @@ class Engine:
         `GPTFAST_CUDA_GRAPHS` (0 or 1), else on for CUDA models. True on the CPU runs the
         runner's static-buffer step eagerly (there is nothing to capture); the tests use it to
         check that path.
+    steps_in_flight : int
+        Decode steps the graph path keeps queued on the device: 2 (default) launches step t+1
+        before reading step t's tokens, so the GPU never waits for the host between steps; 1
+        reads every step's tokens before launching the next. A step runs with 1 whenever a row
+        needs the host before its next draw (logits processors, score outputs, a row about to
+        reach max_new_tokens, sequences waiting to be admitted). Outputs do not depend on it.
 
     Notes
     -----
@@ -216,7 +234,7 @@ class Engine:
     """
 
     def __init__(self, model, max_num_seqs: int = 256, max_prefill_tokens: int | None = None,
-                 keep_scores: bool = False, cuda_graphs: bool | None = None):
+                 keep_scores: bool = False, cuda_graphs: bool | None = None, steps_in_flight: int = 2):
         self.model = model
         self.cache = model.kv_cache
         self.manager = self.cache.manager
@@ -226,6 +244,11 @@ class Engine:
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         self.max_num_seqs = max_num_seqs
+        if steps_in_flight not in (1, 2) or isinstance(steps_in_flight, bool):
+            raise ValueError(f"steps_in_flight must be 1 or 2, got {steps_in_flight!r}")
+        self.steps_in_flight = steps_in_flight
+        self._inflight: _InFlight | None = None  # a graph step whose tokens are not read yet
+        self._out_slots: list = []  # the runner's host output slots this engine alternates
         reference = ops.kernel_backend() == "reference"
         if cuda_graphs is None:
             cuda_graphs = graphs_setting()
@@ -268,6 +291,7 @@ class Engine:
         # NOTE: the finalizer holds the cache and the sequence table, never the engine, so an
         # engine dropped without abort() is collected and its blocks go back to the pool.
         weakref.finalize(self, _release_blocks, self.cache, self.seqs)
+        self.num_steps_ahead = 0  # decode steps launched before the previous one's tokens were read
 
     # ------------------------------------------------------------------ requests
     def add(self, prompt, params: SamplingParams, seeds) -> list[int]:
@@ -454,6 +478,7 @@ class Engine:
             self._num_waiting = 0
             self.seqs.clear()
             self._pending.clear()
+            self._inflight = None  # a step still on the device writes only the slots just freed
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = FINISHED, reason
@@ -483,6 +508,10 @@ class Engine:
                 raise RuntimeError("the model was moved or cast while this Engine was using it (its "
                                    "KV cache was replaced); create a new Engine")
             try:
+                if self._inflight is not None:
+                    outs = self._complete_inflight()
+                    if outs is not None:
+                        return outs
                 admitted = self._admit()
                 if admitted:
                     return self._prefill(admitted)
@@ -501,6 +530,7 @@ class Engine:
     def _roll_back(self) -> None:
         """After a step failed midway: every running sequence waits to be recomputed, and no
         prefix hash of a block whose K/V may be unwritten survives."""
+        self._inflight = None  # its rows are recomputed (a step on the device writes only their old slots)
         for seq in sorted(self.running, key=lambda s: (s.arrival, s.seq_id), reverse=True):
             self._preempt(seq)
         self.manager.reset_prefix_cache()
@@ -669,14 +699,17 @@ class Engine:
         if n_cow:
             self.cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
 
-    def _decode_static(self, seqs: list[Sequence], ids: np.ndarray) -> list[StepOutput]:
+    def _decode_static(self, seqs: list[Sequence], ids: np.ndarray, appended: bool = False) -> list[StepOutput]:
         """The decode step through the graph runner: its host buffers are filled in place (the
-        block manager writes slots and block tables straight into them), then one replay."""
+        block manager writes slots and block tables straight into them), then one replay.
+        `appended`: the manager already holds every row's newest token (a step launched ahead
+        was dropped); the step derives its slots from the block tables."""
         runner, B = self.runner, len(seqs)
         buf = runner.np
         tokens = buf["tokens"][:B]
         tokens[:] = [s.tokens[-1] for s in seqs]
-        self._append(ids, tokens, buf["slot_mapping"][:B])
+        if not appended:
+            self._append(ids, tokens, buf["slot_mapping"][:B])
         lens = buf["seq_lens"][:B]
         lens[:] = [len(s.tokens) for s in seqs]
         np.subtract(lens, 1, out=buf["positions"][:B])
@@ -703,8 +736,90 @@ class Engine:
             # The logits processors (and score outputs) see the logits before the draw: the
             # graph stops at the logits and the sampler runs eagerly.
             return self._sample(list(seqs), runner.run(B, sample=False))
-        tokens_out, status = runner.run(B, sample=True)
-        return self._commit(list(seqs), tokens_out, status, None, None)
+        if not self._out_slots or self._out_slots[0].max_batch != runner.max_batch:
+            self._out_slots = [runner.output_slot(), runner.output_slot()]  # (a rebuilt runner)
+        launch = runner.launch(B, self._out_slots[0])
+        self._inflight = _InFlight(launch, 0, list(seqs), ahead=False)
+        return self._complete_inflight()
+
+    def _complete_inflight(self) -> list[StepOutput] | None:
+        """Read and commit the tokens of the graph step in flight; first, when every row can take
+        one more step without the host, launch that step (it continues this one on the device),
+        so the GPU has it queued while the host reads, commits and returns.
+
+        EOS is seen one step late: a row that ends now already has its next step launched. That
+        step's K/V goes into a slot the block manager holds (the ended token is appended before the
+        row's blocks are freed) and its token is dropped unread. Returns None when no row of the
+        step in flight is still running (nothing is read).
+        """
+        infl, self._inflight = self._inflight, None
+        seqs = infl.seqs
+        live = [s.status == RUNNING for s in seqs]
+        if not any(live):
+            return None  # its K/V writes precede any later use of the freed blocks (one stream)
+        if infl.ahead and graphs.weights_epoch() != self._weights_epoch:
+            # Parameter tensors were replaced after this step was launched (on the old ones):
+            # drop it and run the step again on a runner built for the new tensors.
+            self.runner = graphs.graph_runner(self.model, self._graph_batch)
+            self._weights_epoch = graphs.weights_epoch()
+            seqs = [s for s, ok in zip(seqs, live) if ok]
+            return self._decode_static(seqs, self._ids_array(seqs), appended=True)
+        B = len(seqs)
+        ahead = self._launch_ahead(infl) if all(live) else None
+        tokens, status = self._out_slots[infl.slot].read(B)
+        if ahead is not None:
+            launch, new_blocks = ahead
+            self._append_ahead(seqs, tokens, status, new_blocks)
+            self._inflight = _InFlight(launch, 1 - infl.slot, list(seqs), ahead=True)
+        if not all(live):
+            keep = [i for i, ok in enumerate(live) if ok]
+            seqs = [seqs[i] for i in keep]
+            tokens, status = [tokens[i] for i in keep], [status[i] for i in keep]
+        return self._commit(list(seqs), tokens, status, None, None)
+
+    def _launch_ahead(self, infl: "_InFlight"):
+        """Launch the step after `infl` when every row can take it without the host; returns
+        (launch id, new blocks) or None."""
+        seqs, runner, B = infl.seqs, self.runner, len(infl.seqs)
+        if (self.steps_in_flight < 2 or self.waiting or self.running != seqs or self.keep_scores
+                or self._penalty or not runner.can_continue(B, infl.launch)):
+            return None
+        # the step in flight draws token index num_generated; the next one draws index + 1
+        gen = np.fromiter((s.num_generated for s in seqs), dtype=np.int64, count=B)
+        if any(g + 2 > s.params.max_new_tokens for g, s in zip(gen.tolist(), seqs)):
+            return None  # a row ends with the step in flight: the batch changes
+        if self._min_new is not None and bool((gen + 1 < self._min_new).any()):
+            return None  # EOS still masked: the logits processors need the host
+        # NOTE: the next step's input goes at position len(tokens); a row entering a new block
+        # names it now, before the token is known: the block the manager's next append takes.
+        bs = self.block_size
+        cross = [(i, len(s.tokens)) for i, s in enumerate(seqs) if len(s.tokens) % bs == 0]
+        new_blocks = []
+        if cross:
+            heads = np.empty(len(cross), dtype=np.int32)
+            if self.manager.next_free_blocks(heads) < len(cross):
+                return None  # not enough free blocks: the next step may need to preempt
+            new_blocks = [(i, p // bs, int(b)) for (i, p), b in zip(cross, heads.tolist())]
+        launch = runner.launch_next(B, new_blocks, infl.launch, self._out_slots[1 - infl.slot])
+        self.num_steps_ahead += 1
+        return launch, new_blocks
+
+    def _append_ahead(self, seqs: list[Sequence], tokens: list[int], status: list[int], new_blocks) -> None:
+        """Give the block manager the tokens the step launched ahead is consuming (its K/V is being
+        written), every row, ended ones included; check that it put them where the step did."""
+        B = len(seqs)
+        # a flagged row's step runs on token 0 (see ops.decode_inputs_): append what it computed
+        toks = np.fromiter((t if st == 0 else 0 for t, st in zip(tokens, status)), dtype=np.int64, count=B)
+        slots = np.empty(B, dtype=np.int64)
+        cow = np.empty((B, 2), dtype=np.int64)
+        n_cow = self.manager.append_tokens(self._ids_array(seqs), toks, slots, cow)
+        bs = self.block_size
+        if n_cow != 0 or any(slots[i] != b * bs for i, _, b in new_blocks):
+            raise RuntimeError(f"the block manager placed the tokens of a step launched ahead elsewhere "
+                               f"than the step wrote them (copies {n_cow}, slots {slots.tolist()}, "
+                               f"named blocks {new_blocks}); this is a bug in the engine")
+        for s in seqs:
+            s.in_cache = len(s.tokens) + 1  # the token committed next is in the cache (being written)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

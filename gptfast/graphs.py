@@ -11,9 +11,21 @@ buffer and one device buffer of the same layout, so a step's inputs go over in a
 
     tokens, positions, slot_mapping : [max_batch] int64
     seeds, offsets                  : [max_batch] int64  (Philox key and token index per row)
-    seq_lens, top_k                 : [max_batch] int32
+    seq_lens, top_k, advance        : [max_batch] int32
     temperature, top_p              : [max_batch] fp32
     block_tables                    : [max_batch, max_blocks] int32, max_blocks = ceil(n_positions / block_size)
+
+The step's first kernel (`ops.decode_inputs_`) derives each row's K/V slot from its position and
+block table, and, for rows whose `advance` flag is set, first feeds the previous step's sampled
+token back (position, length and Philox offset + 1). The sampler writes its tokens and status into
+static outputs; after each replay they are copied to a pinned host slot (a ring of two) and an
+event is recorded. So a step can be launched in two ways:
+
+- `launch(batch)`: the host filled rows 0:batch (advance 0); one upload, one replay.
+- `launch_next(batch, new_blocks)`: the step continues the last one on the device, with no
+  upload; the host only names the blocks of rows that cross a block boundary (written into the
+  device block table). This is how the engine keeps the next step queued on the GPU while it
+  reads the previous step's tokens (`collect`), so the GPU never waits for the host in between.
 
 A batch of B rows replays the smallest bucket >= B; rows B.. of the bucket are padding: slot -1
 (the K/V write is skipped), seq_len 0 (attention outputs zeros), greedy, so they read nothing of
@@ -58,7 +70,7 @@ MAX_BATCH = 256
 _FIELDS = [
     ("tokens", torch.int64, 1), ("positions", torch.int64, 1), ("slot_mapping", torch.int64, 1),
     ("seeds", torch.int64, 1), ("offsets", torch.int64, 1),
-    ("seq_lens", torch.int32, 1), ("top_k", torch.int32, 1),
+    ("seq_lens", torch.int32, 1), ("top_k", torch.int32, 1), ("advance", torch.int32, 1),
     ("temperature", torch.float32, 1), ("top_p", torch.float32, 1),
     ("block_tables", torch.int32, 0),
 ]
@@ -161,9 +173,16 @@ class DecodeGraphRunner:
         self._outputs: dict[tuple[int, bool], tuple] = {}
         self._pool = None
         self._clear_rows(0, max_batch)
+        # The sampler's static outputs, tokens then status, in one byte buffer (one copy back):
+        # tokens [max_batch] int64, status [max_batch] int32. The next step reads the tokens.
+        with torch.inference_mode(False):
+            self.out_dev = torch.zeros(12 * max_batch, dtype=torch.uint8, device=self.device)
+        self.sampled = self.out_dev[:8 * max_batch].view(torch.int64)
+        self.status = self.out_dev[8 * max_batch:].view(torch.int32)
+        self._launches = 0  # sampling steps launched (each launch's id)
+        self._chain = None  # (bucket, id) of the sampling step that ran last: a step may continue it
+        self._run_slot = None  # run()'s output slot, made on first use
         if self.captured:
-            with torch.inference_mode(False):
-                self._out_host = torch.empty(2 * max_batch, dtype=torch.int64, pin_memory=True)
             # NOTE: one warm-up stream for every capture: PyTorch keeps a cuBLAS workspace per
             # stream for the life of the process.
             self._warm_stream = torch.cuda.Stream(self.device)
@@ -189,6 +208,10 @@ class DecodeGraphRunner:
     # ------------------------------------------------------------------ the step
     def _step(self, batch: int, sample: bool):
         d = self.dev
+        # the slots (and, for rows that continue the last step, the inputs) on the device
+        ops.decode_inputs_(d.tokens[:batch], d.positions[:batch], d.seq_lens[:batch], d.offsets[:batch],
+                           d.slot_mapping[:batch], d.advance[:batch], self.sampled[:batch],
+                           d.block_tables[:batch], self.block_size)
         meta = AttnMetadata(
             slot_mapping=d.slot_mapping[:batch],
             block_tables=d.block_tables[:batch],
@@ -202,10 +225,9 @@ class DecodeGraphRunner:
                                           cache=self.cache, fp32_logits=not sample)  # (B, V)
         if not sample:
             return (logits,)
-        tokens, status = ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],
-                                    d.seeds[:batch], d.offsets[:batch])
-        # one (2, B) int64 tensor: the host reads tokens and status back in a single copy
-        return (torch.stack((tokens, status.to(torch.int64))),)
+        ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],
+                   d.seeds[:batch], d.offsets[:batch], out=(self.sampled[:batch], self.status[:batch]))
+        return ()
 
     def _capture(self, batch: int, sample: bool) -> None:
         with torch.inference_mode():
@@ -230,13 +252,94 @@ class DecodeGraphRunner:
 
     def _clear_rows(self, start: int, stop: int) -> None:
         n = self.np
-        for name in ("tokens", "positions", "seq_lens", "top_k", "seeds", "offsets", "temperature"):
+        for name in ("tokens", "positions", "seq_lens", "top_k", "seeds", "offsets", "temperature", "advance"):
             n[name][start:stop] = 0
         n["top_p"][start:stop] = 1.0
         n["slot_mapping"][start:stop] = -1
         n["block_tables"][start:stop] = 0
 
+    def _bucket_of(self, batch: int) -> int:
+        bucket = self.bucket(batch)
+        if bucket is None:
+            raise ValueError(f"batch {batch} is larger than the runner's largest bucket {self.max_batch}")
+        return bucket
+
+    def _replay(self, bucket: int, sample: bool, upload: bool) -> None:
+        """Upload rows 0:bucket of the host buffers (when `upload`), then run the step."""
+        self.model.refresh_weight_copies()  # int8 copies of weights changed in place (none replay stale)
+        self.num_replays += 1
+        if not self.captured:
+            return
+        if upload:
+            n = self.host.upload_bytes(bucket)
+            self.dev.raw[:n].copy_(self.host.raw[:n], non_blocking=True)
+            self._uploaded.record()
+        key = (bucket, sample)
+        if key not in self._graphs:
+            t0 = time.perf_counter()
+            self._capture(bucket, sample)
+            self.capture_seconds += time.perf_counter() - t0
+        self._graphs[key].replay()
+
     # ------------------------------------------------------------------ run
+    def output_slot(self) -> "OutputSlot":
+        """A host slot for one sampling step's tokens and status (pinned on CUDA). A caller with
+        several steps in flight holds one per step."""
+        return OutputSlot(self)
+
+    def launch(self, batch: int, out: "OutputSlot") -> int:
+        """Launch the sampling step on rows `0:batch` of the host buffers (the caller filled them);
+        its tokens and status are copied into `out` (read them with `out.read`).
+
+        Returns the launch's id (for `launch_next`). The host buffers may be rewritten once `out`
+        was read (the upload precedes the step).
+        """
+        bucket = self._bucket_of(batch)
+        if bucket > batch:
+            self._clear_rows(batch, bucket)
+        self.np["advance"][:batch] = 0  # every input comes from the host
+        with self._on_device():
+            self._replay(bucket, True, upload=True)
+            if not self.captured:
+                self._step(bucket, True)
+            return self._after_sample(bucket, out)
+
+    def can_continue(self, batch: int, after: int) -> bool:
+        """Whether `launch_next(batch, ..., after)` may run: launch `after` was the last sampling
+        step of this runner, in the bucket of `batch`."""
+        return self._chain == (self.bucket(batch), after)
+
+    def launch_next(self, batch: int, new_blocks, after: int, out: "OutputSlot") -> int:
+        """Launch the sampling step that continues launch `after` on the device, with no upload.
+
+        Each row's input is the token launch `after` sampled for it, at the next position; its
+        K/V slot comes from the device's block table, into which `new_blocks` ((row, column,
+        block id) triples: rows entering a new block) are written first. The caller need not have
+        read launch `after`'s tokens. Outputs go to `out`; returns this launch's id.
+        """
+        if not self.can_continue(batch, after):
+            raise RuntimeError(f"launch_next(batch={batch}, after={after}) must continue the last sampling "
+                               f"step of its bucket; the last one was {self._chain} (bucket, id)")
+        bucket = self._chain[0]
+        with self._on_device():
+            for row, col, block in new_blocks:
+                # NOTE: on CUDA a fill kernel on the stream (the pinned host table may still be
+                # uploading); on the CPU the device buffers are the host's.
+                self.dev.block_tables[row, col] = block
+            self._replay(bucket, True, upload=False)
+            if not self.captured:
+                self._step(bucket, True)
+            return self._after_sample(bucket, out)
+
+    def _after_sample(self, bucket: int, out: "OutputSlot") -> int:
+        launch = self._launches
+        self._launches += 1
+        self._chain = (bucket, launch)
+        out.tensor.copy_(self.out_dev, non_blocking=self.captured)
+        if self.captured:
+            out.event.record()
+        return launch
+
     def run(self, batch: int, sample: bool):
         """Run the step on rows `0:batch` of the host buffers (the caller filled them).
 
@@ -244,39 +347,44 @@ class DecodeGraphRunner:
         in a static device buffer that the next step overwrites. Either way the host buffers may
         be rewritten as soon as it returns.
         """
-        self.model.refresh_weight_copies()  # int8 copies of weights changed in place (none replay stale)
-        bucket = self.bucket(batch)
-        if bucket is None:
-            raise ValueError(f"batch {batch} is larger than the runner's largest bucket {self.max_batch}")
+        if sample:
+            if self._run_slot is None:
+                self._run_slot = self.output_slot()
+            self.launch(batch, self._run_slot)
+            return self._run_slot.read(batch)
+        bucket = self._bucket_of(batch)
         if bucket > batch:
             self._clear_rows(batch, bucket)
-        self.num_replays += 1
-        if not self.captured:
-            out = self._step(bucket, sample)
-            if not sample:
-                return out[0][:batch]
-            tokens, status = out[0][:, :batch].tolist()
-            return tokens, status
+        self.np["advance"][:batch] = 0
+        self._chain = None  # the sampled tokens on the device are not this step's
         with self._on_device():
-            n = self.host.upload_bytes(bucket)
-            self.dev.raw[:n].copy_(self.host.raw[:n], non_blocking=True)
-            self._uploaded.record()
-            key = (bucket, sample)
-            if key not in self._graphs:
-                t0 = time.perf_counter()
-                self._capture(bucket, sample)
-                self.capture_seconds += time.perf_counter() - t0
-            self._graphs[key].replay()
-            out = self._outputs[key]
-            if not sample:
-                # NOTE: the caller may rewrite the pinned host buffer once this returns: wait
-                # for the upload (recorded before the replay, so not for the step).
-                self._uploaded.synchronize()
-                return out[0][:batch]
-            host = self._out_host[:2 * bucket].view(2, bucket)  # contiguous, like out[0]
-            host.copy_(out[0], non_blocking=True)  # (2, bucket): tokens, status
-            torch.cuda.current_stream(self.device).synchronize()
-        tokens, status = host[:, :batch].tolist()
+            self._replay(bucket, False, upload=True)
+            if not self.captured:
+                return self._step(bucket, False)[0][:batch]
+            out = self._outputs[(bucket, False)]
+            # NOTE: the caller may rewrite the pinned host buffer once this returns: wait
+            # for the upload (recorded before the replay, so not for the step).
+            self._uploaded.synchronize()
+            return out[0][:batch]
+
+
+class OutputSlot:
+    """Where one sampling step's tokens and status land on the host (`DecodeGraphRunner.launch`)."""
+
+    def __init__(self, runner: DecodeGraphRunner):
+        self.max_batch = runner.max_batch
+        with torch.inference_mode(False):
+            self.tensor = torch.zeros(12 * runner.max_batch, dtype=torch.uint8, pin_memory=runner.captured)
+        self.event = torch.cuda.Event() if runner.captured else None
+
+    def read(self, batch: int) -> tuple[list[int], list[int]]:
+        """Wait for the step last launched into this slot; its (tokens, status) for rows 0:batch as
+        host int lists (token -1 and status 1 or 2 for a flagged row, see `ops.sample`)."""
+        if self.event is not None:
+            self.event.synchronize()
+        mb = self.max_batch
+        tokens = self.tensor[:8 * mb].view(torch.int64)[:batch].tolist()
+        status = self.tensor[8 * mb:].view(torch.int32)[:batch].tolist()
         return tokens, status
 
 

@@ -54,6 +54,9 @@ def _assert_same_state(cpp, model):
     assert cpp.prefix_hit_tokens == model.prefix_hit_tokens
     assert cpp.num_sequences() == model.num_sequences()
     assert cpp.free_list() == model.free_list()
+    head = np.full(3, -7, np.int32)
+    n = cpp.next_free_blocks(head)
+    assert head[:n].tolist() == model.free_list()[:3] and n == min(3, model.num_free_blocks())
     for sid in list(model._seqs):
         assert cpp.has_sequence(sid)
         assert cpp.blocks_of(sid) == model.blocks_of(sid), f"block table of sequence {sid}"
@@ -254,6 +257,24 @@ test_manager_machine = ManagerMachine.TestCase
 
 # ---------------------------------------------------------------------------------------------
 # Focused cases
+
+
+def test_next_free_blocks_names_the_blocks_the_next_appends_take():
+    # A decode step launched ahead names its new block before the token is known: the blocks
+    # next_free_blocks reports must be the ones append_tokens then takes, in batch order.
+    bm = BlockManager(12, 4, True)
+    bm.allocate_prompt(0, np.arange(4))
+    bm.allocate_prompt(1, np.arange(10, 14))
+    bm.allocate_prompt(2, np.arange(20, 29))
+    bm.free(2)  # its blocks go to the tail, two of them still cached
+    ahead = np.full(5, -1, np.int64)
+    assert bm.next_free_blocks(ahead[:2]) == 2
+    k, slots, _ = _append(bm, [0, 1], [7, 8])  # both at a block boundary: two new blocks
+    assert k == 0 and (slots // 4).tolist() == ahead[:2].tolist() and (slots % 4).tolist() == [0, 0]
+    assert bm.next_free_blocks(ahead) == 5 and ahead.tolist() == bm.free_list()[:5]
+    assert bm.next_free_blocks(np.empty(0, np.int32)) == 0
+    with pytest.raises(ValueError):
+        bm.next_free_blocks(np.empty((2, 2), np.int32))
 
 
 def test_construction_and_properties():

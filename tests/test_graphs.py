@@ -125,7 +125,8 @@ def test_padding_rows_write_nothing(device):
     """A batch of 5 runs in the bucket of 5..; with the runner limited to buckets of 8, 3 padding
     rows go through the step: only the 5 real slots of the cache may change."""
     model = _model(block_size=4, device=device)
-    engine = Engine(model, cuda_graphs=True, max_num_seqs=8)
+    # one step in flight: the decode step below is exactly one replay
+    engine = Engine(model, cuda_graphs=True, max_num_seqs=8, steps_in_flight=1)
     for i, p in enumerate(PROMPTS):
         engine.add(p, SamplingParams(max_new_tokens=3), seeds=[i])
     engine.step()  # prefill of all five

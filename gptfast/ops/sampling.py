@@ -1,4 +1,4 @@
-"""Sampling: logits [B, V] -> one token id per row, in one launch, with HF's warpers.
+"""Sampling: logits [B, V] -> one token id per row, in one or two launches, with HF's warpers.
 
 Math (per row, transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper with
 min_tokens_to_keep=1, then a draw from the renormalised softmax):
@@ -14,9 +14,9 @@ Ties at the top-p boundary: every token tied with the smallest kept value is kep
 tied tokens its unstable sort happens to put last, so our set contains HF's and differs from it
 only by tokens of exactly equal value). Both `sample` and `sample_ref` use this rule.
 
-Sort-free kernel, one program per row (grid = (B,)). Write key(x) for the order-preserving map of
-an fp32 value to an int32 (sign-magnitude flip; -0.0 mapped to +0.0's key). Both filters keep a set
-{key(x) >= j*} where j* is the largest integer j with f(j) >= target, f nonincreasing:
+Sort-free. Write key(x) for the order-preserving map of an fp32 value to an int32 (sign-magnitude
+flip; -0.0 mapped to +0.0's key). Both filters keep a set {key(x) >= j*} where j* is the largest
+integer j with f(j) >= target, f nonincreasing:
 
     top-k: f(j) = #{key >= j},                 target = k
     top-p: f(j) = sum_{key >= j} exp(x - m),   target = p * Z_k  (Z_k: the same sum over the top-k set)
@@ -31,28 +31,44 @@ copies those (value, column) pairs to a per-row scratch row, and the rest of bot
 draw run on that short row. For top-k <= a few thousand (or a top-p set of that size) a row costs:
 pass 1 (the DRAM read), typically one search pass, the copy pass, then work on <= CAP entries.
 Top-p sets larger than CAP stay on the full row (5-9 search passes and a full draw pass).
-Each row pass walks the row in chunks of BLOCK = 2048 columns with 16 warps, loading the next
-chunk while the current one is processed. (Not yet measured on a GPU: small batches use only B
-SMs, so at B = 1 the cost is ~3 row passes of one SM.)
+Each row pass walks the row in chunks of BLOCK = 1024 columns with 16 warps, loading the next
+chunk while the current one is processed.
 
-The draw is exact and needs no normaliser: a one-pass chunked weighted reservoir. Chunk c (BLOCK
-columns) picks a column by inverse CDF over its weights w_i = exp(x_i - m) (m the running max, the
-reservoir total rescaled when it grows), then replaces the current choice with probability
-W_c / W_total-so-far, so P(i) = w_i / sum w. Each chunk uses one Philox call keyed by the row's
-seed, counter (chunk, offset): a row's draw depends only on its own seed, step offset and logits.
-Uniforms have 24 bits, so probabilities are resolved to ~6e-8 of a chunk's mass.
+Pass 1 (the DRAM read: max, lowest argmax, flags, key range, and the draw for rows without
+filters) runs in one of two ways, with the same result bit for bit:
+- per row (batches > 32): the row's program keeps per-lane running partials over the chunks and
+  reduces them once at the end (no block-wide reduction per chunk, except the draw's);
+- split (batches <= 32): `_sample_split_kernel` runs one program per (row, chunk), ceil(V / 1024)
+  = 50 programs per GPT-2 row (grid (B, 50): 50 CTAs at B = 1), each writing 8 partials; the row's
+  program then combines them (one cross-CTA reduction, in a second small launch) and goes on with
+  the searches. Max, argmax, counts and key ranges are exact in any order, and the draw (below)
+  is defined per chunk with integer sums, so both ways give the same tokens for the same seed.
+(Neither way is measured on a GPU yet.)
 
-Rows with filters off (k off, p = 1) and greedy rows are done in the first pass. NaN or +inf
+The draw is exact and needs no normaliser, as a race between chunks: chunk c (BLOCK columns of
+the row, or of the scratch row) has weights w_i = exp(x_i - m_c) (m_c its largest kept value),
+held in fixed point (units of 2^-32, so W_c = sum w_i and the CDF are exact integers in any
+order); it picks a column by inverse CDF over w with a uniform u0, and enters the race with
+score m_c + log W_c + G, G = -log(-log u1) a Gumbel variate. The chunk with the largest score
+(the lowest one on a tie) gives the token: P(chunk c) = W_c e^{m_c} / sum, so P(i) = e^{x_i} /
+sum over the kept set. Each chunk uses one Philox call keyed by the row's seed, counter (chunk,
+offset): a row's draw depends only on its own seed, step offset and logits. Probabilities are
+resolved to ~2^-32 of a chunk's largest weight (a token below that is never drawn) and uniforms
+to 2^-32 (u0) and 2^-24 (u1).
+
+Rows with filters off (k off, p = 1) and greedy rows are done in pass 1. NaN or +inf
 (after temperature scaling) flags a row with status 1, a row with no finite logit with status 2;
 flagged rows get token -1. Temperatures, top-k and top-p values are read on the device and not
 validated here (that would sync); negative top-k counts as off, top-p <= 0 keeps the top token(s).
 
 Bytes moved: B*V*elem_size (the logits read once from DRAM; later passes hit L2 at realistic B:
 a 50257-wide fp32 row is 201 KB) + 12*B bytes of outputs, plus scratch traffic of at most
-8*CAP bytes per filtered row. FLOPs: ~3*NP per logit per search pass.
+8*CAP bytes per filtered row, plus 32 bytes per (row, chunk) of partials on the split path.
+FLOPs: ~3*NP per logit per search pass. Loads are vectorised when the row stride is a multiple
+of 16 elements (a logits buffer allocated [B, round_up(V, 64)], passed as a strided view).
 
-References: transformers generation/logits_process.py (the warpers); Chao (1982), "A general
-purpose unequal probability sampling plan" (weighted reservoir); Salmon et al. (2011), Philox.
+References: transformers generation/logits_process.py (the warpers); Gumbel (1954) / the
+Gumbel-max trick (the race between chunks); Salmon et al. (2011), Philox.
 """
 
 from __future__ import annotations
@@ -63,8 +79,14 @@ from ._triton import tl, triton  # stand-ins where Triton is not installed
 from .common import BenchCase, interpreting, on_cuda
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BLOCK = 2048  # columns per chunk: with 16 warps the [BLOCK, NP] pivot compares take 32 registers
-_NUM_WARPS = 16
+_BLOCK = 1024  # columns per chunk: with 16 warps the [BLOCK, NP] pivot compares take 16 registers
+_NUM_WARPS = 16  # the per-row kernel: 128 registers, no spills (sm_90)
+_SPLIT_WARPS = 8  # the split pass 1: one chunk per program
+# Up to this many rows, pass 1 is split: one program per (row, chunk), ~50 per GPT-2 row, then a
+# small per-row kernel combines them (a single program per row would leave most SMs idle).
+_SPLIT_MAX_BATCH = 32
+_SPLIT_MIN_CHUNKS = 2  # a row of one chunk has nothing to split
+_NUM_PARTS = 8  # partials per (row, chunk) of the split pass 1
 _CAP = 8192  # scratch slots per row: once <= _CAP keys are >= lo, the search goes on in the scratch
 _NUM_PIVOTS = 8  # pivots per search pass (2 in key space, 6 in value space)
 _MAX_PASSES = 40  # safety bound; the key-space pivots alone finish 32-bit keys in 21 passes
@@ -93,59 +115,75 @@ def _load_scaled(row_ptr, stride_v, cols, V, div):
 
 
 @triton.jit
-def _scan(row_ptr, stride_v, V, div, thr_key, draw, seed, offset, BLOCK: tl.constexpr):
-    """One pass over a row: max, lowest argmax, flags, key range and (when `draw`) an exact draw
-    among key >= thr_key.
+def _chunk_draw(x, cols, keep, seed, chunk, off_lo, off_hi):
+    """One chunk's part of the draw: a column by inverse CDF over w_i = exp(x_i - m_c) (m_c the
+    chunk's largest kept value) and the chunk's race score log(W_c) + m_c + Gumbel noise.
 
-    Returns (m, sum of exp(x - m) over key >= thr_key, argmax, n_bad, n_finite, min_key, max_key,
-    drawn column or -1).
+    Weights are fixed point (units of 2^-32 of the chunk's largest), so W_c and the CDF are exact
+    integer sums: any reduction order (any kernel, any layout) gives the same bits, and the split
+    and per-row variants draw the same token. Returns (score, column; -inf, BIG when no weight).
+    """
+    mc = tl.max(tl.where(keep, x, float("-inf")), axis=0)
+    safe = tl.where(mc == float("-inf"), 0.0, mc)
+    w = tl.where(keep & (x > float("-inf")), tl.exp(x - safe), 0.0)
+    wi = (w * 4294967296.0 + 0.5).to(tl.int64)
+    cdf = tl.cumsum(wi, axis=0)
+    total = tl.sum(wi, axis=0)
+    zero = off_lo * 0
+    r0, r1, _r2, _r3 = tl.philox(seed, (zero + chunk).to(tl.uint32), off_lo, off_hi, zero)
+    target = (r0.to(tl.float64) * 2.3283064365386963e-10 * total.to(tl.float64)).to(tl.int64)  # [0, W)
+    local = tl.min(tl.where(cdf > target, cols, 2147483647), axis=0)
+    u1 = ((r1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08  # 24 bits -> (0, 1)
+    score = tl.where(total > 0, safe + tl.log(tl.maximum(total, 1).to(tl.float32)) - tl.log(-tl.log(u1)),
+                     float("-inf"))
+    return score, local
+
+
+@triton.jit
+def _offset_words(offset):
+    return (offset & 0xFFFFFFFF).to(tl.uint32), ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def _scan(row_ptr, stride_v, V, div, thr_key, draw, seed, offset, BLOCK: tl.constexpr):
+    """One pass over a row: max, lowest argmax, flags, key range (per-lane running partials,
+    reduced once at the end) and (when `draw`) an exact draw among key >= thr_key.
+
+    Returns (m, argmax, n_bad, n_finite, min_key, max_key, drawn column or BIG).
     """
     lanes = tl.arange(0, BLOCK)
-    m = float("-inf")  # running max of the scaled logits
-    arg = 0
-    n_bad = 0
-    n_fin = 0
-    kmin = 2147483647
-    kmax = -2147483647 - 1
-    total = 0.0  # reservoir weight so far, in units of exp(. - m)
-    pick = -1
-    off_lo = (offset & 0xFFFFFFFF).to(tl.uint32)
-    off_hi = ((offset >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    zero = off_lo * 0
+    m_l = tl.full([BLOCK], float("-inf"), tl.float32)  # per lane: largest value (NaN skipped)
+    arg_l = tl.zeros([BLOCK], dtype=tl.int32)  # its first column
+    bad_l = tl.zeros([BLOCK], dtype=tl.int32)
+    fin_l = tl.zeros([BLOCK], dtype=tl.int32)
+    kmin_l = tl.full([BLOCK], 2147483647, tl.int32)
+    kmax_l = tl.full([BLOCK], -2147483647 - 1, tl.int32)
+    best = tl.full([], float("-inf"), tl.float32)  # the race: the chunk with the largest score wins
+    pick = tl.full([], 2147483647, tl.int32)
+    off_lo, off_hi = _offset_words(offset)
     x_next = _load_scaled(row_ptr, stride_v, lanes, V, div)
     for start in range(0, V, BLOCK):
         cols = start + lanes
         x = x_next
         x_next = _load_scaled(row_ptr, stride_v, cols + BLOCK, V, div)  # in flight while x is used
+        valid = cols < V
         key = _key(x)
         bad = (x != x) | (x == float("inf"))
-        n_bad += tl.sum(bad.to(tl.int32), axis=0)
-        n_fin += tl.sum(((x > float("-inf")) & ~bad).to(tl.int32), axis=0)
-        valid = cols < V
-        kmin = tl.minimum(kmin, tl.min(tl.where(valid, key, 2147483647), axis=0))
-        kmax = tl.maximum(kmax, tl.max(tl.where(valid, key, -2147483647 - 1), axis=0))
-        cmax = tl.max(x, axis=0)
-        carg = tl.min(tl.where(x == cmax, cols, 2147483647), axis=0)
-        arg = tl.where(cmax > m, carg, arg)
-        m_new = tl.maximum(m, cmax)
-        # weights relative to the new running max; chunks/rows of only -inf weigh 0
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        w = tl.where((key >= thr_key) & (x > float("-inf")), tl.exp(x - safe), 0.0)
-        total = tl.where(m_new == float("-inf"), 0.0, total * tl.exp(m - safe))
-        m = m_new
-        wc = tl.sum(w, axis=0)
-        total = total + wc
+        better = x > m_l
+        arg_l = tl.where(better, cols, arg_l)
+        m_l = tl.where(better, x, m_l)
+        bad_l += bad.to(tl.int32)
+        fin_l += ((x > float("-inf")) & ~bad).to(tl.int32)
+        kmin_l = tl.minimum(kmin_l, tl.where(valid, key, 2147483647))
+        kmax_l = tl.maximum(kmax_l, tl.where(valid, key, -2147483647 - 1))
         if draw:
-            # inverse CDF inside the chunk (target < the scan's own last value, so always found),
-            # then keep the chunk's pick with probability wc / total
-            cdf = tl.cumsum(w, axis=0)
-            r0, r1, _r2, _r3 = tl.philox(seed, (zero + start // BLOCK).to(tl.uint32), off_lo, off_hi, zero)
-            u0 = (r0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 24 bits -> [0, 1)
-            u1 = (r1 >> 8).to(tl.float32) * 5.9604644775390625e-08
-            local = tl.min(tl.where(cdf > u0 * tl.max(cdf, axis=0), cols, 2147483647), axis=0)
-            take = (wc > 0.0) & (u1 * total < wc)
-            pick = tl.where(take, local, pick)
-    return m, total, arg, n_bad, n_fin, kmin, kmax, pick
+            score, local = _chunk_draw(x, cols, valid & (key >= thr_key), seed, start // BLOCK, off_lo, off_hi)
+            pick = tl.where(score > best, local, pick)  # strict: ties go to the lowest chunk
+            best = tl.maximum(best, score)
+    m = tl.max(m_l, axis=0)
+    arg = tl.min(tl.where(m_l == m, arg_l, 2147483647), axis=0)
+    return (m, arg, tl.sum(bad_l, axis=0), tl.sum(fin_l, axis=0), tl.min(kmin_l, axis=0),
+            tl.max(kmax_l, axis=0), pick)
 
 
 @triton.jit
@@ -273,9 +311,49 @@ def _compact(row_ptr, stride_v, V, div, thr_key, sx_ptr, sc_ptr, BLOCK: tl.const
 
 
 @triton.jit
+def _sample_split_kernel(part_ptr, logits_ptr, stride_b, stride_v, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
+                         offset_ptr, V, C, BLOCK: tl.constexpr):
+    """Pass 1 split: program (row, c) scans chunk c of the row (one DRAM read of it) and writes
+    the chunk's partials to part[row, :, c] (int32; floats bit-cast): max, its lowest column,
+    #bad, #finite, min key, max key, race score, drawn column (the draw only for rows without
+    filters). `_sample_kernel` (SPLIT) combines them exactly as its own pass 1 combines chunks."""
+    row = tl.program_id(0)
+    c = tl.program_id(1)
+    t = tl.load(temp_ptr + row)
+    k = tl.load(topk_ptr + row)
+    p = tl.load(topp_ptr + row)
+    greedy = t <= 0.0
+    div = tl.where(greedy, 1.0, t)
+    draw = (~greedy) & ~(((k > 0) & (k < V)) | (p < 1.0))
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    x = _load_scaled(logits_ptr + row.to(tl.int64) * stride_b, stride_v, cols, V, div)
+    valid = cols < V
+    key = _key(x)
+    bad = (x != x) | (x == float("inf"))
+    m = tl.max(tl.where(x == x, x, float("-inf")), axis=0)
+    arg = tl.min(tl.where(x == m, cols, 2147483647), axis=0)
+    arg = tl.where(m == float("-inf"), c * 0, arg)  # nothing above -inf: as the per-lane scan
+    score = tl.full([], float("-inf"), tl.float32)
+    pick = tl.full([], 2147483647, tl.int32)
+    if draw:
+        off_lo, off_hi = _offset_words(tl.load(offset_ptr + row))
+        score, pick = _chunk_draw(x, cols, valid, tl.load(seed_ptr + row), c, off_lo, off_hi)
+    out = part_ptr + row.to(tl.int64) * (8 * C) + c
+    tl.store(out, m.to(tl.int32, bitcast=True))
+    tl.store(out + C, arg)
+    tl.store(out + 2 * C, tl.sum(bad.to(tl.int32), axis=0))
+    tl.store(out + 3 * C, tl.sum(((x > float("-inf")) & ~bad).to(tl.int32), axis=0))
+    tl.store(out + 4 * C, tl.min(tl.where(valid, key, 2147483647), axis=0))
+    tl.store(out + 5 * C, tl.max(tl.where(valid, key, -2147483647 - 1), axis=0))
+    tl.store(out + 6 * C, score.to(tl.int32, bitcast=True))
+    tl.store(out + 7 * C, pick)
+
+
+@triton.jit
 def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr, topk_ptr, topp_ptr,
-                   seed_ptr, offset_ptr, scratch_x_ptr, scratch_col_ptr, V,
-                   BLOCK: tl.constexpr, CAP: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr):
+                   seed_ptr, offset_ptr, scratch_x_ptr, scratch_col_ptr, part_ptr, V, C,
+                   BLOCK: tl.constexpr, CAP: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr,
+                   SPLIT: tl.constexpr, C_BLOCK: tl.constexpr):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_b
     sx_ptr = scratch_x_ptr + row.to(tl.int64) * CAP  # scratch rows: [B, CAP]
@@ -291,8 +369,25 @@ def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr
     use_p = (~greedy) & (p < 1.0)
     # pass 1 (the DRAM read): flags, max, argmax, key range; the draw for rows without filters
     filtered = use_k | use_p
-    m, z_all, arg, n_bad, n_fin, kmin, kmax, pick = _scan(row_ptr, stride_v, V, div, -2147483647 - 1,
-                                                        (~greedy) & (~filtered), seed, offset, BLOCK)
+    if SPLIT:
+        # the chunks' partials from `_sample_split_kernel`, combined as `_scan` combines chunks
+        cs = tl.arange(0, C_BLOCK)
+        cm = cs < C
+        part = part_ptr + row.to(tl.int64) * (8 * C) + cs
+        m_c = tl.load(part, mask=cm, other=-8388608).to(tl.float32, bitcast=True)  # -inf's bits
+        m = tl.max(m_c, axis=0)
+        arg = tl.min(tl.where(cm & (m_c == m), tl.load(part + C, mask=cm, other=0), 2147483647), axis=0)
+        n_bad = tl.sum(tl.load(part + 2 * C, mask=cm, other=0), axis=0)
+        n_fin = tl.sum(tl.load(part + 3 * C, mask=cm, other=0), axis=0)
+        kmin = tl.min(tl.load(part + 4 * C, mask=cm, other=2147483647), axis=0)
+        kmax = tl.max(tl.load(part + 5 * C, mask=cm, other=-2147483647 - 1), axis=0)
+        score = tl.load(part + 6 * C, mask=cm, other=-8388608).to(tl.float32, bitcast=True)
+        best = tl.max(score, axis=0)
+        win = tl.min(tl.where(cm & (score == best), cs, 2147483647), axis=0)
+        pick = tl.max(tl.where(cs == win, tl.load(part + 7 * C, mask=cm, other=0), -1), axis=0)
+    else:
+        m, arg, n_bad, n_fin, kmin, kmax, pick = _scan(row_ptr, stride_v, V, div, -2147483647 - 1,
+                                                       (~greedy) & (~filtered), seed, offset, BLOCK)
     ok_row = (n_bad == 0) & (n_fin > 0)
     token = tl.where(greedy, arg, pick).to(tl.int64)
     if ok_row & filtered:
@@ -313,9 +408,9 @@ def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr
                 lo, hi, f_lo, c_lo, _z = _search(sx_ptr, 1, n_cand, 1.0, m, lo, hi, lo, k, p, f_lo,
                                                          -1.0, 0, False, BLOCK, NP, MAX_PASSES)
         if use_p:
-            # the top-p bracket starts at the top-k threshold: f(lo) = z = the top-k set's mass
-            # (known from pass 1 when top-k did not run)
-            z = tl.where(use_k, -1.0, z_all)
+            # the top-p bracket starts at the top-k threshold: f(lo) = z = the mass of keys >= lo,
+            # summed by the search's first pass (in the same order in both pass-1 variants)
+            z = f_lo * 0.0 - 1.0
             hi = kmax + 1
             if on_scratch:
                 lo, hi, f_lo, c_lo, z = _search(sx_ptr, 1, n_cand, 1.0, m, lo, hi, lo, k, p, z, z, 0,
@@ -330,10 +425,10 @@ def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr
                     lo, hi, f_lo, c_lo, z = _search(sx_ptr, 1, n_cand, 1.0, m, lo, hi, base, k, p,
                                                             f_lo, z, 0, True, BLOCK, NP, MAX_PASSES)
         if on_scratch:
-            _m2, _z2, _a2, _b2, _f2, _n2, _x2, pos = _scan(sx_ptr, 1, n_cand, 1.0, lo, True, seed, offset, BLOCK)
+            _m2, _a2, _b2, _f2, _n2, _x2, pos = _scan(sx_ptr, 1, n_cand, 1.0, lo, True, seed, offset, BLOCK)
             token = tl.load(sc_ptr + tl.maximum(pos, 0)).to(tl.int64)
         else:
-            _m2, _z2, _a2, _b2, _f2, _n2, _x2, pick2 = _scan(row_ptr, stride_v, V, div, lo, True, seed, offset, BLOCK)
+            _m2, _a2, _b2, _f2, _n2, _x2, pick2 = _scan(row_ptr, stride_v, V, div, lo, True, seed, offset, BLOCK)
             token = pick2.to(tl.int64)
     status = tl.where(n_bad > 0, 1, tl.where(n_fin == 0, 2, 0))
     token = tl.where(status == 0, token, -1)
@@ -341,7 +436,14 @@ def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr
     tl.store(status_ptr + row, status.to(tl.int32))
 
 
-def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets):
+def _outputs(B, device, out):
+    if out is not None:
+        return out
+    return (torch.empty(B, dtype=torch.int64, device=device),
+            torch.empty(B, dtype=torch.int32, device=device))
+
+
+def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets, out=None):
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a 2-D tensor [B, V], got {shape}")
@@ -365,11 +467,22 @@ def _check_inputs(logits, temperature, top_k, top_p, seeds, offsets):
         if t.device != logits.device:
             raise ValueError(f"{name} is on {t.device} but logits are on {logits.device}; "
                              "all inputs must share one device")
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError(f"out must be a (tokens, status) pair of tensors, got {type(out).__name__}")
+        for name, t, dtype in (("out tokens", out[0], torch.int64), ("out status", out[1], torch.int32)):
+            if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != (B,)
+                    or t.stride(0) != 1 or t.device != logits.device):
+                got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name} must be a contiguous [B] = ({B},) {dtype} tensor on "
+                                 f"{logits.device}, got {got}")
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row with HF's temperature -> top-k -> top-p warpers (Triton, one launch).
+           seeds: torch.Tensor, offsets: torch.Tensor,
+           out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row with HF's temperature -> top-k -> top-p warpers (Triton; one launch,
+    or two at batches <= 32: pass 1 split across ~V/1024 programs per row).
 
     Parameters
     ----------
@@ -386,6 +499,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     offsets : torch.Tensor
         [B] int64 step counter per row, read on the device (the runtime increments it between
         steps, so CUDA-graph replays draw fresh numbers).
+    out : (tokens, status) or None
+        Contiguous [B] int64 and [B] int32 tensors to write into (a CUDA graph's static outputs);
+        None allocates them.
 
     Returns
     -------
@@ -403,20 +519,28 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     >>> p = torch.tensor([0.9, 1.0], device="cuda"); seeds = row_seeds(0, 2, "cuda")
     >>> tokens, status = sample(logits, t, k, p, seeds, torch.zeros(2, dtype=torch.int64, device="cuda"))
     """
-    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
+    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets, out)
     if not on_cuda(logits.device) and not interpreting():
         raise ValueError(f"sample (Triton) needs CUDA tensors, got {logits.device}; use sample_ref on the CPU "
                          "(or set TRITON_INTERPRET=1 before importing triton)")
     B, V = logits.shape
     params = [t.contiguous() for t in (temperature, top_k, top_p, seeds, offsets)]
-    tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
-    status = torch.empty(B, dtype=torch.int32, device=logits.device)
+    tokens, status = _outputs(B, logits.device, out)
     # per-row scratch for the <= _CAP candidates the searches narrow a row down to
     scratch_x = torch.empty(B, _CAP, dtype=torch.float32, device=logits.device)
     scratch_col = torch.empty(B, _CAP, dtype=torch.int32, device=logits.device)
+    C = triton.cdiv(V, _BLOCK)
+    split = B <= _SPLIT_MAX_BATCH and C >= _SPLIT_MIN_CHUNKS
+    parts = tokens  # unused unless split
+    if split:
+        parts = torch.empty(B, _NUM_PARTS, C, dtype=torch.int32, device=logits.device)
+        _sample_split_kernel[(B, C)](parts, logits, logits.stride(0), logits.stride(1), *params, V, C,
+                                     BLOCK=_BLOCK, num_warps=_SPLIT_WARPS)
     _sample_kernel[(B,)](tokens, status, logits, logits.stride(0), logits.stride(1), *params, scratch_x,
-                         scratch_col, V,
-                         BLOCK=_BLOCK, CAP=_CAP, NP=_NUM_PIVOTS, MAX_PASSES=_MAX_PASSES, num_warps=_NUM_WARPS)
+                         scratch_col, parts, V, C,
+                         BLOCK=_BLOCK, CAP=_CAP, NP=_NUM_PIVOTS, MAX_PASSES=_MAX_PASSES,
+                         SPLIT=split, C_BLOCK=triton.next_power_of_2(C) if split else 1,
+                         num_warps=_NUM_WARPS)
     return tokens, status
 
 
@@ -541,14 +665,15 @@ def filter_logits_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: to
 
 
 def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-               seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               seeds: torch.Tensor, offsets: torch.Tensor,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager reference of `sample` (same signature): HF's warpers in torch, then an inverse-CDF draw.
 
     The uniform of each row is splitmix64(splitmix64(seed) ^ offset) (53 bits, on the inputs'
     device, no host sync), so a draw is reproducible from (seed, offset) but not the same number as
     the kernel's Philox stream. Greedy rows are argmax; flags as in `sample`.
     """
-    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets)
+    _check_inputs(logits, temperature, top_k, top_p, seeds, offsets, out)
     B, V = logits.shape
     x = logits.float()
     tokens = torch.argmax(x, dim=-1)  # greedy rows' answer: lowest index among ties
@@ -567,7 +692,11 @@ def sample_ref(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Ten
         drawn = torch.searchsorted(cdf, u[:, None], right=True).squeeze(1).clamp_max(V - 1)
         tokens[rows] = drawn
     tokens = torch.where(status == 0, tokens, -1)
-    return tokens, status
+    if out is None:
+        return tokens, status
+    out[0].copy_(tokens)
+    out[1].copy_(status)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -213,12 +213,16 @@ class _Session:
             grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
             named = [(k, v) for k, v in bound.items() if isinstance(v, torch.Tensor)]
             with _disable_current_modes():  # reading seq_lens here is the tool's, not the step's
-                nbytes = self._triton_bytes(meta.name, named)
+                nbytes = self._triton_bytes(meta.name, named, bound)
             self.launches.append(Launch(meta.name, "triton", grid, nbytes, meta.hash))
         return kernel
 
-    def _triton_bytes(self, kernel: str, named: list) -> int:
+    def _triton_bytes(self, kernel: str, named: list, bound: dict) -> int:
         args = dict(named)
+        rules = dict(_PARTIAL_ARGS)
+        for (name, flag), extra in _PARTIAL_ARGS_IF.items():
+            if name == kernel and bound.get(flag):
+                rules.update({(kernel, arg): index for arg, index in extra.items()})
         cache_tokens = 0  # tokens of the paged cache the launch attends to, or writes
         if "seq_lens_ptr" in args:  # attention: every key of every sequence
             cache_tokens = int(args["seq_lens_ptr"].sum())
@@ -226,7 +230,7 @@ class _Session:
             cache_tokens = int(args["slot_ptr"].numel())
         sized = []
         for name, t in named:
-            rule = _PARTIAL_ARGS.get((kernel, name), "whole")
+            rule = rules.get((kernel, name), "whole")
             if t.untyped_storage().data_ptr() in self.cache_ids:
                 sized.append((t, t[0, 0].numel() * t.element_size() * cache_tokens))  # [H, D] per token
             elif rule == "whole":
@@ -256,6 +260,11 @@ _PARTIAL_ARGS = {
     ("_embed_layernorm_kernel", "wpe_ptr"): "pos_ptr",
     ("_sample_kernel", "scratch_x_ptr"): None,
     ("_sample_kernel", "scratch_col_ptr"): None,
+}
+# The same, for arguments that are gathered only in a variant: (kernel, constexpr) -> rules.
+# `_ln_linear_kernel` with EMBED=True (the GEMV path's first block) reads x_ptr as wte by token id.
+_PARTIAL_ARGS_IF = {
+    ("_ln_linear_kernel", "EMBED"): {"x_ptr": "tok_ptr", "wpe_ptr": "pos_ptr"},
 }
 # PyTorch ops that gather rows of their first argument (the source counts as the rows read).
 _GATHERS = {"aten.index_select", "aten.embedding"}

@@ -372,10 +372,21 @@ class GPT2(nn.Module):
         self
         """
         quant.check_mode(mode)
+        changed = mode != self.quantize
         self.quantize = mode
         for holder in self._weight_holders():
             holder._quantize = mode
             holder._int8 = None
+        if changed:
+            # Other weights in effect: the decode graphs (captured on the other path) are rebuilt,
+            # live engines pick up the new runner (the epoch), and cached prefixes, computed with
+            # the other weights, are dropped.
+            from .graphs import _bump_weights_epoch
+
+            self._graph_runner = None
+            if self._kv_cache is not None:
+                self._kv_cache.reset_prefix_cache()
+            _bump_weights_epoch()
         return self
 
     def _weight_holders(self):

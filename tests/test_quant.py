@@ -269,3 +269,27 @@ def test_cpu_decode_padding_rows_take_the_general_path(monkeypatch):
     two = model.generate(ids[:2], **kw)  # bucket 2
     assert torch.equal(together, torch.cat(alone))
     assert torch.equal(two, together[:2])
+
+
+def test_switching_quantisation_drops_the_prefix_cache_and_the_decode_graphs(monkeypatch):
+    """Prompt K/V cached under float weights is not reused once the model runs int8 (and back),
+    and the decode runner is rebuilt for the other path (GPTFAST_CUDA_GRAPHS=1 on the CPU runs
+    the same static-buffer step)."""
+    from gptfast import graphs
+
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "1")
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+              output_logits=True, return_dict_in_generate=True)
+    fresh = GPT2.from_config("tiny", seed=0, quantize="int8").generate(ids, **kw)
+    model = GPT2.from_config("tiny", seed=0)
+    model.generate(ids, **kw)  # float: the prompt's blocks are cached
+    runner = graphs.graph_runner(model)
+    model.quantize_weights("int8")
+    assert graphs.graph_runner(model) is not runner
+    got = model.generate(ids, **kw)
+    assert torch.equal(got.sequences, fresh.sequences)
+    assert torch.equal(got.logits[0], fresh.logits[0])
+    model.quantize_weights(None)
+    back = model.generate(ids, **kw)
+    assert torch.equal(back.logits[0], GPT2.from_config("tiny", seed=0).generate(ids, **kw).logits[0])

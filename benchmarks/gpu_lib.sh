@@ -75,7 +75,7 @@ gpu_or_exit() {
     fi
 }
 
-# install_in_place OUT: the offline editable install (GPU.md), logged to OUT/pip.log; a dry run skips it.
+# install_in_place OUT: the offline editable install (the GPU machine has no package index), logged to OUT/pip.log; a dry run skips it.
 install_in_place() {
     if [[ ${GPU_CHECK_DEVICE:-cuda} == cpu ]]; then
         echo "install (pip -e .): skipped (dry run)" >> "$STEPS"

@@ -160,7 +160,8 @@ def _search(model, cache, prompts, params, *, num_beams, num_return, length_pena
         use_graphs = device.type == "cuda"
     # the eager reference ops sync with the host: they cannot be captured
     use_graphs = use_graphs and not (device.type == "cuda" and ops.kernel_backend() == "reference")
-    runner = graphs.graph_runner(model) if use_graphs else None
+    # the model's runner if it has the rows (a smaller one is rebuilt only as large as needed)
+    runner = graphs.graph_runner(model, min(graphs.MAX_BATCH, B * nb)) if use_graphs else None
     if runner is not None and B * nb > runner.max_batch:
         runner = None
     live: set[int] = set()  # manager sequences this search holds

@@ -325,6 +325,8 @@ def _run_generate(args) -> int:
                     streamer.end()
                 else:
                     generate(model, input_ids, streamer=streamer, **kw)
+            except ValueError as exc:  # what only the model can tell: e.g. prompt + new tokens too long
+                raise UsageError(" ".join(str(exc).split())) from None
             except KeyboardInterrupt:
                 # generate() has released the sample's KV blocks and ended the line on its way out
                 print(f"[interrupted after {streamer.count} tokens]", file=sys.stderr, flush=True)
@@ -368,10 +370,9 @@ def _run_generate(args) -> int:
             return 0
         try:
             ids, echo = prompt_from(text)
+            samples(ids, echo)
         except UsageError as exc:  # a bad prompt is reported; the loop goes on
             print(f"error: {exc}", file=sys.stderr, flush=True)
-            continue
-        samples(ids, echo)
 
 
 # ------------------------------------------------------------------------------------------ bench

@@ -781,7 +781,7 @@ class Engine:
         """Launch the step after `infl` when every row can take it without the host; returns
         (launch id, new blocks) or None."""
         seqs, runner, B = infl.seqs, self.runner, len(infl.seqs)
-        if (self.steps_in_flight < 2 or self.waiting or self.running != seqs or self.keep_scores
+        if (self.steps_in_flight < 2 or self._num_waiting or self.running != seqs or self.keep_scores
                 or self._penalty or not runner.can_continue(B, infl.launch)):
             return None
         # the step in flight draws token index num_generated; the next one draws index + 1

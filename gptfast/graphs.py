@@ -1,7 +1,7 @@
 """The decode step as CUDA graphs: static buffers, one graph per batch-size bucket.
 
-A decode step of GPT-2 124M at batch 1 is about a hundred small kernels (an estimate from the op
-count; `gptfast.bench.kernel_count` measures it), most of them ~1 µs of DRAM time; launched one by
+A decode step of GPT-2 124M at batch 1 is 64 small kernels (`gptfast kernels` counts them),
+most of them ~1 µs of DRAM time; launched one by
 one from Python the step is bound by the host (tens of µs per layer). `DecodeGraphRunner`
 captures the whole step (embedding, every block, the final LayerNorm, the head and the sampler)
 once per batch-size bucket and replays it: one graph launch per step, no host sync inside it.

@@ -333,3 +333,12 @@ def test_ctrl_c_stops_a_non_interactive_sample(long_folder, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130 and "Traceback" not in child.before
+
+
+def test_a_request_longer_than_the_model_allows_is_one_error_line(tmp_path):
+    """What only the loaded model can tell (prompt + new tokens beyond n_positions) is still one
+    `error:` line and status 2, not a traceback."""
+    done = run(["generate", "tiny", "--random-weights", "--ids", "1,2", "--max-new-tokens", "100000",
+                "--device", "cpu"], cwd=tmp_path)
+    one_error_line(done, "100000")
+    assert "Traceback" not in done.stderr

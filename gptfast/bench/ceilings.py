@@ -3,7 +3,7 @@
 - bandwidth: a large device-to-device copy, (bytes read + bytes written) / time.
 - compute: a large matmul's rate, bf16 on CUDA, fp32 on the CPU.
 
-DESIGN.md: percentages use these measured numbers, never datasheet numbers.
+Percentages use these measured numbers, never datasheet numbers.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@
    - mixed, continuous batching: gptfast gets every request at once through the `Engine` API
      (its own `max_new_tokens` each) and steps until all are done; useful tokens/s end to end,
      time to first token p50 (every request arrives at t=0, so it includes queueing) and
-     inter-token latency p50/p99. Its "× HF" is over HF's padded batches: the issue's
+     inter-token latency p50/p99. Its "× HF" is over HF's padded batches: the
      256-request throughput target.
    On CUDA the notes also give the kernels one decode step runs at batch 1 (`kernel_count`; the
    headline `kernels_per_step` is the CUDA graph's replay, the eager count beside it), the device

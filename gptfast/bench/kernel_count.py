@@ -1,7 +1,7 @@
 """How many GPU kernels one decode step launches, counted with the PyTorch profiler.
 
 Per-layer kernels of GPT-2's decode step are ~1 µs of DRAM time each, about the gap between two
-launches inside a CUDA graph (DESIGN.md, "Performance method"): at batch 1 the kernel count per
+launches inside a CUDA graph: at batch 1 the kernel count per
 step bounds the step time as much as the bytes do. `kernels_per_decode_step` builds an `Engine`,
 admits `batch_size` requests, runs their prefill and one warm-up decode step (Triton compiles,
 graph capture), then profiles exactly one decode step and counts the device kernels it ran

@@ -1,6 +1,6 @@
 """Where a benchmark number came from: device, driver, library versions, commit, command.
 
-Every result file embeds `collect()` (DESIGN.md, "Performance method"). It holds no host name.
+Every result file embeds `collect()`. It holds no host name.
 """
 
 from __future__ import annotations

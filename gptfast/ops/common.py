@@ -1,6 +1,6 @@
 """What every op shares: backend choice, the comparison helper, benchmark cases.
 
-Backend choice (DESIGN.md, "Dispatch"): CUDA tensors go to the Triton kernel, CPU tensors to the
+Backend choice: CUDA tensors go to the Triton kernel, CPU tensors to the
 eager reference. `GPTFAST_KERNELS=triton` sends every op that has a kernel through it (with
 `TRITON_INTERPRET=1` this runs the kernels on the CPU), `GPTFAST_KERNELS=reference` sends
 everything to the references. Inside `as_cuda(sm_count)` CPU tensors take the CUDA branches: that
@@ -109,7 +109,7 @@ def dispatch(fast: Callable, ref: Callable) -> Callable:
     return op
 
 
-# Tolerances per dtype for comparing an op against its fp32 reference (DESIGN.md correctness policy).
+# Tolerances per dtype for comparing an op against its fp32 reference (the README's correctness policy).
 TOLERANCES = {
     torch.float32: dict(atol=1e-5, rtol=1e-5),
     torch.float16: dict(atol=2e-3, rtol=1e-2),

@@ -19,7 +19,7 @@ two `s` may differ by one unit in the last place (the kernel's is the exactly ro
 In GPT-2's decode step these replace, per block, (residual add, c_proj bias add, next LayerNorm)
 by one `add_layernorm` (c_proj runs without its bias), (embedding, embedding, add, ln_1) by one
 `embed_layernorm`, and (c_fc, GELU) by one `linear_gelu`: ~4 fewer launches per block, each
-~1 us of DRAM time and launch gap (DESIGN.md, "Performance method").
+~1 us of DRAM time and launch gap.
 
 Kernels and their floors (e = bytes per element):
 

@@ -187,7 +187,11 @@ def _check_generate(args) -> None:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.greedy:
+    if args.num_beams < 1:
+        raise UsageError(f"--num-beams must be >= 1 (1 = off), got {args.num_beams}")
+    if args.num_beams > 1 and args.num_samples > 1:
+        raise UsageError("--num-samples > 1 with --num-beams would repeat the same (deterministic) beam search")
+    if not args.greedy and args.num_beams == 1:  # a beam search ignores the sampling options
         if not args.temperature > 0:
             raise UsageError(f"--temperature must be > 0, got {args.temperature} (for greedy decoding: --greedy)")
         if args.top_k < 0:
@@ -196,8 +200,6 @@ def _check_generate(args) -> None:
             raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.num_beams < 1:
-        raise UsageError(f"--num-beams must be >= 1 (1 = off), got {args.num_beams}")
     if args.ids is not None:
         args.prompt_ids = _parse_ids(args.ids)
     if args.random_weights:

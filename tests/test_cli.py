@@ -121,6 +121,8 @@ def test_random_weights_only_when_asked_for(tmp_path):
     (["/nonexistent/path", "--prompt", "Hi"], ["no such file or folder", "/nonexistent/path"]),
     (["gpt-2", "--random-weights", "--ids", "1"], ["needs a preset name", "did you mean 'gpt2'", "tiny-odd"]),
     (["tiny", "--random-weights", "--num-samples", "0", "--ids", "1"], ["--num-samples must be >= 1, got 0"]),
+    (["tiny", "--random-weights", "--num-beams", "0", "--ids", "1"], ["--num-beams must be >= 1"]),
+    (["tiny", "--random-weights", "--num-beams", "2", "--num-samples", "2", "--ids", "1"], ["--num-samples > 1"]),
     (["tiny", "--random-weights", "--num-samples", "-2", "--ids", "1"], ["--num-samples must be >= 1, got -2"]),
     (["tiny", "--random-weights", "--max-new-tokens", "0"], ["--max-new-tokens must be >= 1"]),
     (["tiny", "--random-weights", "--top-p", "1.5"], ["--top-p must be in (0, 1], got 1.5"]),
@@ -130,7 +132,7 @@ def test_random_weights_only_when_asked_for(tmp_path):
     (["tiny", "--random-weights", "--ids", "5000"], ["5000", "vocabulary [0, 1000)"]),
     (["tiny", "--random-weights", "--prompt", "hi"], ["--prompt needs a tokenizer", "--ids"]),
     (["tiny", "--random-weights", "--bogus"], ["unrecognized arguments: --bogus"]),
-], ids=["missing-path", "preset-typo", "num-samples-0", "num-samples-negative", "max-new-tokens-0", "top-p",
+], ids=["missing-path", "preset-typo", "num-samples-0", "num-beams-0", "beams-with-samples", "num-samples-negative", "max-new-tokens-0", "top-p",
         "temperature", "dtype", "ids-not-int", "ids-outside-vocab", "prompt-without-tokenizer", "unknown-option"])
 def test_argument_errors_are_one_line_before_loading(args, expected, tmp_path):
     done = run(["generate", *args], cwd=tmp_path)
@@ -342,3 +344,10 @@ def test_a_request_longer_than_the_model_allows_is_one_error_line(tmp_path):
                 "--device", "cpu"], cwd=tmp_path)
     one_error_line(done, "100000")
     assert "Traceback" not in done.stderr
+
+
+def test_bench_with_an_unknown_op_is_one_error_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    done = run(["bench", "--suite", "all", "--ops", "nosuch", "--no-progress", "--out", str(out)], cwd=tmp_path)
+    one_error_line(done, "nosuch", "add_layernorm")
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())

@@ -160,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         skipped.append(f"{_triton.MISSING_REASON}: the Triton kernels were skipped (not checked, not timed); "
                        "only the eager references ran")
         print(f"gptfast bench: {skipped[-1]}", flush=True)
+    if args.suite in ("ops", "all") and args.ops:
+        _check_ops_names(args.ops, device, args.quick)  # before any file is written
     # A file per suite from the start, rewritten as rows come: a run cut short leaves its rows.
     partials = {name: results.PartialResults(name, out_dir, None, provenance=facts)
                 for name in (("ops", "e2e") if args.suite == "all" else (args.suite,))}
@@ -300,6 +302,24 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _check_ops_names(names: list[str], device: str, quick: bool) -> None:
+    """`--ops` names: each an op or an op module of the ops suite here, else a UsageError."""
+    from ..cli import UsageError
+    from . import runner
+
+    known = set()
+    for module_name, module in runner.discover():
+        known.add(module_name.rsplit(".", 1)[-1])
+        if not isinstance(module, BaseException):
+            try:
+                known.update(c.op for c in module.benchmark_cases(device, quick))
+            except Exception:  # reported as an ERROR row by the run itself
+                pass
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"--ops: no ops case is named {', '.join(unknown)}; ops here: {', '.join(sorted(known))}")
+
+
 def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, ceil, progress: bool,
                     on_rows=None):
     """The e2e suite for every (model, dtype), in that order; (all rows, notes). A run that raises
@@ -315,9 +335,12 @@ def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, cei
         if len(combos) > 1:
             print(f"gptfast bench: e2e {model} {dtype}", flush=True)
 
-        def partial(got, got_notes, label=label):
+        measured: list[dict] = []  # this run's rows handed over so far (kept if a later phase raises)
+
+        def partial(got, got_notes, label=label, dtype=dtype):
+            measured[:] = got
             if on_rows is not None:
-                on_rows(rows + got, notes + [label + n for n in got_notes])
+                on_rows(rows + [dict(r, run_dtype=dtype) for r in got], notes + [label + n for n in got_notes])
 
         try:
             got, got_notes = e2e.run_e2e(device, dtype, args.quick, model=model, seed=args.seed,
@@ -327,8 +350,8 @@ def _run_e2e_matrix(device: str, models: list[str], dtypes: list[str], args, cei
 
             traceback.print_exc()
             note = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            got = [dict(suite="e2e", key=f"{model} | e2e | {dtype}", model=model, scenario="e2e", engine="-",
-                        dtype=dtype, status="ERROR", note=note, report=note)]
+            got = list(measured) + [dict(suite="e2e", key=f"{model} | e2e | {dtype}", model=model, scenario="e2e",
+                                         engine="-", dtype=dtype, status="ERROR", note=note, report=note)]
             got_notes = [f"the e2e run raised {note}"]
         finally:
             import gc

@@ -52,7 +52,6 @@ import contextlib
 import time
 import weakref
 
-import numpy as np
 import torch
 
 from . import ops

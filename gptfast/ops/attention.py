@@ -73,7 +73,6 @@ structure of the prefill kernel.
 
 from __future__ import annotations
 
-import functools
 import math
 import weakref
 
@@ -81,7 +80,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, as_cuda_sm_count, interpreting, lazy_generator, on_cuda
+from .common import TOLERANCES, BenchCase, interpreting, lazy_generator, on_cuda, sm_count
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -675,15 +674,8 @@ _DECODE_MAX_SPLITS = 64
 _INTERPRETER_SM_COUNT = 4
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return as_cuda_sm_count() or _INTERPRETER_SM_COUNT
+    return sm_count(device, _INTERPRETER_SM_COUNT)
 
 
 def _decode_block_n(block_d: int) -> int:

@@ -65,6 +65,40 @@ def as_cuda_sm_count() -> int | None:
     return _AS_CUDA.get()
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device, off_gpu: int) -> int:
+    """SMs of `device`: a CUDA device's own count, the count `as_cuda` assumes, else `off_gpu`
+    (what an op sizes its grid by in the interpreter)."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return as_cuda_sm_count() or off_gpu
+
+
+def check_vector(name: str, arg: str, t, n: int, dtype: torch.dtype) -> None:
+    """A launcher check: `t` is None or a 1-D [n] tensor of `dtype` with unit stride."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name}: {arg} must be 1-D [{n}], got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name}: {arg} must be contiguous (stride 1), got stride {t.stride(0)}")
+
+
+def check_eps(name: str, eps) -> float:
+    """A launcher check: a LayerNorm epsilon, a finite Python number >= 0."""
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
+        raise ValueError(f"{name}: eps must be a finite Python float >= 0, got {eps!r}")
+    return float(eps)
+
+
 def kernel_backend() -> str:
     """The backend forced by `GPTFAST_KERNELS` ("triton", "reference"), or "auto"."""
     value = os.environ.get("GPTFAST_KERNELS", "auto").strip().lower() or "auto"

@@ -37,12 +37,12 @@ benchmark cases compare each op with the unfused sequence it replaces, in % of t
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import as_cuda_sm_count, interpreting, on_cuda
+from .common import interpreting, on_cuda
+from .common import sm_count as _device_sm_count
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 8  # rows per program; more rows run in more row blocks (the model uses this path for <= 8)
@@ -98,15 +98,8 @@ def row_stats(x_rows, mask_r, K, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constex
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return as_cuda_sm_count() or _INTERPRETER_SM_COUNT
+    return _device_sm_count(device, _INTERPRETER_SM_COUNT)
 
 
 def blocks(R: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]:
@@ -170,23 +163,3 @@ def check_rows(name: str, arg: str, t, K: int | None = None, dtype: torch.dtype 
         raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
     if t.shape[1] > 1 and t.stride(1) != 1:
         raise ValueError(f"{name}: {arg}'s last dimension must be contiguous (stride 1), got strides {t.stride()}")
-
-
-def check_vector(name: str, arg: str, t, n: int, dtype: torch.dtype) -> None:
-    """t: None or a contiguous 1-D [n] tensor of `dtype`."""
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name}: {arg} must be 1-D [{n}], got shape {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name}: {arg} must be contiguous (stride 1), got stride {t.stride(0)}")
-
-
-def check_eps(name: str, eps) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"{name}: eps must be a finite Python float >= 0, got {eps!r}")
-    return float(eps)

@@ -31,7 +31,7 @@ import torch
 
 from . import gemv, ln_linear
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import BenchCase, lazy_generator
+from .common import BenchCase, check_eps, check_vector, lazy_generator
 from .sampling import sample_ref
 
 _MAX_BLOCK_G = 1024
@@ -113,8 +113,8 @@ def layernorm_head_argmax(
     if C < 1:
         raise ValueError(f"{name}: x needs C >= 1 columns (the LayerNorm is over them), got shape {tuple(x.shape)}")
     for arg, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        gemv.check_vector(name, arg, t, C, x.dtype)
-    eps = gemv.check_eps(name, eps)
+        check_vector(name, arg, t, C, x.dtype)
+    eps = check_eps(name, eps)
     V = ln_linear._check_linear(name, C, x.dtype, weight, None)
     if V < 1:
         raise ValueError(f"{name}: weight needs at least one row (the vocabulary), got shape {tuple(weight.shape)}")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import gemv
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, lazy_generator
+from .common import TOLERANCES, BenchCase, check_eps, check_vector, lazy_generator
 from .gemv import DTYPES, gelu_tanh, row_stats
 from .norm import embed_layernorm_ref
 
@@ -208,7 +208,7 @@ def _check_linear(name: str, K: int, dtype, weight, bias) -> int:
     if K > 1 and weight.stride(1) != 1:
         raise ValueError(f"{name}: weight rows must be contiguous (stride 1 along K), got strides {weight.stride()}")
     N = weight.shape[0]
-    gemv.check_vector(name, "bias", bias, N, dtype)
+    check_vector(name, "bias", bias, N, dtype)
     return N
 
 
@@ -302,8 +302,8 @@ def layernorm_linear(
     if K < 1:
         raise ValueError(f"{name}: x needs K >= 1 columns (the LayerNorm is over them), got shape {tuple(x.shape)}")
     for arg, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        gemv.check_vector(name, arg, t, K, x.dtype)
-    eps = gemv.check_eps(name, eps)
+        check_vector(name, arg, t, K, x.dtype)
+    eps = check_eps(name, eps)
     N = _check_linear(name, K, x.dtype, weight, bias)
     out_dtype = _check_out_dtype(name, out_dtype, x.dtype)
     device = gemv.check_launch_device(name, x, ln_weight, ln_bias, weight, bias)
@@ -364,8 +364,8 @@ def embed_layernorm_linear(
         raise ValueError(f"{name}: tokens and positions must be contiguous, got strides "
                          f"{tokens.stride()} and {positions.stride()}")
     for arg, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        gemv.check_vector(name, arg, t, K, wte.dtype)
-    eps = gemv.check_eps(name, eps)
+        check_vector(name, arg, t, K, wte.dtype)
+    eps = check_eps(name, eps)
     N = _check_linear(name, K, wte.dtype, weight, bias)
     device = gemv.check_launch_device(name, tokens, positions, wte, wpe, ln_weight, ln_bias, weight, bias)
     R = tokens.shape[0]

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, interpreting, lazy_generator, on_cuda
+from .common import TOLERANCES, BenchCase, check_eps, check_vector, interpreting, lazy_generator, on_cuda
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_C = 16384  # one row lives in registers: 16384 fp32 lanes over 16 warps is 32 per thread
@@ -225,26 +225,6 @@ def _check_rows(name: str, arg: str, t: torch.Tensor, dtype: torch.dtype | None 
         raise ValueError(f"{name}: {arg}'s last dimension must be contiguous (stride 1), got strides {t.stride()}")
 
 
-def _check_vector(name: str, arg: str, t: torch.Tensor | None, C: int, dtype: torch.dtype) -> None:
-    """t: None or a 1-D [C] tensor of `dtype` with unit stride."""
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] != C:
-        raise ValueError(f"{name}: {arg} must be 1-D [C={C}], got shape {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the inputs' dtype {dtype}")
-    if C > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name}: {arg} must be contiguous (stride 1), got stride {t.stride(0)}")
-
-
-def _check_eps(name: str, eps) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"{name}: eps must be a finite Python float >= 0, got {eps!r}")
-    return float(eps)
-
-
 def _check_width(name: str, C: int) -> None:
     if not 1 <= C <= _MAX_C:
         raise ValueError(f"{name}: C (the last dimension) must be in 1..{_MAX_C}, got {C}")
@@ -301,8 +281,8 @@ def add_layernorm(
     N, C = x.shape
     _check_width(name, C)
     for arg, t in (("y_bias", y_bias), ("weight", weight), ("bias", bias)):
-        _check_vector(name, arg, t, C, x.dtype)
-    eps = _check_eps(name, eps)
+        check_vector(name, arg, t, C, x.dtype)
+    eps = check_eps(name, eps)
     device = _check_same_device(name, x=x, y=y, y_bias=y_bias, weight=weight, bias=bias)
     _check_launch_device(name, device)
     s = torch.empty((N, C), dtype=x.dtype, device=device)
@@ -380,8 +360,8 @@ def embed_layernorm(
         raise ValueError(f"{name}: wte and wpe need at least one row, got {tuple(wte.shape)} and {tuple(wpe.shape)}")
     _check_width(name, C)
     for arg, t in (("weight", weight), ("bias", bias)):
-        _check_vector(name, arg, t, C, wte.dtype)
-    eps = _check_eps(name, eps)
+        check_vector(name, arg, t, C, wte.dtype)
+    eps = check_eps(name, eps)
     device = _check_same_device(name, tokens=tokens, positions=positions, wte=wte, wpe=wpe, weight=weight, bias=bias)
     _check_launch_device(name, device)
     N = tokens.shape[0]
@@ -432,7 +412,7 @@ def bias_gelu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     N, M = y.shape
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"{name}: bias must be a torch.Tensor, got {type(bias).__name__}")
-    _check_vector(name, "bias", bias, M, y.dtype)
+    check_vector(name, "bias", bias, M, y.dtype)
     if N > 1 and M > 0 and y.stride(0) < M:  # e.g. an expand()ed row: in-place writes would race
         raise ValueError(f"{name}: y's rows overlap (row stride {y.stride(0)} < M={M}); pass a tensor with distinct rows")
     device = _check_same_device(name, y=y, bias=bias)

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from . import gemv
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, lazy_generator
-from .gemv import DTYPES
+from .common import TOLERANCES, BenchCase, check_vector, lazy_generator
+
 
 # --------------------------------------------------------------------------------------------
 # kernel
@@ -144,7 +144,7 @@ def _check_weight_bias_residual(name: str, K: int, R: int, dtype, weight, bias, 
     if K > 1 and weight.stride(1) != 1:
         raise ValueError(f"{name}: weight rows must be contiguous (stride 1 along K), got strides {weight.stride()}")
     N = weight.shape[0]
-    gemv.check_vector(name, "bias", bias, N, dtype)
+    check_vector(name, "bias", bias, N, dtype)
     gemv.check_rows(name, "residual", residual, N, dtype)
     if residual.shape[0] != R:
         raise ValueError(f"{name}: residual must be [R={R}, N={N}], got shape {tuple(residual.shape)}")

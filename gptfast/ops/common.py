@@ -78,14 +78,16 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
     return as_cuda_sm_count() or off_gpu
 
 
-def check_vector(name: str, arg: str, t, n: int, dtype: torch.dtype) -> None:
-    """A launcher check: `t` is None or a 1-D [n] tensor of `dtype` with unit stride."""
+def check_vector(name: str, arg: str, t, n: int, dtype: torch.dtype, dim: str | None = None) -> None:
+    """A launcher check: `t` is None or a 1-D [n] tensor of `dtype` with unit stride; `dim` names
+    the size in the message ("C" gives "[C=768]")."""
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
     if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name}: {arg} must be 1-D [{n}], got shape {tuple(t.shape)}")
+        size = n if dim is None else f"{dim}={n}"
+        raise ValueError(f"{name}: {arg} must be 1-D [{size}], got shape {tuple(t.shape)}")
     if t.dtype != dtype:
         raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
     if n > 1 and t.stride(0) != 1:

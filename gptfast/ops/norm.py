@@ -281,7 +281,7 @@ def add_layernorm(
     N, C = x.shape
     _check_width(name, C)
     for arg, t in (("y_bias", y_bias), ("weight", weight), ("bias", bias)):
-        check_vector(name, arg, t, C, x.dtype)
+        check_vector(name, arg, t, C, x.dtype, dim="C")
     eps = check_eps(name, eps)
     device = _check_same_device(name, x=x, y=y, y_bias=y_bias, weight=weight, bias=bias)
     _check_launch_device(name, device)
@@ -360,7 +360,7 @@ def embed_layernorm(
         raise ValueError(f"{name}: wte and wpe need at least one row, got {tuple(wte.shape)} and {tuple(wpe.shape)}")
     _check_width(name, C)
     for arg, t in (("weight", weight), ("bias", bias)):
-        check_vector(name, arg, t, C, wte.dtype)
+        check_vector(name, arg, t, C, wte.dtype, dim="C")
     eps = check_eps(name, eps)
     device = _check_same_device(name, tokens=tokens, positions=positions, wte=wte, wpe=wpe, weight=weight, bias=bias)
     _check_launch_device(name, device)
@@ -412,7 +412,7 @@ def bias_gelu_(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     N, M = y.shape
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"{name}: bias must be a torch.Tensor, got {type(bias).__name__}")
-    check_vector(name, "bias", bias, M, y.dtype)
+    check_vector(name, "bias", bias, M, y.dtype, dim="C")
     if N > 1 and M > 0 and y.stride(0) < M:  # e.g. an expand()ed row: in-place writes would race
         raise ValueError(f"{name}: y's rows overlap (row stride {y.stride(0)} < M={M}); pass a tensor with distinct rows")
     device = _check_same_device(name, y=y, bias=bias)

@@ -9,7 +9,7 @@ import torch
 
 from gptfast.ops import decode_inputs as di
 
-IMPLS = [di.decode_inputs_, di.decode_inputs__ref]
+IMPLS = [di.decode_inputs_, di.decode_inputs_ref_]
 
 
 def _expected(t, pos, lens, off, adv, sampled, tables, bs):

@@ -29,13 +29,25 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import interpreting, on_cuda
+from .checks import check_triton_device
 
 
 @triton.jit
-def _decode_inputs_kernel(tokens_ptr, positions_ptr, seq_lens_ptr, offsets_ptr, slot_ptr, advance_ptr,
-                          sampled_ptr, tables_ptr, table_stride, B, max_blocks, block_size,
-                          BLOCK: tl.constexpr):
+def _decode_inputs_kernel(
+    tokens_ptr,  # [B] int64 contiguous; read and written
+    positions_ptr,  # [B] int64 contiguous; read and written
+    seq_lens_ptr,  # [B] int32 contiguous; read and written (0: a padding row)
+    offsets_ptr,  # [B] int64 contiguous; read and written
+    slot_ptr,  # [B] int64 contiguous; written: the K/V slot, -1 for none
+    advance_ptr,  # [B] int32 contiguous; read and written
+    sampled_ptr,  # [B] int64 contiguous: the previous step's draws
+    tables_ptr,  # [B, max_blocks] int32, row stride table_stride, unit column stride
+    table_stride,
+    B,
+    max_blocks,
+    block_size,
+    BLOCK: tl.constexpr,
+):
     rows = tl.arange(0, BLOCK)
     m = rows < B
     lens = tl.load(seq_lens_ptr + rows, mask=m, other=0)
@@ -79,7 +91,8 @@ def _check(tokens, positions, seq_lens, offsets, slot_mapping, advance, sampled,
             raise ValueError(f"{name} is on {t.device} but tokens are on {tokens.device}")
     if (not isinstance(block_tables, torch.Tensor) or block_tables.dtype != torch.int32
             or block_tables.dim() != 2 or block_tables.shape[0] != B or block_tables.stride(1) != 1):
-        got = (tuple(block_tables.shape), block_tables.dtype) if isinstance(block_tables, torch.Tensor) else block_tables
+        is_tensor = isinstance(block_tables, torch.Tensor)
+        got = (tuple(block_tables.shape), block_tables.dtype) if is_tensor else block_tables
         raise ValueError(f"block_tables must be an int32 [B = {B}, max_blocks] tensor with unit column "
                          f"stride, got {got}")
     if block_tables.device != tokens.device:
@@ -112,15 +125,14 @@ def decode_inputs_(tokens: torch.Tensor, positions: torch.Tensor, seq_lens: torc
     --------
     >>> t = torch.tensor([7], device="cuda"); pos = torch.tensor([4], device="cuda")
     >>> lens = torch.tensor([5], dtype=torch.int32, device="cuda"); off = torch.zeros_like(pos)
-    >>> slot = torch.empty_like(pos); adv = torch.zeros_like(lens); tables = torch.tensor([[3, 9]], dtype=torch.int32, device="cuda")
+    >>> slot = torch.empty_like(pos); adv = torch.zeros_like(lens)
+    >>> tables = torch.tensor([[3, 9]], dtype=torch.int32, device="cuda")
     >>> decode_inputs_(t, pos, lens, off, slot, adv, torch.tensor([11], device="cuda"), tables, 4)
     >>> slot.item()  # position 4 lives in block 9, row 0
     36
     """
     _check(tokens, positions, seq_lens, offsets, slot_mapping, advance, sampled, block_tables, block_size)
-    if not on_cuda(tokens.device) and not interpreting():
-        raise ValueError(f"decode_inputs_ (Triton) needs CUDA tensors, got {tokens.device}; use "
-                         "decode_inputs__ref on the CPU (or set TRITON_INTERPRET=1 before importing triton)")
+    check_triton_device("decode_inputs_", tokens.device)
     B = tokens.shape[0]
     if B == 0:
         return
@@ -130,7 +142,7 @@ def decode_inputs_(tokens: torch.Tensor, positions: torch.Tensor, seq_lens: torc
                                 BLOCK=block, num_warps=4 if block <= 256 else 8)
 
 
-def decode_inputs__ref(tokens: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
+def decode_inputs_ref_(tokens: torch.Tensor, positions: torch.Tensor, seq_lens: torch.Tensor,
                        offsets: torch.Tensor, slot_mapping: torch.Tensor, advance: torch.Tensor,
                        sampled: torch.Tensor, block_tables: torch.Tensor, block_size: int) -> None:
     """Eager reference of `decode_inputs_` (same signature, in place)."""

@@ -1,7 +1,7 @@
 """Shared pieces of the small-batch (GEMV) decode ops: `ln_linear`, `proj_residual`, `head_argmax`.
 
-Not an op of its own: the Triton helpers the fused GEMV kernels inline, the launch configuration
-and the argument checks they share.
+Not an op of its own: the Triton helpers the fused GEMV kernels inline and the launch
+configuration they share (their argument checks are in `checks`).
 
 A decode step with 1-8 rows multiplies a few activation rows by each weight matrix: every weight
 is read once per step and used for 1-8 rows, so the step is bound by the weight bytes (GPT-2 124M
@@ -31,20 +31,18 @@ Trade-off (out = 768 columns, e.g. the projections into the residual stream): 8-
 96 programs, under one per SM on a 132-SM H100/H200; split-K would give more, but needs either
 atomics (non-deterministic sums) or a second pass (a launch, which is what these kernels remove).
 Each program then streams 8 rows x K contiguous weights with several 16-byte loads in flight per
-thread. Whether that reaches full bandwidth has not been measured (no GPU was available); the
-benchmark cases compare each op with the unfused sequence it replaces, in % of the byte floor.
+thread. Whether that reaches full bandwidth is what the ops' benchmark cases report: each op
+against the unfused sequence it replaces, in % of the byte floor.
 """
 
 from __future__ import annotations
 
-
 import torch
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import interpreting, on_cuda
+from .common import on_cuda
 from .common import sm_count as _device_sm_count
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_ROWS = 8  # rows per program; more rows run in more row blocks (the model uses this path for <= 8)
 _MIN_BLOCK_N = 8
 _MAX_BLOCK_N = 16
@@ -68,15 +66,22 @@ _INTERPRETER_PRODUCT_ELEMENTS = 65536
 @triton.jit
 def gelu_tanh(u):
     """gelu_tanh(u) = 0.5 u (1 + tanh(z)) = u * sigmoid(2 z), z = sqrt(2/pi) (u + 0.044715 u^3);
-    the sigmoid form has no cancellation for negative u (as `norm.bias_gelu_`)."""
+    the sigmoid form has no cancellation for negative u (as `gelu.bias_gelu_`)."""
     z2 = 1.5957691216057308 * (u + 0.044715 * u * u * u)
     return u / (1.0 + tl.exp(-z2))
 
 
 @triton.jit
-def row_stats(x_rows, mask_r, K, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_stats(
+    x_rows,  # [BLOCK_R, 1] pointers to the starts of the rows, each K contiguous elements
+    mask_r,
+    K,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """Mean and 1/sqrt(var + eps) of the rows `x_rows[r] + k`, k < K (fp32, biased variance, the
-    centred second pass of `norm.add_layernorm`), reading K in BLOCK_K tiles."""
+    centred second pass of `layernorm.add_layernorm`), reading K in BLOCK_K tiles."""
     offs_k = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -94,7 +99,7 @@ def row_stats(x_rows, mask_r, K, eps, BLOCK_R: tl.constexpr, BLOCK_K: tl.constex
 
 
 # --------------------------------------------------------------------------------------------
-# launch configuration and checks
+# launch configuration
 # --------------------------------------------------------------------------------------------
 
 
@@ -133,33 +138,3 @@ def blocks(R: int, N: int, K: int, device: torch.device) -> tuple[int, int, int]
     if K % block_k:
         block_k = cap
     return block_r, block_n, block_k
-
-
-def check_launch_device(name: str, *tensors: torch.Tensor | None) -> torch.device:
-    named = [t for t in tensors if t is not None]
-    device = named[0].device
-    for t in named[1:]:
-        if t.device != device:
-            raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
-    if not on_cuda(device) and not (device.type == "cpu" and interpreting()):
-        raise ValueError(
-            f"{name}: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-            f"got device {device}; use {name}_ref on the CPU"
-        )
-    return device
-
-
-def check_rows(name: str, arg: str, t, K: int | None = None, dtype: torch.dtype | None = None) -> None:
-    """t: 2-D [rows, K] with a contiguous last dimension, one of DTYPES (or exactly `dtype`)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 2:
-        raise ValueError(f"{name}: {arg} must be 2-D, got shape {tuple(t.shape)}")
-    if K is not None and t.shape[1] != K:
-        raise ValueError(f"{name}: {arg} must have {K} columns, got shape {tuple(t.shape)}")
-    if dtype is None and t.dtype not in DTYPES:
-        raise ValueError(f"{name}: {arg} dtype must be one of {DTYPES}, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name}: {arg}'s last dimension must be contiguous (stride 1), got strides {t.stride()}")

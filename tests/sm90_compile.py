@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from gptfast.ops import attention, gemv, head_argmax, ln_linear, proj_residual
+from gptfast.ops import attn_decode, gemv, head_argmax, ln_linear, proj_residual
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 SM_COUNT = 132
@@ -102,8 +102,8 @@ def variants():
             yield _compile(f"{label} R={R} ({br}x{bn}x{bk})", ln_linear._ln_linear_kernel, pointers, const, ints)
         for label, N, K, merge in (("K3 merge+c_proj+residual", 768, 768, True), ("K5 c_proj+residual", 768, 3072, False)):
             br, bn, bk = gemv.blocks(R, N, K, dev)
-            S = attention._decode_num_splits(R, 12, 1024, 64, SM_COUNT)
-            S = min(S, attention._PARTIALS_MAX_SPLITS)
+            S = attn_decode._decode_num_splits(R, 12, 1024, 64, SM_COUNT)
+            S = min(S, attn_decode.PARTIALS_MAX_SPLITS)
             bs = triton.next_power_of_2(S)
             if merge:
                 bk = min(bk, max(16, 4096 // (br * bs)))
@@ -120,7 +120,7 @@ def variants():
     ints = dict(stride_qb=2304, stride_qh=64, stride_ob=0, stride_oh=0, stride_k_slot=768, stride_kh=64,
                 stride_v_slot=768, stride_vh=64, stride_knb=2304, stride_knh=64, stride_vnb=2304, stride_vnh=64,
                 stride_bt=64, max_blocks=64, H=12)
-    yield _compile("K2 decode_attention_partials (+append)", attention._decode_split_kernel, pointers, const, ints,
+    yield _compile("K2 decode_attention_partials (+append)", attn_decode._decode_split_kernel, pointers, const, ints,
                    num_stages=2)
     G = triton.cdiv(50257, gemv.blocks(1, 50257, 768, dev)[1])
     block_g = min(1024, triton.next_power_of_2(G))

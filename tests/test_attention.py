@@ -1,4 +1,5 @@
-"""Tests of gptfast.ops.attention: kv_cache_write, prefill_attention, decode_attention.
+"""Tests of the attention ops: kv_cache_write (ops/kv_write.py), prefill_attention (ops/attn_prefill.py),
+decode_attention and decode_attention_partials (ops/attn_decode.py).
 
 Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) on small shapes in
 fp32/fp16; `gpu` tests cover bf16 and real sizes. Every kernel result is compared with the eager
@@ -14,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast.ops import attention as A
+from gptfast.bench.op_cases import attention as attention_cases
+from gptfast.ops import attn_decode, attn_prefill, kv_write
 from gptfast.ops.common import TOLERANCES, assert_close
 
 # the interpreter (numpy >= 1.25) warns on every scalar it indexes with; it is Triton's, not ours
@@ -106,8 +108,8 @@ def test_kv_cache_write(case, dtype):
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
     before_k = k_cache.clone()
 
-    A.kv_cache_write(k, v, k_cache, v_cache, slots)
-    A.kv_cache_write_ref(k, v, kc_ref, vc_ref, slots)
+    kv_write.kv_cache_write(k, v, k_cache, v_cache, slots)
+    kv_write.kv_cache_write_ref(k, v, kc_ref, vc_ref, slots)
 
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)
     # the reference itself: written rows hold k/v, every other row is untouched
@@ -126,11 +128,11 @@ def test_kv_cache_write_rejects_bad_inputs():
     k = torch.randn(4, 2, 16)
     cache = torch.randn(3, 4, 2, 16)
     with pytest.raises(ValueError, match="slot_mapping"):
-        A.kv_cache_write(k, k, cache, cache.clone(), torch.zeros(4, dtype=torch.int32))
+        kv_write.kv_cache_write(k, k, cache, cache.clone(), torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="k_cache"):
-        A.kv_cache_write(k, k, torch.randn(3, 4, 3, 16), cache, torch.zeros(4, dtype=torch.int64))
+        kv_write.kv_cache_write(k, k, torch.randn(3, 4, 3, 16), cache, torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="contiguous"):
-        A.kv_cache_write(k, k, cache.transpose(0, 1), cache, torch.zeros(4, dtype=torch.int64))
+        kv_write.kv_cache_write(k, k, cache.transpose(0, 1), cache, torch.zeros(4, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,13 +158,13 @@ def test_references_match_dense_attention():
     k_cache, v_cache, table = paged_cache(lens, H, D, bs, torch.float64, "cpu", gen)
     for b, n in enumerate(lens):  # write each sequence through its (shuffled) block table
         slots = table[b, (torch.arange(n) // bs)].long() * bs + torch.arange(n) % bs
-        A.kv_cache_write_ref(k_full[b], v_full[b], k_cache, v_cache, slots)
+        kv_write.kv_cache_write_ref(k_full[b], v_full[b], k_cache, v_cache, slots)
     q = torch.cat([qf[n - m :] for qf, n, m in zip(q_full, lens, q_lens)])
     cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = 0.3
 
-    out = A.prefill_attention_ref(q, k_cache, v_cache, table, cu, seq_lens, scale, max(q_lens))
+    out = attn_prefill.prefill_attention_ref(q, k_cache, v_cache, table, cu, seq_lens, scale, max(q_lens))
     expected = torch.cat(
         [dense_causal(qf, kf, vf, scale)[n - m :] for qf, kf, vf, n, m in zip(q_full, k_full, v_full, lens, q_lens)]
     )
@@ -170,7 +172,7 @@ def test_references_match_dense_attention():
 
     # decode: the last token of each sequence attends to the whole sequence
     q_last = torch.stack([qf[-1] for qf in q_full])  # [B, H, D]
-    out = A.decode_attention_ref(q_last, k_cache, v_cache, table, seq_lens, scale)
+    out = attn_decode.decode_attention_ref(q_last, k_cache, v_cache, table, seq_lens, scale)
     expected = torch.stack([dense_causal(qf, kf, vf, scale)[-1] for qf, kf, vf in zip(q_full, k_full, v_full)])
     assert_close(out, expected, **TOLERANCES[torch.float32], name="decode_attention_ref")
 
@@ -197,7 +199,8 @@ def test_prefill_attention(case, dtype, poison_empty):
     lens, q_lens, H, D, bs, mult = case
     args = prefill_inputs(lens, q_lens, H, D, bs, dtype, "cpu", seed=sum(lens) + D)
     args = (*args, mult / math.sqrt(D), max(q_lens))
-    check_against_ref(A.prefill_attention, A.prefill_attention_ref, args, dtype, "prefill_attention")
+    check_against_ref(attn_prefill.prefill_attention, attn_prefill.prefill_attention_ref, args, dtype,
+                      "prefill_attention")
 
 
 def random_case(seed: int):
@@ -220,7 +223,7 @@ def test_prefill_attention_random(seed, poison_empty):
     dtype = CPU_DTYPES[seed % 2]
     args = (*prefill_inputs(lens, q_lens, H, D, bs, dtype, "cpu", seed=seed), D**-0.5, max(q_lens))
     name = f"prefill {lens} {q_lens} H={H} D={D} bs={bs}"
-    check_against_ref(A.prefill_attention, A.prefill_attention_ref, args, dtype, name)
+    check_against_ref(attn_prefill.prefill_attention, attn_prefill.prefill_attention_ref, args, dtype, name)
 
 
 def test_prefill_attention_strided_q():
@@ -230,7 +233,8 @@ def test_prefill_attention_strided_q():
     qkv = torch.randn(q.shape[0], 3, 2, 32)
     qkv[:, 0] = q
     args = (qkv[:, 0], k_cache, v_cache, table, cu, seq_lens, 0.2, max(lens))
-    assert_close(A.prefill_attention(*args), A.prefill_attention_ref(q, *args[1:]), **TOLERANCES[torch.float32])
+    assert_close(attn_prefill.prefill_attention(*args), attn_prefill.prefill_attention_ref(q, *args[1:]),
+                 **TOLERANCES[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
@@ -243,12 +247,13 @@ def test_write_prefill_then_decode_agree(dtype):
     q, k, v = (torch.randn(T, H, D, generator=gen).to(dtype) for _ in range(3))
     pos = torch.arange(T)
     slots = table[0, pos // bs].long() * bs + pos % bs
-    A.kv_cache_write(k, v, k_cache, v_cache, slots)
+    kv_write.kv_cache_write(k, v, k_cache, v_cache, slots)
     cu = torch.tensor([0, T], dtype=torch.int32)
-    prefill = A.prefill_attention(q, k_cache, v_cache, table, cu, torch.tensor([T], dtype=torch.int32), 0.2, T)
+    prefill = attn_prefill.prefill_attention(q, k_cache, v_cache, table, cu, torch.tensor([T], dtype=torch.int32),
+                                             0.2, T)
     for p in range(T - 4, T):
         lens = torch.tensor([p + 1], dtype=torch.int32)
-        decode = A.decode_attention(q[p : p + 1], k_cache, v_cache, table, lens, 0.2)
+        decode = attn_decode.decode_attention(q[p : p + 1], k_cache, v_cache, table, lens, 0.2)
         assert_close(decode[0], prefill[p], **TOLERANCES[dtype], name=f"position {p}")
 
 
@@ -266,7 +271,7 @@ def test_prefill_attention_rejects_bad_inputs():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError, match=what):
-            A.prefill_attention(*args)
+            attn_prefill.prefill_attention(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,47 +293,49 @@ DECODE_CASES = {
 @pytest.mark.parametrize("case", DECODE_CASES.values(), ids=DECODE_CASES.keys())
 def test_decode_attention(case, dtype, sm_count, poison_empty, monkeypatch):
     # the SM count the interpreter assumes picks the split-KV factor: 1, a few, many
-    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    monkeypatch.setattr(attn_decode, "_INTERPRETER_SM_COUNT", sm_count)
     lens, H, D, bs = case
     args = (*decode_inputs(lens, H, D, bs, dtype, "cpu", seed=sum(lens) + D + sm_count), D**-0.5)
-    check_against_ref(A.decode_attention, A.decode_attention_ref, args, dtype, "decode_attention")
+    check_against_ref(attn_decode.decode_attention, attn_decode.decode_attention_ref, args, dtype, "decode_attention")
 
 
 def test_decode_attention_bf16_interpreted(poison_empty):
     # decode has no tl.dot, so unlike prefill its bf16 path runs in the interpreter too
     args = (*decode_inputs([5, 63, 97, 0], 3, 32, 7, torch.bfloat16, "cpu", seed=8), 32**-0.5)
-    check_against_ref(A.decode_attention, A.decode_attention_ref, args, torch.bfloat16, "decode_attention")
+    check_against_ref(attn_decode.decode_attention, attn_decode.decode_attention_ref, args, torch.bfloat16,
+                      "decode_attention")
 
 
 @pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
 def test_decode_attention_random(seed, poison_empty, monkeypatch):
-    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", 1 + 7 * seed)
+    monkeypatch.setattr(attn_decode, "_INTERPRETER_SM_COUNT", 1 + 7 * seed)
     lens, _, H, D, bs = random_case(100 + seed)
     lens[seed % len(lens)] = 0  # a graph-padding row
     dtype = CPU_DTYPES[seed % 2]
     args = (*decode_inputs(lens, H, D, bs, dtype, "cpu", seed=seed), D**-0.5)
-    check_against_ref(A.decode_attention, A.decode_attention_ref, args, dtype, f"decode {lens} H={H} D={D} bs={bs}")
+    check_against_ref(attn_decode.decode_attention, attn_decode.decode_attention_ref, args, dtype,
+                      f"decode {lens} H={H} D={D} bs={bs}")
 
 
 def test_decode_split_kv_is_exercised():
     # "b3-len300,1,0-h2-d64-bs32" above: 11 table columns of 32 keys = 6 tiles of 64 at most, so
     # sms 1/4/64 run it unsplit, with 3 splits and with 6 (the 300-key row leaves one empty)
-    block_n = A._decode_block_n(64)
-    assert [A._decode_num_splits(3, 2, 11 * 32, block_n, sms) for sms in (1, 4, 64)] == [1, 3, 6]
+    block_n = attn_decode._decode_block_n(64)
+    assert [attn_decode._decode_num_splits(3, 2, 11 * 32, block_n, sms) for sms in (1, 4, 64)] == [1, 3, 6]
     # H100-like: batch 1 of GPT-2 spreads over the SMs, a big batch runs in one launch
-    assert A._decode_num_splits(1, 12, 4096, 64, 132) == 44
-    assert A._decode_num_splits(8, 12, 1024, 64, 132) == 6
-    assert A._decode_num_splits(64, 12, 1024, 64, 132) == 1
+    assert attn_decode._decode_num_splits(1, 12, 4096, 64, 132) == 44
+    assert attn_decode._decode_num_splits(8, 12, 1024, 64, 132) == 6
+    assert attn_decode._decode_num_splits(64, 12, 1024, 64, 132) == 1
 
 
 def test_decode_attention_all_rows_empty(poison_empty):
     # a CUDA-graph bucket padded with seq_len-0 rows: zeros, never NaN, no key read
     q, k_cache, v_cache, table, seq_lens = decode_inputs([0, 0, 0], 2, 16, 4, torch.float32, "cpu", seed=5)
-    expected = A.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.25)
+    expected = attn_decode.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.25)
     assert torch.equal(expected, torch.zeros_like(expected))
     k_cache.fill_(float("nan"))  # a read of any key would poison the kernel's output
     v_cache.fill_(float("nan"))
-    out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.25)
+    out = attn_decode.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.25)
     assert torch.equal(out, expected)
 
 
@@ -344,18 +351,18 @@ def test_decode_attention_rejects_bad_inputs():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError, match=what):
-            A.decode_attention(*args)
+            attn_decode.decode_attention(*args)
 
 
 def test_benchmark_cases_cpu():
-    cases = A.benchmark_cases("cpu", quick=True)
+    cases = attention_cases.benchmark_cases("cpu", quick=True)
     assert {c.op for c in cases} == {"prefill_attention", "decode_attention", "kv_cache_write",
                                      "decode_attention_partials"}
     for case in [c for c in cases if c.op == "kv_cache_write"]:
         # in place: the launcher and the reference must leave identical caches
         args_fast = case.make_args()
         args_ref = tuple(a.clone() for a in args_fast)
-        assert A.kv_cache_write(*args_fast) is None and A.kv_cache_write_ref(*args_ref) is None
+        assert kv_write.kv_cache_write(*args_fast) is None and kv_write.kv_cache_write_ref(*args_ref) is None
         for got, want in zip(args_fast[2:4], args_ref[2:4]):
             assert_close(got, want, atol=0, rtol=0, name=case.label)
     appends = [c for c in cases if c.params.get("append")]
@@ -370,8 +377,8 @@ def test_benchmark_cases_cpu():
         args_fast, args_ref = (tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args_base)
                                for _ in range(2))
         kc_before = args_fast[1].clone()
-        out = A.decode_attention(*args_fast)
-        expected = A.decode_attention_ref(*args_ref)
+        out = attn_decode.decode_attention(*args_fast)
+        expected = attn_decode.decode_attention_ref(*args_ref)
         (base_name, base_fn), = case.baselines.items()
         baseline = base_fn(*args_base)
         assert_close(out, expected, atol=case.atol, rtol=case.rtol, name=case.label)
@@ -384,15 +391,16 @@ def test_benchmark_cases_cpu():
         from gptfast.ops.proj_residual import merge_partials_ref
 
         args = case.make_args()
-        fast = A.decode_attention_partials(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
-        ref = A.decode_attention_partials_ref(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+        copies = [tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args) for _ in range(2)]
+        fast = attn_decode.decode_attention_partials(*copies[0])
+        ref = attn_decode.decode_attention_partials_ref(*copies[1])
         for got, want in zip(fast, ref):
             assert_close(got, want, atol=case.atol, rtol=case.rtol, name=case.label)
         (base_name, base_fn), = case.baselines.items()
         assert_close(merge_partials_ref(*fast), base_fn(*args), atol=case.atol, rtol=case.rtol, name=base_name)
     for case in [c for c in cases if c.op not in ("kv_cache_write", "decode_attention_partials") and c not in appends]:
         args = case.make_args()
-        fast, ref = getattr(A, case.op), getattr(A, case.op + "_ref")
+        fast, ref = getattr(attention_cases, case.op), getattr(attention_cases, case.op + "_ref")
         expected = ref(*args)
         assert_close(fast(*args), expected, atol=case.atol, rtol=case.rtol, name=case.label)
         # the SDPA baseline computes the same function on its contiguous copies ...
@@ -457,7 +465,7 @@ def copy_args(args, dtype=None):
 
 def run_append(args, qkv_bias=None):
     q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = args
-    return A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k_new=k_new, v_new=v_new,
+    return attn_decode.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k_new=k_new, v_new=v_new,
                               slot_mapping=slots, qkv_bias=qkv_bias)
 
 
@@ -469,7 +477,7 @@ def check_append(args, dtype, name, pad_slots=(), run=None, qkv_bias=None):
     rounded to the cache dtype."""
     q, k_cache, v_cache, _, seq_lens, _, k_new, v_new, slots = args
     bias32 = None if qkv_bias is None else qkv_bias.float()
-    expected = A.decode_attention_ref(*copy_args(args, torch.float32), qkv_bias=bias32)
+    expected = attn_decode.decode_attention_ref(*copy_args(args, torch.float32), qkv_bias=bias32)
     cache_tol = dict(atol=0, rtol=0)
     if qkv_bias is not None:
         k_new = (k_new.float() + bias32[1]).to(dtype)
@@ -480,7 +488,7 @@ def check_append(args, dtype, name, pad_slots=(), run=None, qkv_bias=None):
     H, D = q.shape[1], q.shape[2]
     kc_want, vc_want = k_cache.clone(), v_cache.clone()
     kc_before = k_cache.clone()
-    A.kv_cache_write_ref(k_new, v_new, kc_want, vc_want, torch.where(seq_lens > 0, slots, -1))
+    kv_write.kv_cache_write_ref(k_new, v_new, kc_want, vc_want, torch.where(seq_lens > 0, slots, -1))
     out = run(args) if run is not None else run_append(args, qkv_bias)
     assert out.dtype == dtype
     assert not torch.isnan(out).any(), f"{name}: NaN in output (a new key read from its poisoned slot?)"
@@ -509,7 +517,7 @@ APPEND_CASES = {
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", APPEND_CASES.values(), ids=APPEND_CASES.keys())
 def test_decode_attention_append(case, dtype, sm_count, poison_empty, monkeypatch):
-    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    monkeypatch.setattr(attn_decode, "_INTERPRETER_SM_COUNT", sm_count)
     lens, H, D, bs, skip = case
     args, pad_slots = append_inputs(lens, H, D, bs, dtype, "cpu", seed=sum(lens) + D + sm_count, skip=skip)
     check_append(args, dtype, f"append {lens} sms={sm_count}", pad_slots)
@@ -518,9 +526,9 @@ def test_decode_attention_append(case, dtype, sm_count, poison_empty, monkeypatc
 def test_decode_append_splits_are_exercised():
     # "b3-len300,65,1" above with sms 4 and 64: 3 and 6 splits, and the new key of the 300-key row
     # (position 299) and of the 65-key row (64) belong to a later split than the first
-    block_n = A._decode_block_n(64)
+    block_n = attn_decode._decode_block_n(64)
     for sms, splits in ((4, 3), (64, 6)):
-        assert A._decode_num_splits(3, 2, 11 * 32, block_n, sms) == splits
+        assert attn_decode._decode_num_splits(3, 2, 11 * 32, block_n, sms) == splits
         for n in (300, 65):
             keys_per_split = math.ceil(math.ceil(n / block_n) / splits) * block_n
             assert (n - 1) // keys_per_split > 0
@@ -529,7 +537,7 @@ def test_decode_append_splits_are_exercised():
 @pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
 def test_decode_attention_append_random(seed, poison_empty, monkeypatch):
     # random ragged batches; the fused op also agrees with the unfused kernels (write, then decode)
-    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", 1 + 7 * seed)
+    monkeypatch.setattr(attn_decode, "_INTERPRETER_SM_COUNT", 1 + 7 * seed)
     lens, _, H, D, bs = random_case(200 + seed)
     lens[seed % len(lens)] = 0
     dtype = CPU_DTYPES[seed % 2]
@@ -540,8 +548,8 @@ def test_decode_attention_append_random(seed, poison_empty, monkeypatch):
     check_append(args, dtype, name, pad_slots)
     q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = unfused
     if not skip:
-        A.kv_cache_write(k_new, v_new, k_cache, v_cache, torch.where(seq_lens > 0, slots, -1))
-        out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale)
+        kv_write.kv_cache_write(k_new, v_new, k_cache, v_cache, torch.where(seq_lens > 0, slots, -1))
+        out = attn_decode.decode_attention(q, k_cache, v_cache, table, seq_lens, scale)
         assert_close(run_append(args), out, **TOLERANCES[dtype], name=f"{name} vs unfused")
         assert torch.equal(k_cache, args[1]) and torch.equal(v_cache, args[2])
 
@@ -578,12 +586,12 @@ def test_decode_append_reference_is_write_then_decode():
     lens, H, D, bs = [20, 0, 9, 33], 2, 16, 8
     args, _ = append_inputs(lens, H, D, bs, torch.float64, "cpu", seed=12, skip=(2,))
     q, k_cache, v_cache, table, seq_lens, scale, k_new, v_new, slots = copy_args(args)
-    fused = A.decode_attention_ref(*args)
+    fused = attn_decode.decode_attention_ref(*args)
     proper = slots.clone()
     proper[2] = int(table[2, (9 - 1) // bs]) * bs + (9 - 1) % bs
     proper[1] = -1
-    A.kv_cache_write_ref(k_new, v_new, k_cache, v_cache, proper)
-    assert_close(fused, A.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, scale), atol=1e-12,
+    kv_write.kv_cache_write_ref(k_new, v_new, k_cache, v_cache, proper)
+    assert_close(fused, attn_decode.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, scale), atol=1e-12,
                  rtol=1e-12, name="append ref vs write-then-decode")
     assert not torch.isnan(fused).any() and torch.equal(fused[1], torch.zeros_like(fused[1]))
     # and the caches: row 2's slot kept its NaN (not written), the padding row's slot is untouched
@@ -596,8 +604,9 @@ def test_decode_attention_strided_q(poison_empty):
     q, k_cache, v_cache, table, seq_lens = decode_inputs([9, 40, 0], 2, 32, 8, torch.float32, "cpu", seed=3)
     qkv = torch.randn(3, 3, 2, 32)
     qkv[:, 0] = q
-    out = A.decode_attention(qkv[:, 0], k_cache, v_cache, table, seq_lens, 0.2)
-    assert_close(out, A.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.2), **TOLERANCES[torch.float32])
+    out = attn_decode.decode_attention(qkv[:, 0], k_cache, v_cache, table, seq_lens, 0.2)
+    assert_close(out, attn_decode.decode_attention_ref(q, k_cache, v_cache, table, seq_lens, 0.2),
+                 **TOLERANCES[torch.float32])
 
 
 def test_decode_attention_append_rejects_bad_inputs():
@@ -612,7 +621,7 @@ def test_decode_attention_append_rejects_bad_inputs():
         "slot_mapping must be": dict(k_new=k_new, v_new=v_new, slot_mapping=slots.int()),
     }
     for what, kwargs in bad.items():
-        for fn in (A.decode_attention, A.decode_attention_ref):
+        for fn in (attn_decode.decode_attention, attn_decode.decode_attention_ref):
             with pytest.raises(ValueError, match=what):
                 fn(*base, **kwargs)
 
@@ -635,7 +644,7 @@ def random_qkv_bias(args, seed):
 def test_decode_attention_append_bias(case, dtype, sm_count, poison_empty, monkeypatch):
     # every split program adds q's bias; the new key's owner adds K's and V's, stores and attends
     # to the rounded sums (caches checked element by element); padding rows and slot -1 as before
-    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    monkeypatch.setattr(attn_decode, "_INTERPRETER_SM_COUNT", sm_count)
     lens, H, D, bs, skip = case
     seed = sum(lens) + D + sm_count
     args, pad_slots = append_inputs(lens, H, D, bs, dtype, "cpu", seed=seed, skip=skip)
@@ -663,15 +672,15 @@ def check_bias_is_linear_with_bias(lens, H, D, bs, dtype, device, seed):
 
     qkv32 = F.linear(x.float(), weight.float(), bias.float()).view(B, 3, H, D)  # (B, 3, nh, hs)
     kc32, vc32 = k_cache.float(), v_cache.float()
-    A.kv_cache_write_ref(qkv32[:, 1], qkv32[:, 2], kc32, vc32, torch.where(seq_lens > 0, slots, -1))
-    expected = A.decode_attention_ref(qkv32[:, 0], kc32, vc32, table, seq_lens, scale)
+    kv_write.kv_cache_write_ref(qkv32[:, 1], qkv32[:, 2], kc32, vc32, torch.where(seq_lens > 0, slots, -1))
+    expected = attn_decode.decode_attention_ref(qkv32[:, 0], kc32, vc32, table, seq_lens, scale)
 
     caches_ref = (k_cache.clone(), v_cache.clone())
     kc_before = k_cache.clone()
     qkv = F.linear(x, weight).view(B, 3, H, D)  # the bias-free projection: q, k, v strided views
     q, k, v = qkv.unbind(1)
-    out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k, v, slots, bias.view(3, H, D))
-    ref = A.decode_attention_ref(q, *caches_ref, table, seq_lens, scale, k, v, slots, bias.view(3, H, D))
+    out = attn_decode.decode_attention(q, k_cache, v_cache, table, seq_lens, scale, k, v, slots, bias.view(3, H, D))
+    ref = attn_decode.decode_attention_ref(q, *caches_ref, table, seq_lens, scale, k, v, slots, bias.view(3, H, D))
     name = f"bias fused vs F.linear with bias {lens} {dtype_id(dtype)}"
     for got, what in ((out, "kernel"), (ref, "reference")):
         assert got.dtype == dtype
@@ -686,7 +695,7 @@ def check_bias_is_linear_with_bias(lens, H, D, bs, dtype, device, seed):
 @pytest.mark.parametrize("sm_count", [1, 64], ids=lambda n: f"sms{n}")
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=dtype_id)
 def test_decode_attention_bias_is_linear_with_bias(dtype, sm_count, poison_empty, monkeypatch):
-    monkeypatch.setattr(A, "_INTERPRETER_SM_COUNT", sm_count)
+    monkeypatch.setattr(attn_decode, "_INTERPRETER_SM_COUNT", sm_count)
     check_bias_is_linear_with_bias([37, 0, 1, 70, 0], 3, 32, 8, dtype, "cpu", seed=sm_count)
 
 
@@ -703,7 +712,7 @@ def test_decode_attention_bias_rejects_bad_inputs():
         "must be a tensor": (args, bias.tolist()),
     }
     for what, (base, qkv_bias) in bad.items():
-        for fn in (A.decode_attention, A.decode_attention_ref):
+        for fn in (attn_decode.decode_attention, attn_decode.decode_attention_ref):
             with pytest.raises(ValueError, match=what):
                 fn(*base, qkv_bias=qkv_bias)
 
@@ -741,7 +750,8 @@ def test_prefill_attention_gpu(case, dtype, poison_empty):
     lens, q_lens, H, D, bs = case
     args = prefill_inputs(lens, q_lens, H, D, bs, dtype, "cuda", seed=sum(lens) + D)
     args = (*args, 1 / math.sqrt(D), max(q_lens))
-    check_against_ref(A.prefill_attention, A.prefill_attention_ref, args, dtype, "prefill_attention")
+    check_against_ref(attn_prefill.prefill_attention, attn_prefill.prefill_attention_ref, args, dtype,
+                      "prefill_attention")
 
 
 GPU_DECODE_CASES = {
@@ -761,7 +771,7 @@ GPU_DECODE_ODD = {
 def test_decode_attention_gpu(case, dtype, poison_empty):
     lens, H, D, bs = case
     args = (*decode_inputs(lens, H, D, bs, dtype, "cuda", seed=sum(lens) + D), D**-0.5)
-    check_against_ref(A.decode_attention, A.decode_attention_ref, args, dtype, "decode_attention")
+    check_against_ref(attn_decode.decode_attention, attn_decode.decode_attention_ref, args, dtype, "decode_attention")
 
 
 @pytest.mark.gpu
@@ -774,8 +784,8 @@ def test_kv_cache_write_gpu(dtype):
     slots[::7] = -1
     caches = [torch.randn(num_blocks, bs, H, D, generator=gen).to(dtype).cuda() for _ in range(2)]
     expected = [c.clone() for c in caches]
-    A.kv_cache_write(qkv[:, 1], qkv[:, 2], *caches, slots)
-    A.kv_cache_write_ref(qkv[:, 1], qkv[:, 2], *expected, slots)
+    kv_write.kv_cache_write(qkv[:, 1], qkv[:, 2], *caches, slots)
+    kv_write.kv_cache_write_ref(qkv[:, 1], qkv[:, 2], *expected, slots)
     assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
 
 
@@ -784,16 +794,16 @@ def test_decode_attention_cuda_graph():
     # capture once, then change q and seq_lens in place (a padded bucket row included) and replay
     lens = [700, 5, 1024, 64]
     q, k_cache, v_cache, table, seq_lens = decode_inputs(lens, 12, 64, 16, torch.bfloat16, "cuda", seed=9)
-    A.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)  # compile outside the capture
+    attn_decode.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = A.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)
+        out = attn_decode.decode_attention(q, k_cache, v_cache, table, seq_lens, 0.125)
     for new_lens in ([700, 5, 1024, 64], [1, 0, 1000, 65]):
         q.copy_(torch.randn_like(q))
         seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
         graph.replay()
-        expected = A.decode_attention_ref(*upcast((q, k_cache, v_cache, table, seq_lens, 0.125)))
+        expected = attn_decode.decode_attention_ref(*upcast((q, k_cache, v_cache, table, seq_lens, 0.125)))
         assert_close(out, expected, **TOLERANCES[torch.bfloat16], name=f"graph replay {new_lens}")
 
 

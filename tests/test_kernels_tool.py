@@ -20,7 +20,7 @@ import torch
 
 from gptfast import ops
 from gptfast.bench import kernels as K
-from gptfast.ops import attention
+from gptfast.ops import attn_decode
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_BUCKETS = (1, 8, 64, 256)
@@ -179,7 +179,7 @@ def test_as_cuda_takes_the_cuda_branches_on_cpu_tensors():
     assert not ops.use_triton(x) or ops.kernel_backend() == "triton"
     with ops.as_cuda(132):
         assert ops.use_triton(x) and ops.on_cuda(x.device)
-        assert attention._sm_count(x.device) == 132
+        assert attn_decode._sm_count(x.device) == 132
     assert not ops.on_cuda(x.device)
     with pytest.raises(ValueError, match="sm_count"):
         with ops.as_cuda(0):

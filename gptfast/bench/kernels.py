@@ -521,9 +521,9 @@ _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def _check_jit_kernels() -> None:
     from triton.runtime.jit import JITFunction
 
-    from gptfast.ops import attention
+    from gptfast.ops import attn_decode
 
-    if not isinstance(attention._decode_split_kernel, JITFunction):
+    if not isinstance(attn_decode._decode_split_kernel, JITFunction):
         raise RuntimeError(
             "gptfast kernels compiles the Triton kernels for a GPU, but they were defined for Triton's "
             "CPU interpreter (TRITON_INTERPRET=1 was set when gptfast was imported); run it without "

@@ -1,5 +1,5 @@
-"""Tests of gptfast.ops.norm: add_layernorm, embed_layernorm, bias_gelu_ (Triton), linear_gelu
-(cuBLASLt epilogue, or a GEMM + bias_gelu_ for one row).
+"""Tests of ops/layernorm.py (add_layernorm, embed_layernorm) and ops/gelu.py (bias_gelu_ in Triton,
+linear_gelu: cuBLASLt epilogue, or a GEMM + bias_gelu_ for one row).
 
 Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) on small shapes in
 fp32/fp16/bf16 (no tl.dot, so bf16 interprets; bias_gelu_ only in fp32/fp16, see
@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from gptfast import ops
-from gptfast.ops import norm
-from gptfast.ops.common import TOLERANCES, assert_close, compare
+from gptfast.bench.op_cases import norm as norm_cases
+from gptfast.ops import gelu, layernorm
+from gptfast.ops.common import TOLERANCES, assert_close, compare, ref_name
 
 # the interpreter (numpy >= 1.25) warns on every scalar it indexes with; it is Triton's, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -98,19 +99,19 @@ def layer_norm_by_hand(s, w, b, eps):
 
 def test_add_layernorm_ref_by_hand():
     x, y, yb, w, b = add_ln_inputs(4, 13, torch.float64, seed=1)
-    s, h = norm.add_layernorm_ref(x, y, yb, w, b, 0.01)
+    s, h = layernorm.add_layernorm_ref(x, y, yb, w, b, 0.01)
     expected_s = torch.tensor([[x[i, j].item() + y[i, j].item() + yb[j].item() for j in range(13)] for i in range(4)],
                               dtype=torch.float64)
     assert_close(s, expected_s, atol=1e-12, rtol=1e-12, name="s")
     assert_close(h, layer_norm_by_hand(expected_s, w, b, 0.01), atol=1e-10, rtol=1e-10, name="h")
     # no bias term, no affine terms
-    s, h = norm.add_layernorm_ref(x, y, None, None, None, 1e-5)
+    s, h = layernorm.add_layernorm_ref(x, y, None, None, None, 1e-5)
     assert_close(h, layer_norm_by_hand(x + y, None, None, 1e-5), atol=1e-10, rtol=1e-10, name="h plain")
 
 
 def test_embed_layernorm_ref_by_hand():
     tokens, positions, wte, wpe, w, b = embed_inputs(6, 11, 9, 5, torch.float64, seed=2)
-    s, h = norm.embed_layernorm_ref(tokens, positions, wte, wpe, w, b, 1e-5)
+    s, h = layernorm.embed_layernorm_ref(tokens, positions, wte, wpe, w, b, 1e-5)
     expected_s = torch.stack([wte[t] + wpe[p] for t, p in zip(tokens.tolist(), positions.tolist())])
     assert torch.equal(s, expected_s)
     assert_close(h, layer_norm_by_hand(expected_s, w, b, 1e-5), atol=1e-10, rtol=1e-10, name="h")
@@ -123,10 +124,10 @@ def test_linear_gelu_ref_by_hand():
     bias = torch.randn(9, generator=gen, dtype=torch.float64)
     u = x @ weight.T + bias
     expected = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
-    assert_close(norm.linear_gelu_ref(x, weight, bias), expected, atol=1e-12, rtol=1e-12)
+    assert_close(gelu.linear_gelu_ref(x, weight, bias), expected, atol=1e-12, rtol=1e-12)
     u = x @ weight.T
     expected = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
-    assert_close(norm.linear_gelu_ref(x, weight, None), expected, atol=1e-12, rtol=1e-12, name="no bias")
+    assert_close(gelu.linear_gelu_ref(x, weight, None), expected, atol=1e-12, rtol=1e-12, name="no bias")
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,7 +151,8 @@ ADD_CASES = {
 def test_add_layernorm(case, dtype, poison_empty):
     N, C, eps = case
     args = (*add_ln_inputs(N, C, dtype, seed=N * 31 + C), eps)
-    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), dtype, f"add_layernorm N={N} C={C}")
+    check_pair(layernorm.add_layernorm(*args), layernorm.add_layernorm_ref(*upcast(args)), dtype,
+               f"add_layernorm N={N} C={C}")
 
 
 TERMS = {  # id: (y_bias, weight, bias)
@@ -166,7 +168,8 @@ def test_add_layernorm_optional_terms(terms, poison_empty):
     yb, w, b = terms
     args = (*add_ln_inputs(9, 100, torch.float16, seed=5, y_bias=yb, weight=w, bias=b), 1e-5)
     assert [a is None for a in args[2:5]] == [not yb, not w, not b]
-    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), torch.float16, "add_layernorm")
+    check_pair(layernorm.add_layernorm(*args), layernorm.add_layernorm_ref(*upcast(args)), torch.float16,
+               "add_layernorm")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -174,7 +177,8 @@ def test_add_layernorm_strided_rows(dtype, poison_empty):
     # x, y as views with their own row strides (e.g. slices of wider buffers)
     args = (*add_ln_inputs(11, 96, dtype, seed=6, pad=7), 1e-5)
     assert args[0].stride(0) == 103 and args[1].stride(0) == 106
-    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), dtype, "strided add_layernorm")
+    check_pair(layernorm.add_layernorm(*args), layernorm.add_layernorm_ref(*upcast(args)), dtype,
+               "strided add_layernorm")
 
 
 def test_add_layernorm_rounds_once():
@@ -183,9 +187,9 @@ def test_add_layernorm_rounds_once():
     # even), so interpreted bf16 is up to 1 ulp low; test_add_layernorm_gpu checks bf16.
     dtype = torch.float16
     x, y, yb, w, b = add_ln_inputs(13, 100, dtype, seed=7)
-    s, _ = norm.add_layernorm(x, y, yb, w, b, 1e-5)
+    s, _ = layernorm.add_layernorm(x, y, yb, w, b, 1e-5)
     assert torch.equal(s, (x.float() + y.float() + yb.float()).to(dtype))
-    s, _ = norm.add_layernorm(x, y, None, w, b, 1e-5)
+    s, _ = layernorm.add_layernorm(x, y, None, w, b, 1e-5)
     assert torch.equal(s, (x.float() + y.float()).to(dtype))
 
 
@@ -199,16 +203,16 @@ def test_add_layernorm_normalises_the_rounded_sum():
     y = (0.9 * torch.rand(3, C, generator=gen)).to(torch.float16)
     w = (1 + torch.rand(C, generator=gen)).to(torch.float16)
     b = torch.randn(C, generator=gen).to(torch.float16)
-    s, h = norm.add_layernorm(x, y, None, w, b, 1e-5)
+    s, h = layernorm.add_layernorm(x, y, None, w, b, 1e-5)
     assert torch.equal(s, x)
     assert torch.equal(h, b.expand(3, C))
-    s_ref, h_ref = norm.add_layernorm_ref(x, y, None, w, b, 1e-5)  # eager in fp16
+    s_ref, h_ref = layernorm.add_layernorm_ref(x, y, None, w, b, 1e-5)  # eager in fp16
     assert torch.equal(s_ref, s) and torch.equal(h_ref, h)
 
 
 def test_add_layernorm_empty():
     x, y, yb, w, b = add_ln_inputs(0, 96, torch.float32)
-    s, h = norm.add_layernorm(x, y, yb, w, b, 1e-5)
+    s, h = layernorm.add_layernorm(x, y, yb, w, b, 1e-5)
     assert s.shape == h.shape == (0, 96)
 
 
@@ -231,7 +235,7 @@ def test_add_layernorm_rejects_bad_inputs():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError, match=what):
-            norm.add_layernorm(*args)
+            layernorm.add_layernorm(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +257,7 @@ EMBED_CASES = {
 def test_embed_layernorm(case, dtype, poison_empty):
     N, C, V, P = case
     args = (*embed_inputs(N, C, V, P, dtype, seed=N + C + V), 1e-5)
-    check_pair(norm.embed_layernorm(*args), norm.embed_layernorm_ref(*upcast(args)), dtype,
+    check_pair(layernorm.embed_layernorm(*args), layernorm.embed_layernorm_ref(*upcast(args)), dtype,
                f"embed_layernorm N={N} C={C}")
 
 
@@ -264,7 +268,7 @@ def test_embed_layernorm_strided_tables_no_affine(dtype, poison_empty):
     # ids as strided views too (every other element of a longer vector)
     args = (args[0].repeat_interleave(2)[::2], args[1].repeat_interleave(2)[::2], *args[2:])
     assert args[0].stride(0) == 2
-    check_pair(norm.embed_layernorm(*args), norm.embed_layernorm_ref(*upcast(args)), dtype, "strided embed")
+    check_pair(layernorm.embed_layernorm(*args), layernorm.embed_layernorm_ref(*upcast(args)), dtype, "strided embed")
 
 
 def test_embed_layernorm_matches_eager_modules():
@@ -278,7 +282,7 @@ def test_embed_layernorm_matches_eager_modules():
         positions = torch.arange(13) + 2
         s_eager = wte(tokens) + wpe(positions)
         expected = (s_eager, ln(s_eager))
-        out = norm.embed_layernorm(tokens, positions, wte.weight, wpe.weight, ln.weight, ln.bias, 1e-5)
+        out = layernorm.embed_layernorm(tokens, positions, wte.weight, wpe.weight, ln.weight, ln.bias, 1e-5)
     check_pair(out, expected, torch.float32, "embed_layernorm vs modules")
 
 
@@ -286,16 +290,16 @@ def test_embed_layernorm_clamps_out_of_range_ids(poison_empty):
     _, _, wte, wpe, w, b = embed_inputs(5, 16, 7, 4, torch.float32, seed=13)
     bad_tokens = torch.tensor([-3, 0, 6, 7, 100])
     bad_positions = torch.tensor([4, -1, 2, 3, 50])
-    out = norm.embed_layernorm(bad_tokens, bad_positions, wte, wpe, w, b, 1e-5)
-    expected = norm.embed_layernorm_ref(bad_tokens.clamp(0, 6), bad_positions.clamp(0, 3), wte, wpe, w, b, 1e-5)
+    out = layernorm.embed_layernorm(bad_tokens, bad_positions, wte, wpe, w, b, 1e-5)
+    expected = layernorm.embed_layernorm_ref(bad_tokens.clamp(0, 6), bad_positions.clamp(0, 3), wte, wpe, w, b, 1e-5)
     check_pair(out, expected, torch.float32, "clamped ids")
     with pytest.raises(IndexError):
-        norm.embed_layernorm_ref(bad_tokens, bad_positions, wte, wpe, w, b, 1e-5)
+        layernorm.embed_layernorm_ref(bad_tokens, bad_positions, wte, wpe, w, b, 1e-5)
 
 
 def test_embed_layernorm_empty():
     tokens, positions, wte, wpe, w, b = embed_inputs(0, 8, 5, 3, torch.float16)
-    s, h = norm.embed_layernorm(tokens, positions, wte, wpe, w, b, 1e-5)
+    s, h = layernorm.embed_layernorm(tokens, positions, wte, wpe, w, b, 1e-5)
     assert s.shape == h.shape == (0, 8) and s.dtype == torch.float16
 
 
@@ -315,7 +319,7 @@ def test_embed_layernorm_rejects_bad_inputs():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError, match=what):
-            norm.embed_layernorm(*args)
+            layernorm.embed_layernorm(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,11 +346,11 @@ def gelu_tanh_f64(x, weight, bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_linear_gelu_cpu(dtype, bias):
     x, weight, b = linear_inputs(6, 40, 24, dtype, seed=15, bias=bias)
-    out = norm.linear_gelu(x, weight, b)
+    out = gelu.linear_gelu(x, weight, b)
     assert out.dtype == dtype and out.shape == (6, 24)
     assert_close(out, gelu_tanh_f64(x, weight, b), **TOLERANCES[dtype], name="linear_gelu")
-    assert torch.equal(out, norm.linear_gelu_ref(x, weight, b))  # the CPU path is the reference
-    assert norm.linear_gelu(x[:0], weight, b).shape == (0, 24)
+    assert torch.equal(out, gelu.linear_gelu_ref(x, weight, b))  # the CPU path is the reference
+    assert gelu.linear_gelu(x[:0], weight, b).shape == (0, 24)
 
 
 def test_addmm_activation_is_erf_gelu_on_cpu():
@@ -372,14 +376,14 @@ def test_linear_gelu_rejects_bad_inputs():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError, match=what):
-            norm.linear_gelu(*args)
+            gelu.linear_gelu(*args)
 
 
 def test_linear_gelu_cpu_one_row_is_the_reference():
     # the CUDA branch for one row (or K = 1, M = 1) must not leak into the CPU path
     for N, K, M in ((1, 40, 24), (3, 1, 24), (3, 40, 1)):
         x, weight, b = linear_inputs(N, K, M, torch.float16, seed=40 + K + M)
-        assert torch.equal(norm.linear_gelu(x, weight, b), norm.linear_gelu_ref(x, weight, b)), (N, K, M)
+        assert torch.equal(gelu.linear_gelu(x, weight, b), gelu.linear_gelu_ref(x, weight, b)), (N, K, M)
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,13 +404,13 @@ def test_bias_gelu_ref_by_hand():
     u = [[y[i, j].item() + bias[j].item() for j in range(7)] for i in range(3)]
     expected = torch.tensor([[0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3))) for v in row]
                              for row in u], dtype=torch.float64)
-    out = norm.bias_gelu__ref(y, bias)
+    out = gelu.bias_gelu_ref_(y, bias)
     assert out is y
-    assert_close(y, expected, atol=1e-6, rtol=1e-6, name="bias_gelu__ref")
+    assert_close(y, expected, atol=1e-6, rtol=1e-6, name="bias_gelu_ref_")
     # fp16: computed in fp32, rounded once
     y16, b16 = bias_gelu_inputs(4, 33, torch.float16, seed=31)
     want = F.gelu(y16.float() + b16.float(), approximate="tanh").to(torch.float16)
-    assert torch.equal(norm.bias_gelu__ref(y16, b16), want)
+    assert torch.equal(gelu.bias_gelu_ref_(y16, b16), want)
 
 
 BIAS_GELU_SHAPES = [(n, m) for n in (1, 2, 5) for m in (1, 3, 100, 3072)]
@@ -417,9 +421,9 @@ BIAS_GELU_SHAPES = [(n, m) for n in (1, 2, 5) for m in (1, 3, 100, 3072)]
 def test_bias_gelu(shape, dtype):
     N, M = shape
     y, bias = bias_gelu_inputs(N, M, dtype, seed=N * 7 + M)
-    expected = norm.bias_gelu__ref(*upcast((y.clone(), bias)))  # fp32
+    expected = gelu.bias_gelu_ref_(*upcast((y.clone(), bias)))  # fp32
     ptr = y.data_ptr()
-    out = norm.bias_gelu_(y, bias)
+    out = gelu.bias_gelu_(y, bias)
     assert out is y and y.data_ptr() == ptr and y.dtype == dtype  # in place
     assert_close(y, expected, **TOLERANCES[dtype], name=f"bias_gelu_ N={N} M={M}")
 
@@ -437,10 +441,10 @@ def test_bias_gelu_rounds_once():
     y, bias = bias_gelu_inputs(4, 3072, torch.float16, seed=32)
     truth = gelu_tanh_of_sum_f64(y, bias)
     twice = F.gelu((y + bias).float(), approximate="tanh").to(torch.float16)
-    got = norm.bias_gelu_(y.clone(), bias)
+    got = gelu.bias_gelu_(y.clone(), bias)
     assert (got != truth.half()).float().mean().item() < 1e-3, "more than 0.1% of elements not correctly rounded"
     assert (twice != truth.half()).float().mean().item() > 0.05  # the check can tell the two apart
-    got32 = norm.bias_gelu_(y.float(), bias.float())
+    got32 = gelu.bias_gelu_(y.float(), bias.float())
     rel = ((got32.double() - truth).abs() / truth.abs().clamp_min(1e-30)).max().item()
     assert rel < 1e-5, f"fp32 max relative error {rel:.2e} vs float64"
 
@@ -455,9 +459,9 @@ def test_bias_gelu_strided_rows_writes_only_its_window(dtype):
     y = buf[:N, 4 : 4 + M]
     y.copy_(y0)
     assert y.stride() == (M + 9, 1)
-    out = norm.bias_gelu_(y, bias)
+    out = gelu.bias_gelu_(y, bias)
     assert out is y
-    assert_close(y, norm.bias_gelu__ref(*upcast((y0, bias))), **TOLERANCES[dtype], name="strided bias_gelu_")
+    assert_close(y, gelu.bias_gelu_ref_(*upcast((y0, bias))), **TOLERANCES[dtype], name="strided bias_gelu_")
     outside = torch.ones_like(buf, dtype=torch.bool)
     outside[:N, 4 : 4 + M] = False
     assert torch.isnan(buf[outside]).all(), "bias_gelu_ wrote outside y"
@@ -472,9 +476,9 @@ def test_bias_gelu_special_values(dtype):  # (the interpreter's numpy warns on t
     row = torch.tensor([float("nan"), float("inf"), -float("inf"), big, -big, 0.0, -12.0, 12.0, -3.0, 0.5])
     y = torch.stack([row, row.flip(0)]).to(dtype)
     bias = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.0, -0.4, 0.5, 1.0, -1.0, 0.25]).to(dtype)
-    expected = norm.bias_gelu__ref(*upcast((y.clone(), bias)))
+    expected = gelu.bias_gelu_ref_(*upcast((y.clone(), bias)))
     assert torch.isnan(expected).sum() == 4 and torch.isinf(expected).sum() == 2
-    got = norm.bias_gelu_(y.clone(), bias)
+    got = gelu.bias_gelu_(y.clone(), bias)
     assert_close(got, expected, **TOLERANCES[dtype], name="special values")
     assert torch.equal(torch.isnan(got), torch.isnan(expected))
 
@@ -482,7 +486,7 @@ def test_bias_gelu_special_values(dtype):  # (the interpreter's numpy warns on t
 def test_bias_gelu_empty():
     for shape in ((0, 8), (3, 0)):
         y = torch.randn(*shape).half()
-        assert norm.bias_gelu_(y, torch.randn(shape[1]).half()) is y
+        assert gelu.bias_gelu_(y, torch.randn(shape[1]).half()) is y
 
 
 def test_bias_gelu_rejects_bad_inputs():
@@ -499,11 +503,11 @@ def test_bias_gelu_rejects_bad_inputs():
     }
     for what, args in bad.items():
         with pytest.raises(ValueError, match=what):
-            norm.bias_gelu_(*args)
+            gelu.bias_gelu_(*args)
     with pytest.raises(TypeError, match="bias must be a torch.Tensor, got NoneType"):
-        norm.bias_gelu_(y, None)
+        gelu.bias_gelu_(y, None)
     with pytest.raises(TypeError, match="y must be a torch.Tensor"):
-        norm.bias_gelu_(y.tolist(), bias)
+        gelu.bias_gelu_(y.tolist(), bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
@@ -512,10 +516,10 @@ def test_linear_gelu_two_kernels(sizes, dtype):
     # the CUDA path where cuBLASLt's epilogue is not taken (any of N, K, M is 1), run here with
     # an interpreted bias_gelu_: a bias-less GEMM rounded to the dtype, then bias + GELU
     x, weight, b = linear_inputs(*sizes, dtype, seed=sum(sizes))
-    out = norm._linear_gelu_two_kernels(x, weight, b)
+    out = gelu._linear_gelu_two_kernels(x, weight, b)
     assert out.dtype == dtype and out.shape == (sizes[0], sizes[2])
     assert_close(out, gelu_tanh_f64(x, weight, b), **TOLERANCES[dtype], name=f"mm + bias_gelu_ {sizes}")
-    assert_close(out, norm.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name="vs reference")
+    assert_close(out, gelu.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name="vs reference")
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,13 +528,14 @@ def test_linear_gelu_two_kernels(sizes, dtype):
 
 
 def test_dispatch(monkeypatch):
-    assert ops.add_layernorm.fast is norm.add_layernorm and ops.add_layernorm.ref is norm.add_layernorm_ref
-    assert ops.embed_layernorm.fast is norm.embed_layernorm and ops.embed_layernorm.ref is norm.embed_layernorm_ref
-    assert ops.linear_gelu.fast is norm.linear_gelu and ops.linear_gelu.ref is norm.linear_gelu_ref
-    assert ops.bias_gelu_.fast is norm.bias_gelu_ and ops.bias_gelu_.ref is norm.bias_gelu__ref
+    assert ops.add_layernorm.fast is layernorm.add_layernorm and ops.add_layernorm.ref is layernorm.add_layernorm_ref
+    assert ops.embed_layernorm.fast is layernorm.embed_layernorm
+    assert ops.embed_layernorm.ref is layernorm.embed_layernorm_ref
+    assert ops.linear_gelu.fast is gelu.linear_gelu and ops.linear_gelu.ref is gelu.linear_gelu_ref
+    assert ops.bias_gelu_.fast is gelu.bias_gelu_ and ops.bias_gelu_.ref is gelu.bias_gelu_ref_
     args = (*add_ln_inputs(5, 24, torch.float16, seed=18), 1e-5)
-    eager = norm.add_layernorm_ref(*args)
-    kernel = norm.add_layernorm(*args)
+    eager = layernorm.add_layernorm_ref(*args)
+    kernel = layernorm.add_layernorm(*args)
     assert not torch.equal(eager[0], kernel[0])  # double vs single rounding: the paths are told apart
     monkeypatch.setenv("GPTFAST_KERNELS", "auto")
     got = ops.add_layernorm(*args)  # CPU tensors -> the reference
@@ -547,11 +552,11 @@ def fresh(args):
 
 
 def test_benchmark_cases_cpu():
-    cases = norm.benchmark_cases("cpu", quick=True)
+    cases = norm_cases.benchmark_cases("cpu", quick=True)
     assert {c.op for c in cases} == {"add_layernorm", "embed_layernorm", "linear_gelu", "bias_gelu_"}
     for case in cases:
         args = case.make_args()
-        fast, ref = getattr(norm, case.op), getattr(norm, case.op + "_ref")
+        fast, ref = getattr(norm_cases, case.op), getattr(norm_cases, ref_name(case.op))
         expected = ref(*fresh(args))
         got = fast(*fresh(args))
         for i, (a, e) in enumerate(zip(*(((o,) if isinstance(o, torch.Tensor) else o) for o in (got, expected)))):
@@ -564,7 +569,7 @@ def test_benchmark_cases_cpu():
 
 
 def test_benchmark_cases_cuda_listing_needs_no_gpu():
-    cases = norm.benchmark_cases("cuda", quick=True)
+    cases = norm_cases.benchmark_cases("cuda", quick=True)
     labels = [f"{c.op} {c.label}" for c in cases]
     assert "add_layernorm N=256 C=1600 bfloat16" in labels and "linear_gelu N=1 K=768 M=3072 bfloat16" in labels
     gelu = {c.params["N"]: c for c in cases if c.op == "linear_gelu"}
@@ -573,7 +578,7 @@ def test_benchmark_cases_cuda_listing_needs_no_gpu():
     assert "2-row pad" in gelu[1].baselines and "2-row pad" not in gelu[64].baselines
     assert "_addmm_activation" in gelu[1].baselines and "_addmm_activation" not in gelu[64].baselines
     assert "bias_gelu_ N=1 M=3072 bfloat16" in labels and "bias_gelu_ N=256 M=3072 bfloat16" in labels
-    assert len(norm.benchmark_cases("cuda", quick=False)) > len(cases)
+    assert len(norm_cases.benchmark_cases("cuda", quick=False)) > len(cases)
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,9 +602,10 @@ def test_add_layernorm_gpu(case, dtype, poison_empty):
     N, C, pad = case
     args = (*add_ln_inputs(N, C, dtype, "cuda", seed=N + C, pad=pad), 1e-5)
     assert args[0].stride(0) == C + pad and args[1].stride(0) == (C + pad + 3 if pad else C)
-    check_pair(norm.add_layernorm(*args), norm.add_layernorm_ref(*upcast(args)), dtype, f"add_layernorm N={N} C={C}")
+    check_pair(layernorm.add_layernorm(*args), layernorm.add_layernorm_ref(*upcast(args)), dtype,
+               f"add_layernorm N={N} C={C}")
     if dtype != torch.float32:
-        s, _ = norm.add_layernorm(*args)
+        s, _ = layernorm.add_layernorm(*args)
         x, y, yb = args[:3]
         assert torch.equal(s, (x.float() + y.float() + yb.float()).to(dtype))
 
@@ -609,7 +615,8 @@ def test_add_layernorm_gpu(case, dtype, poison_empty):
 @pytest.mark.parametrize("N", [1, 256, 2048])
 def test_embed_layernorm_gpu(N, dtype, poison_empty):
     args = (*embed_inputs(N, 768, 50257, 1024, dtype, "cuda", seed=N), 1e-5)
-    check_pair(norm.embed_layernorm(*args), norm.embed_layernorm_ref(*upcast(args)), dtype, f"embed_layernorm N={N}")
+    check_pair(layernorm.embed_layernorm(*args), layernorm.embed_layernorm_ref(*upcast(args)), dtype,
+               f"embed_layernorm N={N}")
 
 
 @pytest.mark.gpu
@@ -618,10 +625,10 @@ def test_embed_layernorm_gpu(N, dtype, poison_empty):
 def test_linear_gelu_gpu(N, dtype):
     # N=1 takes mm + bias_gelu_, 64 and 256 the GELU_BIAS epilogue
     x, weight, b = linear_inputs(N, 768, 3072, dtype, "cuda", seed=N)
-    out = norm.linear_gelu(x, weight, b)
+    out = gelu.linear_gelu(x, weight, b)
     assert out.dtype == dtype and out.shape == (N, 3072)
-    assert_close(out, norm.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name=f"linear_gelu N={N}")
-    assert_close(norm.linear_gelu(x, weight, None), norm.linear_gelu_ref(*upcast((x, weight, None))),
+    assert_close(out, gelu.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name=f"linear_gelu N={N}")
+    assert_close(gelu.linear_gelu(x, weight, None), gelu.linear_gelu_ref(*upcast((x, weight, None))),
                  **TOLERANCES[dtype], name=f"linear_gelu N={N} no bias")
 
 
@@ -634,7 +641,7 @@ def test_linear_gelu_gpu_is_the_tanh_gelu(N):
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        out = norm.linear_gelu(x, weight, b).cpu()
+        out = gelu.linear_gelu(x, weight, b).cpu()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
     x, weight, b = x.cpu(), weight.cpu(), b.cpu()
@@ -650,9 +657,9 @@ def test_linear_gelu_gpu_is_the_tanh_gelu(N):
 def test_bias_gelu_gpu(shape, dtype):
     N, M = shape
     y, bias = bias_gelu_inputs(N, M, dtype, "cuda", seed=N + M)
-    expected = norm.bias_gelu__ref(*upcast((y.clone(), bias)))
+    expected = gelu.bias_gelu_ref_(*upcast((y.clone(), bias)))
     truth = gelu_tanh_of_sum_f64(y, bias)
-    assert norm.bias_gelu_(y, bias) is y
+    assert gelu.bias_gelu_(y, bias) is y
     assert_close(y, expected, **TOLERANCES[dtype], name=f"bias_gelu_ N={N} M={M}")
     if dtype != torch.float32:  # rounded once: nearly always the correctly rounded value
         assert (y != truth.to(dtype)).float().mean().item() < 1e-3
@@ -686,9 +693,9 @@ def test_linear_gelu_gpu_kernel_counts():
     x, weight, b = linear_inputs(2, 768, 3072, torch.bfloat16, "cuda", seed=50)
     x1 = x[:1]
     gemm = device_kernel_names(lambda: torch.mm(x1, weight.t()))
-    one_row = device_kernel_names(lambda: norm.linear_gelu(x1, weight, b))
+    one_row = device_kernel_names(lambda: gelu.linear_gelu(x1, weight, b))
     old = device_kernel_names(lambda: torch._addmm_activation(b, x1, weight.t(), use_gelu=True))
-    two_rows = device_kernel_names(lambda: norm.linear_gelu(x, weight, b))
+    two_rows = device_kernel_names(lambda: gelu.linear_gelu(x, weight, b))
     counts = f"GEMM alone {gemm}\n1 row {one_row}\nPyTorch's 1-row fallback {old}\n2 rows {two_rows}"
     assert sum("_bias_gelu_kernel" in n for n in one_row) == 1, counts
     assert len(one_row) == len(gemm) + 1, counts  # the same GEMM, then the epilogue kernel
@@ -705,24 +712,24 @@ def test_linear_gelu_gpu_one_row_in_cuda_graph(dtype):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        norm.linear_gelu(x, weight, b)
+        gelu.linear_gelu(x, weight, b)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = norm.linear_gelu(x, weight, b)
+        out = gelu.linear_gelu(x, weight, b)
     for seed in (52, 53):
         x.copy_(torch.randn(1, 768, generator=torch.Generator().manual_seed(seed)).to(dtype))
         graph.replay()
-        assert_close(out, norm.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name=f"replay {seed}")
+        assert_close(out, gelu.linear_gelu_ref(*upcast((x, weight, b))), **TOLERANCES[dtype], name=f"replay {seed}")
 
 
 @pytest.mark.gpu
 def test_benchmark_cases_gpu():
     # what `gptfast bench --suite ops --quick` checks, plus the baselines that compute the op
-    for case in norm.benchmark_cases("cuda", quick=True):
+    for case in norm_cases.benchmark_cases("cuda", quick=True):
         args = case.make_args()
-        got = getattr(norm, case.op)(*fresh(args))
-        expected = getattr(norm, case.op + "_ref")(*fresh(args))
+        got = getattr(norm_cases, case.op)(*fresh(args))
+        expected = getattr(norm_cases, ref_name(case.op))(*fresh(args))
         for a, e in zip(*(((o,) if isinstance(o, torch.Tensor) else o) for o in (got, expected))):
             assert_close(a, e, atol=case.atol, rtol=case.rtol, name=case.label)
         for name in ("2-row pad", "_addmm_activation", "add + gelu"):
@@ -740,9 +747,9 @@ def test_cuda_graph_capture_and_replay():
     _, fc_w, fc_b = linear_inputs(N, C, 4 * C, dtype, "cuda", seed=22)
 
     def step():
-        s0, h0 = norm.embed_layernorm(tokens, positions, wte, wpe, w1, b1, 1e-5)
-        s1, h1 = norm.add_layernorm(s0, y, yb, w, b, 1e-5)
-        return s0, h0, s1, h1, norm.linear_gelu(h1, fc_w, fc_b)
+        s0, h0 = layernorm.embed_layernorm(tokens, positions, wte, wpe, w1, b1, 1e-5)
+        s1, h1 = layernorm.add_layernorm(s0, y, yb, w, b, 1e-5)
+        return s0, h0, s1, h1, gelu.linear_gelu(h1, fc_w, fc_b)
 
     side = torch.cuda.Stream()  # warm up (compile, cuBLAS workspaces) off the capture stream
     side.wait_stream(torch.cuda.current_stream())
@@ -758,9 +765,9 @@ def test_cuda_graph_capture_and_replay():
         positions.copy_(torch.randint(0, 1024, (N,), generator=gen))
         y.copy_(torch.randn(N, C, generator=gen).to(dtype))
         graph.replay()
-        s0, h0 = norm.embed_layernorm_ref(*upcast((tokens, positions, wte, wpe, w1, b1)), 1e-5)
+        s0, h0 = layernorm.embed_layernorm_ref(*upcast((tokens, positions, wte, wpe, w1, b1)), 1e-5)
         # the rest from the graph's own (rounded) residual, as the runtime chains them
-        s1, h1 = norm.add_layernorm_ref(*upcast((outs[0], y, yb, w, b)), 1e-5)
-        fc = norm.linear_gelu_ref(*upcast((outs[3], fc_w, fc_b)))
+        s1, h1 = layernorm.add_layernorm_ref(*upcast((outs[0], y, yb, w, b)), 1e-5)
+        fc = gelu.linear_gelu_ref(*upcast((outs[3], fc_w, fc_b)))
         for name, got, want in zip(("s0", "h0", "s1", "h1", "fc"), outs, (s0, h0, s1, h1, fc)):
             assert_close(got, want, **TOLERANCES[dtype], name=f"replay {seed} {name}")

@@ -5,14 +5,16 @@ a short generation on the tiny preset (gptfast and HF on the same weights).
     pytest benchmarks --benchmark-only --benchmark-autosave  # save as a baseline
     pytest benchmarks --benchmark-only --benchmark-compare --benchmark-compare-fail=median:10%
 
-Plain `pytest` does not collect this folder (testpaths = tests). Op cases come from each op
-module's `benchmark_cases("cpu", quick=True)`, so a new op appears here without an edit.
+Plain `pytest` does not collect this folder (testpaths = tests). Op cases come from each module
+of `gptfast.bench.op_cases` (`benchmark_cases("cpu", quick=True)`), so a new op appears here
+without an edit.
 """
 
 import pytest
 import torch
 
 from gptfast.bench import e2e, runner
+from gptfast.ops.common import ref_name
 
 _MODULES = [(name, mod) for name, mod in runner.discover() if not isinstance(mod, BaseException)]
 _CASES = [(mod, case) for _, mod in _MODULES for case in mod.benchmark_cases("cpu", True)]
@@ -20,7 +22,7 @@ _CASES = [(mod, case) for _, mod in _MODULES for case in mod.benchmark_cases("cp
 
 @pytest.mark.parametrize("module,case", _CASES, ids=[f"{c.op}[{c.label}]" for _, c in _CASES])
 def test_op_reference(benchmark, module, case):
-    ref = getattr(module, case.op + "_ref")
+    ref = getattr(module, ref_name(case.op))
     arg_sets = [case.make_args() for _ in range(2)]
     benchmark.extra_info.update(op=case.op, label=case.label, bytes_moved=case.bytes_moved)
     benchmark(runner.rotating(ref, arg_sets))

@@ -18,7 +18,7 @@ from gptfast import get_config
 from gptfast.bench import add_bench_arguments, run_bench
 from gptfast.bench import e2e, provenance, results, runner
 from gptfast.bench.ceilings import Ceilings
-from gptfast.ops.common import BenchCase
+from gptfast.bench.op_cases import BenchCase
 
 
 class SpyTimer:
@@ -174,7 +174,7 @@ def test_discovery_finds_new_op_files_and_reports_broken_ones(tmp_path, monkeypa
 
 def test_discovery_sees_the_real_ops():
     names = [name for name, _ in runner.discover()]
-    assert "gptfast.ops.attention" in names
+    assert "gptfast.bench.op_cases.attention" in names
 
 
 def test_results_files_carry_provenance(tmp_path):

@@ -1,5 +1,5 @@
 """Tests of the small-batch decode ops: ln_linear (layernorm_linear, embed_layernorm_linear),
-proj_residual (linear_residual, attn_merge_linear_residual), attention.decode_attention_partials
+proj_residual (linear_residual, attn_merge_linear_residual), attn_decode.decode_attention_partials
 and head_argmax (layernorm_head_argmax), and of the model's GEMV decode step built from them.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py) on tiny shapes with
@@ -15,7 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptfast.ops import attention, head_argmax, ln_linear, proj_residual
+from gptfast.bench.op_cases import head_argmax as head_argmax_cases
+from gptfast.bench.op_cases import ln_linear as ln_linear_cases
+from gptfast.bench.op_cases import proj_residual as proj_residual_cases
+from gptfast.ops import attn_decode, head_argmax, ln_linear, proj_residual
 from gptfast.ops.common import TOLERANCES, assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -168,9 +171,9 @@ def test_decode_attention_partials_match_reference_and_merge_to_decode_attention
     bias = bias if with_bias else None
     q, k, v = qkv.unbind(1)
     kc_ref, vc_ref = kc.clone(), vc.clone()
-    acc, ml = attention.decode_attention_partials(q, kc, vc, tables, lens_t, D**-0.5, k, v, slots, bias,
+    acc, ml = attn_decode.decode_attention_partials(q, kc, vc, tables, lens_t, D**-0.5, k, v, slots, bias,
                                                   num_splits=num_splits)
-    racc, rml = attention.decode_attention_partials_ref(q, kc_ref, vc_ref, tables, lens_t, D**-0.5, k, v, slots,
+    racc, rml = attn_decode.decode_attention_partials_ref(q, kc_ref, vc_ref, tables, lens_t, D**-0.5, k, v, slots,
                                                         bias, num_splits=num_splits)
     assert acc.shape == racc.shape and acc.shape[2] == (num_splits or acc.shape[2])
     assert_close(ml[..., 0], rml[..., 0], **TOLERANCES[dtype], name="partials m")
@@ -182,7 +185,7 @@ def test_decode_attention_partials_match_reference_and_merge_to_decode_attention
     else:
         assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref)  # the same K/V appended
     # merged, the partials are decode_attention's output
-    full = attention.decode_attention_ref(q, kc_ref.clone(), vc_ref.clone(), tables, lens_t, D**-0.5, k, v,
+    full = attn_decode.decode_attention_ref(q, kc_ref.clone(), vc_ref.clone(), tables, lens_t, D**-0.5, k, v,
                                           slots, bias)
     assert_close(proj_residual.merge_partials_ref(acc, ml), full, **TOLERANCES[dtype], name="merged")
 
@@ -432,7 +435,8 @@ def test_gemv_decode_kernels_compile_for_sm90_without_spills():
     assert not spilled, spilled
 
 
-@pytest.mark.parametrize("module", [ln_linear, proj_residual, head_argmax], ids=lambda m: m.__name__.split(".")[-1])
+@pytest.mark.parametrize("module", [ln_linear_cases, proj_residual_cases, head_argmax_cases],
+                         ids=lambda m: m.__name__.split(".")[-1])
 def test_benchmark_cases(module):
     """The GPU cases list without a GPU (quick is a subset); the CPU cases pass the runner's check,
     fast (interpreter) against reference, and each baseline computes the same thing."""

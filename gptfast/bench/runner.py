@@ -1,10 +1,10 @@
 """The ops suite: every op module's `benchmark_cases`, correctness first, then timing.
 
-Op modules are found with `pkgutil` in `gptfast.ops` (every module but `common` and private ones
+Case modules are found with `pkgutil` in `gptfast.bench.op_cases` (every module but private ones
 that defines `benchmark_cases(device, quick)`): adding an op needs no edit here. For each
 `BenchCase`:
 
-1. check: the fast path `module.<op>` and the reference `module.<op>_ref` run on copies of one
+1. check: the fast path `module.<op>` and the reference `module.<ref_name(op)>` run on copies of one
    fresh argument set; `case.check` (or `compare` with the case's atol/rtol) must pass. A case that
    fails is reported FAIL with the mismatch report and is never timed.
 2. time: fast, eager reference, each `case.baselines` entry, then fast again (the spread of the
@@ -30,7 +30,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from gptfast.ops import _triton
-from gptfast.ops.common import BenchCase, compare, interpreting
+from gptfast.ops.common import compare, interpreting, ref_name
+
+from .op_cases import BenchCase
 
 from .ceilings import Ceilings
 
@@ -46,8 +48,8 @@ COLUMNS = [
 ]
 
 
-def discover(package: str = "gptfast.ops") -> list[tuple[str, ModuleType | BaseException]]:
-    """(module name, module or the exception importing it raised) for each op module in `package`."""
+def discover(package: str = "gptfast.bench.op_cases") -> list[tuple[str, ModuleType | BaseException]]:
+    """(module name, module or the exception importing it raised) for each case module in `package`."""
     pkg = importlib.import_module(package)
     found = []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
@@ -154,9 +156,9 @@ def run_case(
     )
     mode = fast_mode(device)
     fast = getattr(module, case.op, None)
-    ref = getattr(module, case.op + "_ref", None)
+    ref = getattr(module, ref_name(case.op), None)
     if fast is None or ref is None:
-        missing = case.op if fast is None else case.op + "_ref"
+        missing = case.op if fast is None else ref_name(case.op)
         row.update(status="ERROR", report=f"{module.__name__} has no function {missing!r}")
         return row
 

@@ -1,4 +1,4 @@
-"""What every op shares: backend choice, the comparison helper, benchmark cases.
+"""What every op shares: backend choice, the reference naming rule, the comparison helper.
 
 Backend choice: CUDA tensors go to the Triton kernel, CPU tensors to the
 eager reference. `GPTFAST_KERNELS=triton` sends every op that has a kernel through it (with
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -78,29 +77,6 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
     return as_cuda_sm_count() or off_gpu
 
 
-def check_vector(name: str, arg: str, t, n: int, dtype: torch.dtype, dim: str | None = None) -> None:
-    """A launcher check: `t` is None or a 1-D [n] tensor of `dtype` with unit stride; `dim` names
-    the size in the message ("C" gives "[C=768]")."""
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: {arg} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] != n:
-        size = n if dim is None else f"{dim}={n}"
-        raise ValueError(f"{name}: {arg} must be 1-D [{size}], got shape {tuple(t.shape)}")
-    if t.dtype != dtype:
-        raise ValueError(f"{name}: {arg} dtype {t.dtype} differs from the input's dtype {dtype}")
-    if n > 1 and t.stride(0) != 1:
-        raise ValueError(f"{name}: {arg} must be contiguous (stride 1), got stride {t.stride(0)}")
-
-
-def check_eps(name: str, eps) -> float:
-    """A launcher check: a LayerNorm epsilon, a finite Python number >= 0."""
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < float("inf"):
-        raise ValueError(f"{name}: eps must be a finite Python float >= 0, got {eps!r}")
-    return float(eps)
-
-
 def kernel_backend() -> str:
     """The backend forced by `GPTFAST_KERNELS` ("triton", "reference"), or "auto"."""
     value = os.environ.get("GPTFAST_KERNELS", "auto").strip().lower() or "auto"
@@ -127,6 +103,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     return bool(tensors) and all(on_cuda(t.device) for t in tensors)
+
+
+def ref_name(op: str) -> str:
+    """The name of op `op`'s eager reference: `op + "_ref"`; an in-place op keeps its trailing
+    underscore last (`bias_gelu_` -> `bias_gelu_ref_`)."""
+    return f"{op[:-1]}_ref_" if op.endswith("_") else f"{op}_ref"
 
 
 def dispatch(fast: Callable, ref: Callable) -> Callable:
@@ -192,39 +174,3 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
     report = compare(actual, expected, atol, rtol, name)
     if report is not None:
         raise AssertionError(report)
-
-
-@dataclasses.dataclass
-class BenchCase:
-    """One benchmark configuration of an op, declared next to the op (see `benchmark_cases`).
-
-    `make_args()` returns fresh random positional args (called once per rotation buffer), so the
-    runner can rotate inputs. `fast` and `ref` are called with the same args; `check(out_fast,
-    out_ref, args)` returns None or a mismatch report (default: `compare` with `atol`/`rtol`).
-    `bytes_moved` and `flops` are the op's minimum DRAM traffic and arithmetic, for roofline units.
-    """
-
-    op: str  # the op's name: module attribute `op` is the fast path, `op + "_ref"` the reference
-    label: str  # one table row: e.g. "B=8 T=1024 H=12 D=64 bf16"
-    make_args: Callable[[], tuple]
-    bytes_moved: int
-    flops: int = 0
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # sizes for plots / JSON
-    check: Callable[[Any, Any, tuple], str | None] | None = None
-    # extra baselines, e.g. {"sdpa": fn}: timed with the same args, reported beside eager
-    baselines: dict[str, Callable] = dataclasses.field(default_factory=dict)
-
-
-def lazy_generator(device: str, seed: int) -> Callable[[], torch.Generator]:
-    """A seeded generator on `device`, created at the first call (so listing the CUDA benchmark
-    cases needs no GPU); successive draws give fresh inputs for rotation."""
-    holder: list[torch.Generator] = []
-
-    def get() -> torch.Generator:
-        if not holder:
-            holder.append(torch.Generator(device=device).manual_seed(seed))
-        return holder[0]
-
-    return get

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from . import gemv, ln_linear
+from . import ln_linear
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import BenchCase, check_eps, check_vector, lazy_generator
+from .checks import check_eps, check_launch_device, check_rows, check_vector
 from .sampling import sample_ref
 
 _MAX_BLOCK_G = 1024
@@ -42,7 +42,15 @@ _MAX_BLOCK_G = 1024
 
 
 @triton.jit(do_not_specialize=["G"])
-def _argmax_reduce_kernel(tok_ptr, status_ptr, pmax_ptr, pidx_ptr, pflag_ptr, G, BLOCK_G: tl.constexpr):
+def _argmax_reduce_kernel(
+    tok_ptr,  # [R] int64; written: the argmax id, -1 for a flagged row
+    status_ptr,  # [R] int32; written: 0 ok, 1 NaN/+inf logit, 2 no finite logit
+    pmax_ptr,  # [R, G] fp32 contiguous: each column block's max
+    pidx_ptr,  # [R, G] int32 contiguous: the column of each block's max
+    pflag_ptr,  # [R, G] int32 contiguous: each block's NaN/finite flags
+    G,
+    BLOCK_G: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_G)
     best = float("-inf")
@@ -108,7 +116,7 @@ def layernorm_head_argmax(
     >>> tokens, status = layernorm_head_argmax(x, ln_f.weight, ln_f.bias, 1e-5, wte.weight)
     """
     name = "layernorm_head_argmax"
-    gemv.check_rows(name, "x", x)
+    check_rows(name, "x", x)
     R, C = x.shape
     if C < 1:
         raise ValueError(f"{name}: x needs C >= 1 columns (the LayerNorm is over them), got shape {tuple(x.shape)}")
@@ -118,7 +126,7 @@ def layernorm_head_argmax(
     V = ln_linear._check_linear(name, C, x.dtype, weight, None)
     if V < 1:
         raise ValueError(f"{name}: weight needs at least one row (the vocabulary), got shape {tuple(weight.shape)}")
-    device = gemv.check_launch_device(name, x, ln_weight, ln_bias, weight)
+    device = check_launch_device(name, x, ln_weight, ln_bias, weight)
     tokens = torch.empty(R, dtype=torch.int64, device=device)
     status = torch.empty(R, dtype=torch.int32, device=device)
     if R == 0:
@@ -155,72 +163,3 @@ def layernorm_head_argmax_ref(
     zeros_i = torch.zeros(R, dtype=torch.int32, device=x.device)
     zeros_l = torch.zeros(R, dtype=torch.int64, device=x.device)
     return sample_ref(logits, zeros_f, zeros_i, zeros_f + 1.0, zeros_l, zeros_l)
-
-
-# --------------------------------------------------------------------------------------------
-# benchmarks
-# --------------------------------------------------------------------------------------------
-
-
-def _case(device, R, C, V, dtype) -> BenchCase:
-    """Baseline "head_then_sample": `layernorm_linear` to the logits (the model's head, in the
-    dtype), then the greedy sampler (`ops.sample` with temperature 0), the two launches it
-    replaces (three with the final LayerNorm of the older path)."""
-    gen = lazy_generator(device, 9500 + R + V)
-    on_cuda = device.startswith("cuda")
-
-    def make_args():
-        g = gen()
-        x = torch.randn(R, C, generator=g, device=device).to(dtype)
-        lnw = (1 + 0.1 * torch.randn(C, generator=g, device=device)).to(dtype)
-        lnb = (0.1 * torch.randn(C, generator=g, device=device)).to(dtype)
-        w = (0.1 * torch.randn(V, C, generator=g, device=device)).to(dtype)
-        return (x, lnw, lnb, 1e-5, w)
-
-    def head_then_sample(x, lnw, lnb, eps, w):
-        from .sampling import sample
-
-        head = ln_linear.layernorm_linear if on_cuda else ln_linear.layernorm_linear_ref
-        logits = head(x, lnw, lnb, eps, w, None)
-        zf = torch.zeros(R, dtype=torch.float32, device=x.device)
-        zl = torch.zeros(R, dtype=torch.int64, device=x.device)
-        return (sample if on_cuda else sample_ref)(logits, zf, zl.int(), zf + 1, zl, zl)
-
-    def check(out_fast, out_ref, args) -> str | None:
-        """Tokens must agree exactly, except where the reference's top two logits are within
-        rounding of each other (a different accumulation order may swap them)."""
-        (tok_f, st_f), (tok_r, st_r) = out_fast, out_ref
-        if not torch.equal(st_f.cpu(), st_r.cpu()):
-            return f"status differs: fast {st_f.tolist()}, ref {st_r.tolist()}"
-        differ = (tok_f != tok_r).nonzero().flatten().tolist()
-        if not differ:
-            return None
-        x, lnw, lnb, eps, w = args
-        logits = ln_linear.layernorm_linear_ref(x.float(), lnw.float(), lnb.float(), eps, w.float(), None)
-        for r in differ:
-            gap = (logits[r, tok_r[r]] - logits[r, tok_f[r]]).abs().item()
-            if gap > 2e-2 * logits[r].abs().max().item():
-                return f"row {r}: fast token {tok_f[r].item()}, ref {tok_r[r].item()}, logit gap {gap:.3g}"
-        return None
-
-    e = torch.tensor([], dtype=dtype).element_size()
-    G = triton.cdiv(V, 8)  # column blocks, at most (8-column tiles); the count needs the SM count
-    return BenchCase(
-        op="layernorm_head_argmax",
-        label=f"R={R} C={C} V={V} {str(dtype).removeprefix('torch.')}",
-        make_args=make_args,
-        bytes_moved=(V * C + R * C + 2 * C) * e + 12 * R * G + 12 * R,
-        flops=2 * R * V * C,
-        params=dict(R=R, C=C, V=V, dtype=str(dtype)),
-        baselines={"head_then_sample": head_then_sample},
-        check=check,
-    )
-
-
-def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
-    """GPT-2's greedy head: C=768, V=50257, bf16, R in {1, 8} (quick: 1). Bytes: the head weight
-    once + x + LN affine + the partials; FLOPs 2 R V C. Baseline "head_then_sample": the logits
-    head, then the greedy sampler. cpu: one tiny fp32 case."""
-    if device == "cpu":
-        return [_case("cpu", 2, 32, 97, torch.float32)]
-    return [_case(device, R, 768, 50257, torch.bfloat16) for R in ((1,) if quick else (1, 8))]

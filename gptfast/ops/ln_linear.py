@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from . import gemv
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, check_eps, check_vector, lazy_generator
-from .gemv import DTYPES, gelu_tanh, row_stats
-from .norm import embed_layernorm_ref
+from .checks import FLOAT_DTYPES, check_eps, check_launch_device, check_rows, check_vector
+from .gemv import gelu_tanh, row_stats
+from .layernorm import embed_layernorm_ref
 
 # --------------------------------------------------------------------------------------------
 # kernel
@@ -53,18 +53,18 @@ from .norm import embed_layernorm_ref
 # NOTE: R (the batch) bounds a mask only: not specialised on, so batch sizes share a variant.
 @triton.jit(do_not_specialize=["R"])
 def _ln_linear_kernel(
-    out_ptr,
-    idx_ptr,
-    flag_ptr,
-    s_ptr,
-    x_ptr,
-    tok_ptr,
-    pos_ptr,
-    wpe_ptr,
-    lnw_ptr,
-    lnb_ptr,
-    w_ptr,
-    b_ptr,
+    out_ptr,  # [R, N] out dtype, row stride stride_out; with ARGMAX the fp32 partial maxima [R, column blocks]
+    idx_ptr,  # [R, column blocks] int32, row stride stride_out: partial argmax columns; written when ARGMAX
+    flag_ptr,  # [R, column blocks] int32, row stride stride_out: partial NaN/finite flags; written when ARGMAX
+    s_ptr,  # [R, K] x's dtype, contiguous: round(wte[tok] + wpe[pos]); written when EMBED
+    x_ptr,  # [R, K] fp16/bf16/fp32, row stride stride_x, unit column stride; with EMBED wte [V, K]
+    tok_ptr,  # [R] int64 token ids; read when EMBED
+    pos_ptr,  # [R] int64 positions; read when EMBED
+    wpe_ptr,  # [P, K] x's dtype, row stride stride_wpe, unit column stride; read when EMBED
+    lnw_ptr,  # [K] x's dtype, contiguous; read when HAS_LNW
+    lnb_ptr,  # [K] x's dtype, contiguous; read when HAS_LNB
+    w_ptr,  # [N, K] x's dtype (nn.Linear layout), row stride stride_w, unit column stride
+    b_ptr,  # [N] x's dtype, contiguous; read when HAS_BIAS
     stride_out,
     stride_x,
     stride_wpe,
@@ -171,8 +171,16 @@ def _ln_linear_kernel(
 
 
 @triton.jit
-def _embed_stats(x_rows, p_rows, mask_r, K, eps, S_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _embed_stats(
+    x_rows,  # [BLOCK_R, 1] pointers to the rows of wte [V, K] gathered by token id
+    p_rows,  # [BLOCK_R, 1] pointers to the rows of wpe [P, K] gathered by position
+    mask_r,
+    K,
+    eps,
+    S_DTYPE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """`gemv.row_stats` of s = round(wte row + wpe row), gathered twice (L1/L2)."""
     offs_k = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -215,8 +223,8 @@ def _check_linear(name: str, K: int, dtype, weight, bias) -> int:
 def _check_out_dtype(name: str, out_dtype, dtype) -> torch.dtype:
     if out_dtype is None:
         return dtype
-    if out_dtype not in DTYPES:
-        raise ValueError(f"{name}: out_dtype must be None or one of {DTYPES}, got {out_dtype!r}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: out_dtype must be None or one of {FLOAT_DTYPES}, got {out_dtype!r}")
     return out_dtype
 
 
@@ -297,7 +305,7 @@ def layernorm_linear(
     >>> logits = layernorm_linear(x, ln_f.weight, ln_f.bias, 1e-5, wte.weight, None, out_dtype=torch.float32)
     """
     name = "layernorm_linear"
-    gemv.check_rows(name, "x", x)
+    check_rows(name, "x", x)
     R, K = x.shape
     if K < 1:
         raise ValueError(f"{name}: x needs K >= 1 columns (the LayerNorm is over them), got shape {tuple(x.shape)}")
@@ -306,7 +314,7 @@ def layernorm_linear(
     eps = check_eps(name, eps)
     N = _check_linear(name, K, x.dtype, weight, bias)
     out_dtype = _check_out_dtype(name, out_dtype, x.dtype)
-    device = gemv.check_launch_device(name, x, ln_weight, ln_bias, weight, bias)
+    device = check_launch_device(name, x, ln_weight, ln_bias, weight, bias)
     out = torch.empty((R, N), dtype=out_dtype, device=device)
     if R == 0 or N == 0:
         return out
@@ -349,8 +357,8 @@ def embed_layernorm_linear(
     ...                                 ln_1.bias, 1e-5, c_attn.weight, c_attn.bias)
     """
     name = "embed_layernorm_linear"
-    gemv.check_rows(name, "wte", wte)
-    gemv.check_rows(name, "wpe", wpe, wte.shape[1], wte.dtype)
+    check_rows(name, "wte", wte)
+    check_rows(name, "wpe", wpe, wte.shape[1], wte.dtype)
     K = wte.shape[1]
     if K < 1 or wte.shape[0] < 1 or wpe.shape[0] < 1:
         raise ValueError(f"{name}: wte {tuple(wte.shape)} and wpe {tuple(wpe.shape)} must be non-empty")
@@ -367,7 +375,7 @@ def embed_layernorm_linear(
         check_vector(name, arg, t, K, wte.dtype)
     eps = check_eps(name, eps)
     N = _check_linear(name, K, wte.dtype, weight, bias)
-    device = gemv.check_launch_device(name, tokens, positions, wte, wpe, ln_weight, ln_bias, weight, bias)
+    device = check_launch_device(name, tokens, positions, wte, wpe, ln_weight, ln_bias, weight, bias)
     R = tokens.shape[0]
     out = torch.empty((R, N), dtype=wte.dtype, device=device)
     s = torch.empty((R, K), dtype=wte.dtype, device=device)
@@ -415,69 +423,7 @@ def embed_layernorm_linear_ref(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager reference of `embed_layernorm_linear` (same signature): `norm.embed_layernorm_ref`,
+    """Eager reference of `embed_layernorm_linear` (same signature): `layernorm.embed_layernorm_ref`,
     then `F.linear`. Returns (out, s)."""
     s, h = embed_layernorm_ref(tokens, positions, wte, wpe, ln_weight, ln_bias, eps)
     return F.linear(h, weight, bias), s
-
-
-# --------------------------------------------------------------------------------------------
-# benchmarks
-# --------------------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _case(device, R, K, N, dtype, gelu, bias=True, out_dtype=None, label="") -> BenchCase:
-    """ln -> linear (+ bias, + GELU) against the unfused sequence: baseline "unfused" =
-    F.layer_norm, then F.linear (+ the GELU), as the model ran before."""
-    gen = lazy_generator(device, 7000 + R + K + N + int(gelu))
-
-    def make_args():
-        g = gen()
-        x = (1 + torch.randn(R, K, generator=g, device=device)).to(dtype)
-        lnw = (1 + 0.1 * torch.randn(K, generator=g, device=device)).to(dtype)
-        lnb = (0.1 * torch.randn(K, generator=g, device=device)).to(dtype)
-        w = (0.02 * torch.randn(N, K, generator=g, device=device)).to(dtype)  # GPT-2's init scale
-        b = (0.1 * torch.randn(N, generator=g, device=device)).to(dtype) if bias else None
-        return (x, lnw, lnb, 1e-5, w, b, gelu, out_dtype)
-
-    def unfused(x, lnw, lnb, eps, w, b, gelu, out_dtype):
-        h = F.layer_norm(x, (K,), lnw, lnb, eps)
-        y = F.linear(h, w, b)
-        y = F.gelu(y, approximate="tanh") if gelu else y
-        return y if out_dtype is None else y.to(out_dtype)
-
-    e = torch.tensor([], dtype=dtype).element_size()
-    e_out = e if out_dtype is None else torch.tensor([], dtype=out_dtype).element_size()
-    tol = TOLERANCES[dtype]
-    return BenchCase(
-        op="layernorm_linear",
-        label=f"{label}R={R} K={K} N={N} {_dtype_name(dtype)}" + (" +gelu" if gelu else ""),
-        make_args=make_args,
-        bytes_moved=(N * K + N * bias + R * K + 2 * K) * e + R * N * e_out,
-        flops=2 * R * N * K,
-        params=dict(R=R, K=K, N=N, dtype=str(dtype), gelu=gelu),
-        baselines={"unfused": unfused},
-        atol=tol["atol"] * 4, rtol=tol["rtol"],
-    )
-
-
-def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
-    """GPT-2's three uses at R in {1, 8} (quick: 1), bf16: ln_1 -> c_attn (K=768, N=2304),
-    ln_2 -> c_fc + GELU (N=3072), ln_f -> head (N=50257, no bias, fp32 out). Bytes: the weight
-    once + bias + x + LN affine + the output; FLOPs 2 R N K. Baseline "unfused": layer_norm,
-    linear (cuBLAS), GELU. cpu: tiny fp32 cases."""
-    if device == "cpu":
-        return [_case("cpu", 2, 48, 40, torch.float32, gelu=True), _case("cpu", 1, 48, 97, torch.float32, gelu=False)]
-    bf16 = torch.bfloat16
-    rows = (1,) if quick else (1, 8)
-    cases = []
-    for R in rows:
-        cases.append(_case(device, R, 768, 2304, bf16, gelu=False, label="c_attn "))
-        cases.append(_case(device, R, 768, 3072, bf16, gelu=True, label="c_fc "))
-        cases.append(_case(device, R, 768, 50257, bf16, gelu=False, bias=False, out_dtype=torch.float32,
-                           label="head "))
-    return cases

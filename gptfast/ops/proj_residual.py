@@ -30,7 +30,7 @@ program, 2.4 MB of L2 reads over 96 programs; DRAM sees them once). GPT-2 124M, 
 c_proj 1.2 MB, MLP c_proj 4.7 MB (0.25 and 0.98 us at 4.8 TB/s). FLOPs 2 R N K.
 
 References: Dao et al., "Flash-Decoding for long-context inference" (2023) for the log-sum-exp
-merge of split-KV partials; `attention.decode_attention`'s merge kernel, which this replaces.
+merge of split-KV partials; `attn_decode.decode_attention`'s merge kernel, which this replaces.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ import torch.nn.functional as F
 
 from . import gemv
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, check_vector, lazy_generator
-
+from .checks import check_launch_device, check_rows, check_vector
 
 # --------------------------------------------------------------------------------------------
 # kernel
@@ -49,8 +48,19 @@ from .common import TOLERANCES, BenchCase, check_vector, lazy_generator
 
 
 @triton.jit
-def _merged_tile(acc_ptr, ml_ptr, rows, mask_r, k, mask_k, H, S, HEAD_DIM: tl.constexpr,
-                 BLOCK_S: tl.constexpr, OUT_DTYPE: tl.constexpr):
+def _merged_tile(
+    acc_ptr,  # [R, H, S, HEAD_DIM] fp32 contiguous: the split-KV partial accumulators
+    ml_ptr,  # [R, H, S, 2] fp32 contiguous: the partials' (m, l)
+    rows,
+    mask_r,
+    k,
+    mask_k,
+    H,
+    S,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+):
     """The attention output y[rows, k] (k = h * HEAD_DIM + d) merged from the split-KV partials
     part_acc [R, H, S, HEAD_DIM], part_ml [R, H, S, 2] (fp32, contiguous), rounded to OUT_DTYPE."""
     head = k // HEAD_DIM
@@ -72,13 +82,13 @@ def _merged_tile(acc_ptr, ml_ptr, rows, mask_r, k, mask_k, H, S, HEAD_DIM: tl.co
 
 @triton.jit(do_not_specialize=["R", "S"])
 def _linear_residual_kernel(
-    out_ptr,
-    x_ptr,
-    acc_ptr,
-    ml_ptr,
-    w_ptr,
-    b_ptr,
-    res_ptr,
+    out_ptr,  # [R, N] x's dtype, row stride stride_out; written
+    x_ptr,  # [R, K] fp16/bf16/fp32, row stride stride_x, unit column stride; read unless MERGE
+    acc_ptr,  # [R, H, S, HEAD_DIM] fp32 contiguous (K = H * HEAD_DIM); read when MERGE
+    ml_ptr,  # [R, H, S, 2] fp32 contiguous, (m, l) per split; read when MERGE
+    w_ptr,  # [N, K] out's dtype (nn.Linear layout), row stride stride_w, unit column stride
+    b_ptr,  # [N] out's dtype, contiguous; read when HAS_BIAS
+    res_ptr,  # [R, N] out's dtype, row stride stride_res, unit column stride
     stride_out,
     stride_x,
     stride_w,
@@ -145,7 +155,7 @@ def _check_weight_bias_residual(name: str, K: int, R: int, dtype, weight, bias, 
         raise ValueError(f"{name}: weight rows must be contiguous (stride 1 along K), got strides {weight.stride()}")
     N = weight.shape[0]
     check_vector(name, "bias", bias, N, dtype)
-    gemv.check_rows(name, "residual", residual, N, dtype)
+    check_rows(name, "residual", residual, N, dtype)
     if residual.shape[0] != R:
         raise ValueError(f"{name}: residual must be [R={R}, N={N}], got shape {tuple(residual.shape)}")
     return N
@@ -204,10 +214,10 @@ def linear_residual(
     >>> x = linear_residual(h, mlp.c_proj.weight, mlp.c_proj.bias, x)
     """
     name = "linear_residual"
-    gemv.check_rows(name, "x", x)
+    check_rows(name, "x", x)
     R, K = x.shape
     _check_weight_bias_residual(name, K, R, x.dtype, weight, bias, residual)
-    device = gemv.check_launch_device(name, x, weight, bias, residual)
+    device = check_launch_device(name, x, weight, bias, residual)
     out = torch.empty(residual.shape, dtype=x.dtype, device=device)
     if out.numel() == 0:
         return out
@@ -220,11 +230,13 @@ def linear_residual(
 
 def _check_partials(name: str, part_acc, part_ml) -> tuple[int, int, int, int]:
     if not isinstance(part_acc, torch.Tensor) or part_acc.dim() != 4 or part_acc.dtype != torch.float32:
-        shown = f"{part_acc.dtype} shape {tuple(part_acc.shape)}" if isinstance(part_acc, torch.Tensor) else type(part_acc).__name__
+        is_tensor = isinstance(part_acc, torch.Tensor)
+        shown = f"{part_acc.dtype} shape {tuple(part_acc.shape)}" if is_tensor else type(part_acc).__name__
         raise ValueError(f"{name}: part_acc must be fp32 [R, H, S, D], got {shown}")
     R, H, S, D = part_acc.shape
     if not isinstance(part_ml, torch.Tensor) or tuple(part_ml.shape) != (R, H, S, 2) or part_ml.dtype != torch.float32:
-        shown = f"{part_ml.dtype} shape {tuple(part_ml.shape)}" if isinstance(part_ml, torch.Tensor) else type(part_ml).__name__
+        is_tensor = isinstance(part_ml, torch.Tensor)
+        shown = f"{part_ml.dtype} shape {tuple(part_ml.shape)}" if is_tensor else type(part_ml).__name__
         raise ValueError(f"{name}: part_ml must be fp32 [R={R}, H={H}, S={S}, 2], got {shown}")
     if not (part_acc.is_contiguous() and part_ml.is_contiguous()):
         raise ValueError(f"{name}: part_acc and part_ml must be contiguous, got strides "
@@ -247,7 +259,7 @@ def attn_merge_linear_residual(
     Parameters
     ----------
     part_acc : Tensor [R, H, S, D], fp32
-        Unnormalised per-split outputs (from `attention.decode_attention_partials`), contiguous.
+        Unnormalised per-split outputs (from `attn_decode.decode_attention_partials`), contiguous.
     part_ml : Tensor [R, H, S, 2], fp32
         Per split the running max m (log2 units) and the sum l, contiguous.
     weight : Tensor [N, H * D]
@@ -268,10 +280,10 @@ def attn_merge_linear_residual(
     """
     name = "attn_merge_linear_residual"
     R, H, S, D = _check_partials(name, part_acc, part_ml)
-    gemv.check_rows(name, "residual", residual)
+    check_rows(name, "residual", residual)
     dtype = residual.dtype
     _check_weight_bias_residual(name, H * D, R, dtype, weight, bias, residual)
-    device = gemv.check_launch_device(name, part_acc, part_ml, weight, bias, residual)
+    device = check_launch_device(name, part_acc, part_ml, weight, bias, residual)
     out = torch.empty(residual.shape, dtype=dtype, device=device)
     if out.numel() == 0:
         return out
@@ -308,91 +320,3 @@ def attn_merge_linear_residual_ref(part_acc: torch.Tensor, part_ml: torch.Tensor
     R = part_acc.shape[0]
     y = merge_partials_ref(part_acc, part_ml).to(residual.dtype).reshape(R, -1)  # [R, H * D]
     return linear_residual_ref(y, weight, bias, residual)
-
-
-# --------------------------------------------------------------------------------------------
-# benchmarks
-# --------------------------------------------------------------------------------------------
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _case(device, R, K, N, dtype) -> BenchCase:
-    """Baseline "unfused": F.linear without bias, then `residual + y + bias` as the model's
-    `add_layernorm` did it (here without the LayerNorm, which moved into the next GEMV)."""
-    gen = lazy_generator(device, 8000 + R + K + N)
-
-    def make_args():
-        g = gen()
-        x = torch.randn(R, K, generator=g, device=device).to(dtype)
-        w = (0.02 * torch.randn(N, K, generator=g, device=device)).to(dtype)
-        b = (0.1 * torch.randn(N, generator=g, device=device)).to(dtype)
-        res = torch.randn(R, N, generator=g, device=device).to(dtype)
-        return (x, w, b, res)
-
-    def unfused(x, w, b, res):
-        return res + F.linear(x, w) + b
-
-    e = torch.tensor([], dtype=dtype).element_size()
-    tol = TOLERANCES[dtype]
-    return BenchCase(
-        op="linear_residual",
-        label=f"R={R} K={K} N={N} {_dtype_name(dtype)}",
-        make_args=make_args,
-        bytes_moved=(N * K + N + 2 * R * N + R * K) * e,
-        flops=2 * R * N * K,
-        params=dict(R=R, K=K, N=N, dtype=str(dtype)),
-        baselines={"unfused": unfused},
-        atol=tol["atol"] * 4, rtol=tol["rtol"],
-    )
-
-
-def _merge_case(device, R, H, S, D, dtype) -> BenchCase:
-    """Baseline "merge_then_linear": the merge (eager, as `merge_partials_ref`), F.linear, the
-    residual add: the decode step's merge kernel + c_proj + add that this replaces."""
-    gen = lazy_generator(device, 9000 + R + S)
-    N = H * D
-
-    def make_args():
-        g = gen()
-        part_acc = torch.randn(R, H, S, D, generator=g, device=device)
-        m = torch.randn(R, H, S, generator=g, device=device) * 4
-        l = torch.rand(R, H, S, generator=g, device=device) * 10 + 1
-        part_ml = torch.stack((m, l), dim=-1).contiguous()
-        w = (0.02 * torch.randn(N, N, generator=g, device=device)).to(dtype)
-        b = (0.1 * torch.randn(N, generator=g, device=device)).to(dtype)
-        res = torch.randn(R, N, generator=g, device=device).to(dtype)
-        return (part_acc, part_ml, w, b, res)
-
-    def merge_then_linear(part_acc, part_ml, w, b, res):
-        y = merge_partials_ref(part_acc, part_ml).to(res.dtype).reshape(R, N)
-        return res + F.linear(y, w, b)
-
-    e = torch.tensor([], dtype=dtype).element_size()
-    tol = TOLERANCES[dtype]
-    return BenchCase(
-        op="attn_merge_linear_residual",
-        label=f"R={R} H={H} S={S} D={D} {_dtype_name(dtype)}",
-        make_args=make_args,
-        bytes_moved=(N * N + N + 2 * R * N) * e + R * H * S * (D + 2) * 4,
-        flops=2 * R * N * N,
-        params=dict(R=R, H=H, S=S, D=D, dtype=str(dtype)),
-        baselines={"merge_then_linear": merge_then_linear},
-        atol=tol["atol"] * 4, rtol=tol["rtol"],
-    )
-
-
-def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
-    """GPT-2's projections into the residual stream, bf16, R in {1, 8} (quick: 1): the MLP's
-    c_proj (K=3072, N=768) as `linear_residual`, and the attention c_proj (K=N=768) with the merge
-    of S=8 split-KV partials of 12 heads as `attn_merge_linear_residual`. Bytes: the weight once
-    + bias + residual read + output written + x (or the fp32 partials). cpu: tiny fp32 cases."""
-    if device == "cpu":
-        return [_case("cpu", 3, 40, 24, torch.float32), _merge_case("cpu", 2, 2, 3, 8, torch.float32)]
-    bf16 = torch.bfloat16
-    rows = (1,) if quick else (1, 8)
-    cases = [_case(device, R, 3072, 768, bf16) for R in rows]
-    cases += [_merge_case(device, R, 12, 8, 64, bf16) for R in rows]
-    return cases

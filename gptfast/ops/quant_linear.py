@@ -33,19 +33,27 @@ from __future__ import annotations
 import torch
 
 from ._triton import tl, triton  # stand-ins where Triton is not installed
-from .common import TOLERANCES, BenchCase, lazy_generator
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
 def _int8_linear_kernel(
-    out_ptr, stride_om,
-    x_ptr, stride_xm,
-    q_ptr, stride_qn,
-    scale_ptr, bias_ptr,
-    M, N, K,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    out_ptr,  # [M, N] x's dtype, row stride stride_om; written
+    stride_om,
+    x_ptr,  # [M, K] fp16/bf16/fp32, row stride stride_xm, unit column stride
+    stride_xm,
+    q_ptr,  # [N, K] int8, row stride stride_qn, unit column stride
+    stride_qn,
+    scale_ptr,  # [N] fp32 contiguous, each output channel's scale
+    bias_ptr,  # [N] x's dtype; read when HAS_BIAS
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -149,35 +157,3 @@ def int8_linear_ref(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# benchmarks
-# --------------------------------------------------------------------------------------------
-
-
-def _int8_linear_case(device, M, N, K, dtype) -> BenchCase:
-    gen = lazy_generator(device, 0)
-
-    def make_args():
-        g = gen()
-        w = torch.randn(N, K, generator=g, device=device) * 0.02
-        s = w.abs().amax(1) / 127
-        q = torch.round(w / s[:, None]).to(torch.int8)
-        x = torch.randn(M, K, generator=g, device=device).to(dtype)
-        b = torch.randn(N, generator=g, device=device).to(dtype)
-        return x, q, s.float(), b
-
-    name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    e = torch.empty((), dtype=dtype).element_size()
-    return BenchCase(
-        op="int8_linear", label=f"M={M} N={N} K={K} {name}", make_args=make_args, bytes_moved=N * K + 4 * N + (M * K + M * N + N) * e, flops=2 * M * N * K,
-        params=dict(M=M, N=N, K=K, dtype=name), **TOLERANCES[dtype],
-    )
-
-
-def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
-    """GPT-2 124M's decode matmuls at batch 1 and 8 in bf16 (c_fc and the tied head)."""
-    shapes = [(1, 3072, 768), (8, 3072, 768)] if quick else [
-        (1, 2304, 768), (1, 3072, 768), (1, 768, 3072), (1, 50257, 768), (8, 3072, 768), (8, 50257, 768)]
-    return [_int8_linear_case(device, M, N, K, torch.bfloat16) for M, N, K in shapes]

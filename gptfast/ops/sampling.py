@@ -310,8 +310,20 @@ def _compact(row_ptr, stride_v, V, div, thr_key, sx_ptr, sc_ptr, BLOCK: tl.const
 
 
 @triton.jit
-def _sample_split_kernel(part_ptr, logits_ptr, stride_b, stride_v, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
-                         offset_ptr, V, C, BLOCK: tl.constexpr):
+def _sample_split_kernel(
+    part_ptr,  # [B, 8, C] int32 contiguous: per-chunk partials (floats bit-cast); written
+    logits_ptr,  # [B, V] fp16/bf16/fp32, strides (stride_b, stride_v)
+    stride_b,
+    stride_v,
+    temp_ptr,  # [B] fp32 temperature (<= 0: greedy)
+    topk_ptr,  # [B] int32 top-k (0: off)
+    topp_ptr,  # [B] fp32 top-p (1.0: off)
+    seed_ptr,  # [B] int64 Philox key per row
+    offset_ptr,  # [B] int64 Philox offset per row
+    V,
+    C,
+    BLOCK: tl.constexpr,
+):
     """Pass 1 split: program (row, c) scans chunk c of the row (one DRAM read of it) and writes
     the chunk's partials to part[row, :, c] (int32; floats bit-cast): max, its lowest column,
     #bad, #finite, min key, max key, race score, drawn column (the draw only for rows without
@@ -349,10 +361,29 @@ def _sample_split_kernel(part_ptr, logits_ptr, stride_b, stride_v, temp_ptr, top
 
 
 @triton.jit
-def _sample_kernel(tok_ptr, status_ptr, logits_ptr, stride_b, stride_v, temp_ptr, topk_ptr, topp_ptr,
-                   seed_ptr, offset_ptr, scratch_x_ptr, scratch_col_ptr, part_ptr, V, C,
-                   BLOCK: tl.constexpr, CAP: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr,
-                   SPLIT: tl.constexpr, C_BLOCK: tl.constexpr):
+def _sample_kernel(
+    tok_ptr,  # [B] int64; written: the drawn token, -1 for a flagged row
+    status_ptr,  # [B] int32; written: 0 ok, 1 NaN/+inf logit, 2 no finite logit
+    logits_ptr,  # [B, V] fp16/bf16/fp32, strides (stride_b, stride_v)
+    stride_b,
+    stride_v,
+    temp_ptr,  # [B] fp32 temperature (<= 0: greedy)
+    topk_ptr,  # [B] int32 top-k (0: off)
+    topp_ptr,  # [B] fp32 top-p (1.0: off)
+    seed_ptr,  # [B] int64 Philox key per row
+    offset_ptr,  # [B] int64 Philox offset per row
+    scratch_x_ptr,  # [B, CAP] fp32 contiguous scratch: candidate values
+    scratch_col_ptr,  # [B, CAP] int32 contiguous scratch: candidate columns
+    part_ptr,  # [B, 8, C] int32 contiguous: pass 1's partials; read when SPLIT
+    V,
+    C,
+    BLOCK: tl.constexpr,
+    CAP: tl.constexpr,
+    NP: tl.constexpr,
+    MAX_PASSES: tl.constexpr,
+    SPLIT: tl.constexpr,
+    C_BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_b
     sx_ptr = scratch_x_ptr + row.to(tl.int64) * CAP  # scratch rows: [B, CAP]

@@ -8,7 +8,7 @@ Suites:
   mixed-length requests (padded batches; continuous batching), time to first token, inter-token
   latency, weight bandwidth, kernels per decode step. `--model` and `--dtype` take
   comma-separated lists: one run per (model, dtype), all rows in one result file.
-- ops: every op in `gptfast.ops` that declares `benchmark_cases`: fast path checked against its
+- ops: every op with cases in `gptfast.bench.op_cases` (`benchmark_cases`): fast path checked against its
   eager reference, then timed in µs, GB/s, TFLOP/s, % of the measured floor, speedups.
 
 Results go to `--out` (default: `default_out_dir()`, outside any checkout); the last line printed

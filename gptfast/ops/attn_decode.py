@@ -131,8 +131,8 @@ def _decode_split_kernel(
         last = seq_len - 1
         owns_new = (last >= lo) & (last < hi)
         # requested here so that their latency hides behind the cache loop
-        # COMPAT(triton 3.9): tl.where, not `mask_d & owns_new`: the interpreter turns a tensor &
-        # scalar bool into int32, which it then refuses as a mask
+        # COMPAT(triton 3.6): tl.where, not `mask_d & owns_new`: the interpreter fails on a tensor &
+        # a scalar bool (checked with triton 3.6.0)
         new_mask = tl.where(owns_new, mask_d, False)
         k_new = tl.load(k_new_ptr + b.to(tl.int64) * stride_knb + h * stride_knh + offs_d, mask=new_mask, other=0.0)
         v_new = tl.load(v_new_ptr + b.to(tl.int64) * stride_vnb + h * stride_vnh + offs_d, mask=new_mask, other=0.0)

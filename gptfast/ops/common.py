@@ -64,7 +64,7 @@ def as_cuda_sm_count() -> int | None:
     return _AS_CUDA.get()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -129,9 +129,9 @@ def dispatch(fast: Callable, ref: Callable) -> Callable:
 
 # Tolerances per dtype for comparing an op against its fp32 reference (the README's correctness policy).
 TOLERANCES = {
-    torch.float32: dict(atol=1e-5, rtol=1e-5),
-    torch.float16: dict(atol=2e-3, rtol=1e-2),
-    torch.bfloat16: dict(atol=1e-2, rtol=5e-2),
+    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+    torch.float16: {"atol": 2e-3, "rtol": 1e-2},
+    torch.bfloat16: {"atol": 1e-2, "rtol": 5e-2},
 }
 
 
@@ -160,8 +160,8 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: flo
     max_rel = rel[finite].max().item() if finite.any() else float("nan")
     idx = bad.nonzero()[:8]
     lines = [
-        f"{label}{int(bad.sum())} of {bad.numel()} elements differ "
-        f"(atol={atol:g}, rtol={rtol:g}); max abs err {max_abs:.3e}, max rel err {max_rel:.3e}"
+        (f"{label}{int(bad.sum())} of {bad.numel()} elements differ "
+         f"(atol={atol:g}, rtol={rtol:g}); max abs err {max_abs:.3e}, max rel err {max_rel:.3e}")
     ]
     for i in idx.tolist():
         i = tuple(i)

@@ -79,8 +79,8 @@ _DTYPES = {"tokens": torch.int64, "positions": torch.int64, "seq_lens": torch.in
 
 def _check(tokens, positions, seq_lens, offsets, slot_mapping, advance, sampled, block_tables, block_size):
     B = tokens.shape[0] if isinstance(tokens, torch.Tensor) else None
-    named = dict(tokens=tokens, positions=positions, seq_lens=seq_lens, offsets=offsets,
-                 slot_mapping=slot_mapping, advance=advance, sampled=sampled)
+    named = {"tokens": tokens, "positions": positions, "seq_lens": seq_lens, "offsets": offsets,
+             "slot_mapping": slot_mapping, "advance": advance, "sampled": sampled}
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

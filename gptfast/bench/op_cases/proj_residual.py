@@ -57,8 +57,8 @@ def _merge_case(device, R, H, S, D, dtype) -> BenchCase:
         g = gen()
         part_acc = torch.randn(R, H, S, D, generator=g, device=device)
         m = torch.randn(R, H, S, generator=g, device=device) * 4
-        l = torch.rand(R, H, S, generator=g, device=device) * 10 + 1
-        part_ml = torch.stack((m, l), dim=-1).contiguous()
+        l_sum = torch.rand(R, H, S, generator=g, device=device) * 10 + 1
+        part_ml = torch.stack((m, l_sum), dim=-1).contiguous()
         w = (0.02 * torch.randn(N, N, generator=g, device=device)).to(dtype)
         b = (0.1 * torch.randn(N, generator=g, device=device)).to(dtype)
         res = torch.randn(R, N, generator=g, device=device).to(dtype)

@@ -11,9 +11,9 @@ import pytest
 import torch
 import triton
 
+from gptfast.bench.op_cases import sampling as sampling_cases
 from gptfast.ops import sampling
 from gptfast.ops.common import assert_close
-
 
 
 def _split_sample(logits, *args, **kwargs):
@@ -519,7 +519,7 @@ def test_split_and_per_row_pass1_draw_the_same_tokens(V, block, monkeypatch):
     assert st_r[12] == 1 and st_r[13] == 2 and (st_r[:12] == 0).all()
     if V > 3:
         assert tok_r[3] == V // 3 and tok_r[0] == args[0][0].argmax()
-    assert sampling._check_draws(outs["split"], sampling.sample_ref(*args), args) is None
+    assert sampling_cases.check_draws(outs["split"], sampling.sample_ref(*args), args) is None
 
 
 @pytest.mark.parametrize("B, V, grid", [(1, 50257, (1, 50)), (32, 3000, (32, 3)), (33, 3000, None)])

@@ -41,7 +41,7 @@ def _kept_ref(logits, temperature, top_k, top_p) -> torch.Tensor:
     return torch.where(greedy[:, None], arg, kept)
 
 
-def _check_draws(out_fast, out_ref, args) -> str | None:
+def check_draws(out_fast, out_ref, args) -> str | None:
     """Draws differ from the reference's by design: statuses must agree and every token of a
     status-0 row must lie in the row's kept set (greedy rows: equal to the argmax)."""
     (tok_f, st_f), (tok_r, st_r) = out_fast, out_ref
@@ -77,7 +77,7 @@ def _case(device: str, B: int, V: int, t: float, k: int, p: float, dtype=torch.f
     return BenchCase(op="sample", label=f"B={B} V={V} T={t} top_k={k} top_p={p} {dt}", make_args=make_args,
                      bytes_moved=B * V * dtype.itemsize + 12 * B, flops=8 * B * V,
                      params=dict(B=B, V=V, temperature=t, top_k=k, top_p=p, dtype=dt),
-                     check=_check_draws, baselines=baselines)
+                     check=check_draws, baselines=baselines)
 
 
 def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
@@ -85,7 +85,7 @@ def benchmark_cases(device: str, quick: bool) -> list[BenchCase]:
 
     (a) T=0.8, top_k=50, top_p=0.9 against the HF-style sort-based path + multinomial;
     (b) top_k=200 only against the gpt-fast style (topk pivot, softmax, exponential race).
-    bytes_moved = the logits read once. The check compares supports, not draws (`_check_draws`).
+    bytes_moved = the logits read once. The check compares supports, not draws (`check_draws`).
     cpu: two tiny cases (the interpreter, or the reference against itself).
     """
     if device == "cpu":

@@ -609,7 +609,7 @@ def _beam_generate(model, input_ids, prompts, params, args, num_beams, n_return,
 
 def _ragged_prompts(input_ids, attention_mask, config, mask_source="attention_mask"):
     """Each row's real tokens (attention_mask == 1), checked."""
-    from .model import _check_ids
+    from .model import check_token_ids
 
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -618,7 +618,7 @@ def _ragged_prompts(input_ids, attention_mask, config, mask_source="attention_ma
                          "use input_ids.unsqueeze(0) for a single prompt")
     if input_ids.dim() == 2 and input_ids.shape[0] == 0:
         raise ValueError("input_ids is an empty batch (0 rows)")
-    B, T = _check_ids(input_ids, config, "input_ids")
+    B, T = check_token_ids(input_ids, config)
     ids = input_ids.cpu().to(torch.long)
     if attention_mask is None:
         return [row.tolist() for row in ids], None

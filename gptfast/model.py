@@ -62,7 +62,69 @@ class _PackedHolder:
     _int8 = None  # gptfast.quant.Int8Weight
 
 
-class Linear(nn.Linear):
+class _WeightsCounter:
+    """The number `GPT2.weights_version` reads, one per model, shared by all its modules."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+
+class _Counted:
+    """Base of gptfast's module classes: registering a parameter or a submodule on one of them
+    (`module.weight = nn.Parameter(...)`, `load_state_dict(..., assign=True)`, `block.mlp = MLP(...)`)
+    bumps the owning model's weights version. The decode graphs hold the parameters' addresses,
+    and a live engine compares this number each step instead of the addresses."""
+
+    _weights_counter: _WeightsCounter | None = None  # set by the owning GPT2
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        self._bump_weights_version()
+
+    def add_module(self, name: str, module) -> None:
+        super().add_module(name, module)
+        self._bump_weights_version(module)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            self._bump_weights_version(value)
+
+    def _bump_weights_version(self, module: nn.Module | None = None) -> None:
+        counter = self._weights_counter
+        if counter is not None:
+            if module is not None:
+                _share_counter(module, counter)
+            counter.value += 1
+
+
+def _share_counter(module: nn.Module, counter: _WeightsCounter) -> None:
+    """Make every gptfast module under `module` count into `counter`."""
+    for m in module.modules():
+        if isinstance(m, _Counted):
+            object.__setattr__(m, "_weights_counter", counter)
+
+
+class LayerNorm(_Counted, nn.LayerNorm):
+    """nn.LayerNorm whose parameter registrations count in the model's weights version."""
+
+
+class Embedding(_Counted, nn.Embedding):
+    """nn.Embedding whose parameter registrations count in the model's weights version."""
+
+
+class ModuleList(_Counted, nn.ModuleList):
+    """nn.ModuleList whose module registrations count in the model's weights version."""
+
+
+class OutputHead(_Counted, nn.Linear):
+    """An untied head's parameters (an nn.Linear that counts in the model's weights version);
+    `GPT2` runs its matmul through `linear` with the head's own holder."""
+
+
+class Linear(_Counted, nn.Linear):
     """nn.Linear through `linear` (prepacked bf16 weights on the CPU, int8 copies when the
     model is quantised)."""
 
@@ -101,7 +163,7 @@ def _plain_decode(meta: AttnMetadata) -> bool:
             and bool((meta.seq_lens > 0).all()))
 
 
-class Attention(nn.Module):
+class Attention(_Counted, nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         C = config.n_embd
@@ -163,7 +225,7 @@ class Attention(nn.Module):
         return F.linear(y.reshape(N, C), self.c_proj.weight)  # (N, nh, hs) -> (N, C), no bias
 
 
-class MLP(nn.Module):
+class MLP(_Counted, nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.mlp_dim, bias=config.bias)
@@ -184,13 +246,13 @@ class MLP(nn.Module):
         return F.linear(h, self.c_proj.weight)
 
 
-class Block(nn.Module):
+class Block(_Counted, nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         eps = config.layer_norm_epsilon
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.attn = Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -202,7 +264,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT2(nn.Module):
+class GPT2(_Counted, nn.Module):
     """GPT-2 language model (HF `GPT2LMHeadModel` math) with a paged KV cache.
 
     Parameters
@@ -232,12 +294,12 @@ class GPT2(nn.Module):
         self.config = config
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.wte = Embedding(config.vocab_size, config.n_embd)
+        self.wpe = Embedding(config.n_positions, config.n_embd)
+        self.h = ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = OutputHead(config.n_embd, config.vocab_size, bias=False)
         self.generation_defaults: dict = {
             "bos_token_id": config.bos_token_id,
             "eos_token_id": config.eos_token_id,
@@ -247,6 +309,7 @@ class GPT2(nn.Module):
         self._graph_runner = None  # (fingerprint, gptfast.graphs.DecodeGraphRunner)
         self._head = _PackedHolder()  # the head's prepacked or int8 weight (see `linear`)
         self.quantize: str | None = None  # see `quantize_weights`
+        _share_counter(self, _WeightsCounter())
         self.eval()
         self.requires_grad_(False)
 
@@ -379,14 +442,12 @@ class GPT2(nn.Module):
             holder._int8 = None
         if changed:
             # Other weights in effect: the decode graphs (captured on the other path) are rebuilt,
-            # live engines pick up the new runner (the epoch), and cached prefixes, computed with
-            # the other weights, are dropped.
-            from .graphs import _bump_weights_epoch
-
+            # live engines pick up the new runner (`weights_version`), and cached prefixes,
+            # computed with the other weights, are dropped.
             self._graph_runner = None
             if self._kv_cache is not None:
                 self._kv_cache.reset_prefix_cache()
-            _bump_weights_epoch()
+            self._weights_counter.value += 1
         return self
 
     def _weight_holders(self):
@@ -434,15 +495,22 @@ class GPT2(nn.Module):
         before = tensors()
         result = super()._apply(fn, *args, **kwargs)
         if tensors() != before:
-            from .graphs import _bump_weights_epoch
-
             self._kv_cache = None
             self._graph_runner = None
             for holder in self._weight_holders():
                 holder._packed = None
                 holder._int8 = None
-            _bump_weights_epoch()
+            self._weights_counter.value += 1
         return result
+
+    @property
+    def weights_version(self) -> int:
+        """A number that changes whenever a parameter tensor of the model may have been replaced:
+        a parameter or submodule (re)registered on any of its modules (`module.weight =
+        nn.Parameter(...)`, `load_state_dict(..., assign=True)`), a move or cast that changed a
+        tensor, or `quantize_weights` switching mode. In-place updates keep it (the tensors stay
+        where they are), and so does a `param.data = t` swap, which no module sees."""
+        return self._weights_counter.value
 
     def head_weight(self) -> torch.Tensor:
         """The output projection's weight `[V, C]`: `wte`'s unless the config unties them."""
@@ -464,7 +532,7 @@ class GPT2(nn.Module):
         -------
         logits : (B, T, vocab_size) tensor in the model's dtype.
         """
-        B, T = _check_ids(input_ids, self.config, name="input_ids")
+        B, T = check_token_ids(input_ids, self.config)
         device = self.device
         input_ids = input_ids.to(device)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -717,7 +785,22 @@ def _check_dtype(dtype) -> None:
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
 
 
-def _check_ids(input_ids, config: GPT2Config, name: str) -> tuple[int, int]:
+def check_token_ids(input_ids, config: GPT2Config, name: str = "input_ids") -> tuple[int, int]:
+    """Check a batch of token ids for a model of `config`; raise a TypeError or ValueError naming
+    `name`, the value seen and what is allowed.
+
+    Parameters
+    ----------
+    input_ids : integer tensor (B, T)
+        Token ids, each in [0, config.vocab_size), T <= config.n_positions, B and T >= 1.
+    config : GPT2Config
+    name : str
+        What the caller calls `input_ids`, for the messages.
+
+    Returns
+    -------
+    (B, T) : the batch size and length.
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:

@@ -675,7 +675,23 @@ class GPT2(_Counted, nn.Module):
 
 
 class _Stages:
-    """The op set of one paged step: its stages over the layers, the head and a greedy pick."""
+    """The op set of one paged step: its stages over the layers, the head and a greedy pick.
+
+    Every op set but `_CpuDecodeStages` (which replaces `run`) defines the stages `run` calls:
+
+    embed(tokens, positions) -> stream
+        tokens, positions: (N,) int64, the step's new tokens.
+    attention(block, stream, k_cache, v_cache) -> stream
+        ln_1, c_attn, the new K/V into the cache ([blocks, bs, nh, hs] each), attention, c_proj,
+        the residual add.
+    mlp(block, stream, after) -> stream
+        ln_2, c_fc, the activation, c_proj, the residual add; `after` is the LayerNorm that
+        follows (the next block's ln_1, or ln_f), for op sets that end a stage with it.
+    rows(stream, indices) -> stream
+        The rows whose logits are wanted, (M,) int64.
+    logits(stream, fp32) -> (M, V) tensor
+        The head, fp32 or the model's dtype.
+    """
 
     def __init__(self, model: GPT2, meta: AttnMetadata):
         self.model = model

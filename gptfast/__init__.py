@@ -30,7 +30,8 @@ __all__ = ["GPT2", "GPT2Config", "PRESETS", "get_config", "generate", "GenerateO
            "SamplingParams", "patch_hf_generate", "unpatch_hf_generate", "__version__"]
 
 
-_SUBMODULES = {"model", "engine", "generation", "kv_cache", "weights", "tokenizer", "hub", "ops", "bench", "cli"}
+_SUBMODULES = {"model", "engine", "generation", "hf_convert", "kv_cache",
+               "weights", "tokenizer", "hub", "ops", "bench", "cli"}
 
 
 def __getattr__(name):

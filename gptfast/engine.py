@@ -263,7 +263,7 @@ class Engine:
         self._graph_batch = min(max_num_seqs, graphs.MAX_BATCH)
         with self.cache.lock:
             self.runner = graphs.graph_runner(model, self._graph_batch) if cuda_graphs else None
-        self._weights_epoch = graphs.weights_epoch()
+        self._weights_version = model.weights_version
         if max_prefill_tokens is None:
             n = model.config.n_positions
             max_prefill_tokens = 8 * n if self.device.type == "cuda" else max(2048, n)
@@ -560,12 +560,7 @@ class Engine:
     def _weights_unchanged(self) -> bool:
         """Whether the cached prefixes were computed from the model's current weights; if not,
         they are dropped and the current weights recorded."""
-        fingerprint = weights_fingerprint(self.model)
-        if fingerprint is not None and fingerprint == self.cache.weights_fingerprint:
-            return True
-        self.manager.reset_prefix_cache()
-        self.cache.weights_fingerprint = fingerprint
-        return False
+        return self.cache.check_weights(weights_fingerprint(self.model))
 
     def _admit(self) -> list[Sequence]:
         admitted, budget, weights_checked = [], self.max_prefill_tokens, False
@@ -665,10 +660,10 @@ class Engine:
         seqs = self.running
         B = len(seqs)
         if self.runner is not None and B <= self.runner.max_batch:
-            if graphs.weights_epoch() != self._weights_epoch:
+            if self.model.weights_version != self._weights_version:
                 # parameter tensors may have been replaced: the graphs hold the old addresses
                 self.runner = graphs.graph_runner(self.model, self._graph_batch)
-                self._weights_epoch = graphs.weights_epoch()
+                self._weights_version = self.model.weights_version
             return self._decode_static(seqs, ids)
         tokens = np.fromiter((s.tokens[-1] for s in seqs), dtype=np.int64, count=B)
         slots = np.empty(B, dtype=np.int64)
@@ -757,11 +752,11 @@ class Engine:
         live = [s.status == RUNNING for s in seqs]
         if not any(live):
             return None  # its K/V writes precede any later use of the freed blocks (one stream)
-        if infl.ahead and graphs.weights_epoch() != self._weights_epoch:
+        if infl.ahead and self.model.weights_version != self._weights_version:
             # Parameter tensors were replaced after this step was launched (on the old ones):
             # drop it and run the step again on a runner built for the new tensors.
             self.runner = graphs.graph_runner(self.model, self._graph_batch)
-            self._weights_epoch = graphs.weights_epoch()
+            self._weights_version = self.model.weights_version
             seqs = [s for s, ok in zip(seqs, live) if ok]
             return self._decode_static(seqs, self._ids_array(seqs), appended=True)
         B = len(seqs)

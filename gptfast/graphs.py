@@ -39,10 +39,10 @@ buffers eagerly. That is how the CPU tests check the graph path's padding and bo
 
 The graphs hold the addresses of the weights and the KV cache: `graph_runner(model)` rebuilds the
 runner when a parameter tensor or the cache was replaced (in-place weight updates need nothing).
-A live `Engine` notices a replacement through `module.weight = nn.Parameter(...)` or
-`load_state_dict(..., assign=True)` (a parameter registration) or a move/cast of the model; a
-`param.data = t` swap is not seen by an engine already running (a new `generate()` call or
-`Engine` is).
+A live `Engine` notices a replacement through the model's `weights_version` (a parameter
+registration such as `module.weight = nn.Parameter(...)` or `load_state_dict(..., assign=True)`,
+or a move/cast of the model); a `param.data = t` swap is not seen by an engine already running
+(a new `generate()` call or `Engine` is: `graph_runner` compares the addresses themselves).
 """
 
 from __future__ import annotations
@@ -73,25 +73,6 @@ _FIELDS = [
     ("temperature", torch.float32, 1), ("top_p", torch.float32, 1),
     ("block_tables", torch.int32, 0),
 ]
-
-# Bumped whenever any module registers a parameter (`module.weight = nn.Parameter(...)`,
-# `load_state_dict(..., assign=True)`) or a GPT2 is moved or cast: an engine holding a runner
-# rechecks it then, since the graphs hold the old tensors' addresses.
-_weights_epoch = 0
-
-
-def _bump_weights_epoch(*_args) -> None:
-    global _weights_epoch
-    _weights_epoch += 1
-
-
-def weights_epoch() -> int:
-    """A counter that changes whenever parameter tensors may have been replaced."""
-    return _weights_epoch
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump_weights_epoch)
-
 
 def buckets_up_to(max_batch: int) -> list[int]:
     """The bucket sizes a runner for `max_batch` rows captures (the last one is `max_batch`)."""

@@ -158,6 +158,17 @@ class KVCache:
         self.k[:, dst] = self.k[:, src]  # [L, n, bs, H, D]
         self.v[:, dst] = self.v[:, src]
 
+    def check_weights(self, fingerprint: tuple | None) -> bool:
+        """Whether the cached prefixes were computed from the weights `fingerprint` identifies
+        (see `gptfast.engine.weights_fingerprint`). If not, or if `fingerprint` is None (weights
+        that cannot be identified), every cached prefix is dropped and `fingerprint` recorded as
+        the weights the prefixes cached from now on come from."""
+        if fingerprint is not None and fingerprint == self.weights_fingerprint:
+            return True
+        self.manager.reset_prefix_cache()
+        self.weights_fingerprint = fingerprint
+        return False
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix, so that no later prompt reuses K/V computed before now
         (needed after weights change in a way PyTorch's version counters do not see)."""

@@ -6,8 +6,10 @@ Two forward paths share the weights:
   scoring a padded batch (logits for every position).
 - `GPT2.forward_paged(tokens, positions, meta, logits_indices)`: the generation path. Tokens of
   all sequences are flattened into one ragged batch (no padding); K/V live in the paged cache
-  (`kv_cache.py`) and attention goes through `gptfast.ops`, which pick the Triton kernels on CUDA
-  and the eager references on the CPU.
+  (`kv_cache.py`). The step is written once, as stages over the layers (`_Stages.run`); the ops
+  that implement them are chosen by the backend: fused Triton GEMV kernels for small decode
+  steps on the kernel path, Triton with cuBLAS GEMMs for the other steps there, the modules' own
+  ops and the ops' eager references elsewhere (the CPU).
 """
 
 from __future__ import annotations
@@ -62,7 +64,69 @@ class _PackedHolder:
     _int8 = None  # gptfast.quant.Int8Weight
 
 
-class Linear(nn.Linear):
+class _WeightsCounter:
+    """The number `GPT2.weights_version` reads, one per model, shared by all its modules."""
+
+    __slots__ = ("value",)
+
+    def __init__(self):
+        self.value = 0
+
+
+class _Counted:
+    """Base of gptfast's module classes: registering a parameter or a submodule on one of them
+    (`module.weight = nn.Parameter(...)`, `load_state_dict(..., assign=True)`, `block.mlp = MLP(...)`)
+    bumps the owning model's weights version. The decode graphs hold the parameters' addresses,
+    and a live engine compares this number each step instead of the addresses."""
+
+    _weights_counter: _WeightsCounter | None = None  # set by the owning GPT2
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        self._bump_weights_version()
+
+    def add_module(self, name: str, module) -> None:
+        super().add_module(name, module)
+        self._bump_weights_version(module)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module):
+            self._bump_weights_version(value)
+
+    def _bump_weights_version(self, module: nn.Module | None = None) -> None:
+        counter = self._weights_counter
+        if counter is not None:
+            if module is not None:
+                _share_counter(module, counter)
+            counter.value += 1
+
+
+def _share_counter(module: nn.Module, counter: _WeightsCounter) -> None:
+    """Make every gptfast module under `module` count into `counter`."""
+    for m in module.modules():
+        if isinstance(m, _Counted):
+            object.__setattr__(m, "_weights_counter", counter)
+
+
+class LayerNorm(_Counted, nn.LayerNorm):
+    """nn.LayerNorm whose parameter registrations count in the model's weights version."""
+
+
+class Embedding(_Counted, nn.Embedding):
+    """nn.Embedding whose parameter registrations count in the model's weights version."""
+
+
+class ModuleList(_Counted, nn.ModuleList):
+    """nn.ModuleList whose module registrations count in the model's weights version."""
+
+
+class OutputHead(_Counted, nn.Linear):
+    """An untied head's parameters (an nn.Linear that counts in the model's weights version);
+    `GPT2` runs its matmul through `linear` with the head's own holder."""
+
+
+class Linear(_Counted, nn.Linear):
     """nn.Linear through `linear` (prepacked bf16 weights on the CPU, int8 copies when the
     model is quantised)."""
 
@@ -101,7 +165,7 @@ def _plain_decode(meta: AttnMetadata) -> bool:
             and bool((meta.seq_lens > 0).all()))
 
 
-class Attention(nn.Module):
+class Attention(_Counted, nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         C = config.n_embd
@@ -126,44 +190,9 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
-    def forward_paged(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttnMetadata) -> torch.Tensor:
-        """Paged attention. x: (N, C) flattened new tokens; k_cache/v_cache: [blocks, bs, H, D]."""
-        N, C = x.shape
-        qkv = self.c_attn(x).view(N, 3, self.n_head, self.head_dim)  # (N, 3, nh, hs)
-        q, k, v = qkv.unbind(1)  # each (N, nh, hs), strided views
-        ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.is_decode:
-            y = ops.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                     meta.seq_lens, self.scale)
-        else:
-            y = ops.prefill_attention(q.contiguous(), k_cache, v_cache, meta.block_tables,
-                                      meta.cu_seqlens_q, meta.seq_lens, self.scale,
-                                      meta.max_seqlen_q)
-        return self.c_proj(y.reshape(N, C))  # (N, nh, hs) -> (N, C)
-
-    def forward_fused(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttnMetadata) -> torch.Tensor:
-        """`forward_paged` with fewer kernels: no copy of q; in decode steps the c_attn bias and
-        the K/V append inside the attention kernel (a one-row F.linear with a bias is two kernels:
-        bias copy, GEMM); c_proj without its bias (the caller's `add_layernorm` adds it)."""
-        N, C = x.shape
-        bias = self.c_attn.bias
-        fuse_bias = meta.is_decode and bias is not None
-        qkv = F.linear(x, self.c_attn.weight, None if fuse_bias else bias)
-        q, k, v = qkv.view(N, 3, self.n_head, self.head_dim).unbind(1)  # each (N, nh, hs), strided views
-        if meta.is_decode:
-            qkv_bias = bias.view(3, self.n_head, self.head_dim) if fuse_bias else None
-            y = ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale,
-                                     k_new=k, v_new=v, slot_mapping=meta.slot_mapping, qkv_bias=qkv_bias)
-        else:
-            ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
-            y = ops.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
-                                      meta.seq_lens, self.scale, meta.max_seqlen_q)
-        return F.linear(y.reshape(N, C), self.c_proj.weight)  # (N, nh, hs) -> (N, C), no bias
 
 
-class MLP(nn.Module):
+class MLP(_Counted, nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.mlp_dim, bias=config.bias)
@@ -174,35 +203,20 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
 
-    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """The MLP with bias + GELU as the c_fc matmul's epilogue and c_proj without its bias
-        (the caller's `add_layernorm` adds it)."""
-        if self.gelu_tanh:
-            h = ops.linear_gelu(x, self.c_fc.weight, self.c_fc.bias)
-        else:
-            h = self.act(F.linear(x, self.c_fc.weight, self.c_fc.bias))
-        return F.linear(h, self.c_proj.weight)
-
-
-class Block(nn.Module):
+class Block(_Counted, nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
         eps = config.layer_norm_epsilon
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.attn = Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_paged(self, x, k_cache, v_cache, meta):
-        x = x + self.attn.forward_paged(self.ln_1(x), k_cache, v_cache, meta)
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPT2(nn.Module):
+class GPT2(_Counted, nn.Module):
     """GPT-2 language model (HF `GPT2LMHeadModel` math) with a paged KV cache.
 
     Parameters
@@ -232,12 +246,12 @@ class GPT2(nn.Module):
         self.config = config
         self.block_size = block_size
         self.num_kv_blocks = num_kv_blocks
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
+        self.wte = Embedding(config.vocab_size, config.n_embd)
+        self.wpe = Embedding(config.n_positions, config.n_embd)
+        self.h = ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = OutputHead(config.n_embd, config.vocab_size, bias=False)
         self.generation_defaults: dict = {
             "bos_token_id": config.bos_token_id,
             "eos_token_id": config.eos_token_id,
@@ -247,6 +261,7 @@ class GPT2(nn.Module):
         self._graph_runner = None  # (fingerprint, gptfast.graphs.DecodeGraphRunner)
         self._head = _PackedHolder()  # the head's prepacked or int8 weight (see `linear`)
         self.quantize: str | None = None  # see `quantize_weights`
+        _share_counter(self, _WeightsCounter())
         self.eval()
         self.requires_grad_(False)
 
@@ -379,14 +394,12 @@ class GPT2(nn.Module):
             holder._int8 = None
         if changed:
             # Other weights in effect: the decode graphs (captured on the other path) are rebuilt,
-            # live engines pick up the new runner (the epoch), and cached prefixes, computed with
-            # the other weights, are dropped.
-            from .graphs import _bump_weights_epoch
-
+            # live engines pick up the new runner (`weights_version`), and cached prefixes,
+            # computed with the other weights, are dropped.
             self._graph_runner = None
             if self._kv_cache is not None:
                 self._kv_cache.reset_prefix_cache()
-            _bump_weights_epoch()
+            self._weights_counter.value += 1
         return self
 
     def _weight_holders(self):
@@ -434,15 +447,22 @@ class GPT2(nn.Module):
         before = tensors()
         result = super()._apply(fn, *args, **kwargs)
         if tensors() != before:
-            from .graphs import _bump_weights_epoch
-
             self._kv_cache = None
             self._graph_runner = None
             for holder in self._weight_holders():
                 holder._packed = None
                 holder._int8 = None
-            _bump_weights_epoch()
+            self._weights_counter.value += 1
         return result
+
+    @property
+    def weights_version(self) -> int:
+        """A number that changes whenever a parameter tensor of the model may have been replaced:
+        a parameter or submodule (re)registered on any of its modules (`module.weight =
+        nn.Parameter(...)`, `load_state_dict(..., assign=True)`), a move or cast that changed a
+        tensor, or `quantize_weights` switching mode. In-place updates keep it (the tensors stay
+        where they are), and so does a `param.data = t` swap, which no module sees."""
+        return self._weights_counter.value
 
     def head_weight(self) -> torch.Tensor:
         """The output projection's weight `[V, C]`: `wte`'s unless the config unties them."""
@@ -464,7 +484,7 @@ class GPT2(nn.Module):
         -------
         logits : (B, T, vocab_size) tensor in the model's dtype.
         """
-        B, T = _check_ids(input_ids, self.config, name="input_ids")
+        B, T = check_token_ids(input_ids, self.config)
         device = self.device
         input_ids = input_ids.to(device)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
@@ -511,28 +531,8 @@ class GPT2(nn.Module):
         logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`).
         """
         cache = self.kv_cache if cache is None else cache
-        # (an int8 model runs the general path below: its linears go through `linear`)
-        if ops.use_triton(tokens) and self.quantize is None and self._gemv_step(tokens, meta):
-            x = self._forward_gemv(tokens, positions, meta, logits_indices, cache)
-            ln = self.ln_f
-            # the final LayerNorm in the head GEMV's prologue; fp32 logits straight from it
-            return ops.layernorm_linear(x, ln.weight, ln.bias, self.config.layer_norm_epsilon,
-                                        self.head_weight(), None,
-                                        out_dtype=torch.float32 if fp32_logits else None)  # (M, V)
-        if ops.use_triton(tokens) and self.quantize is None:
-            logits = self._forward_fused(tokens, positions, meta, logits_indices, cache)
-            return logits.float() if fp32_logits else logits
-        if meta.is_decode and logits_indices is None and _plain_decode(meta):
-            logits = self._decode_cpu(tokens, positions, meta, cache)
-            return logits.float() if fp32_logits else logits
-        x = self.wte(tokens) + self.wpe(positions)  # (N, C)
-        for i, block in enumerate(self.h):
-            x = block.forward_paged(x, cache.k[i], cache.v[i], meta)
-        if logits_indices is not None:
-            x = x.index_select(0, logits_indices)  # (M, C)
-        x = self.ln_f(x)
-        logits = linear(x, self.head_weight(), None, self._head)  # (M, V)
-        return logits.float() if fp32_logits else logits
+        step = self._stages(tokens, meta, logits_indices)
+        return step.logits(step.run(tokens, positions, cache, logits_indices), fp32_logits)
 
     def _decode_cpu(self, tokens, positions, meta, cache) -> torch.Tensor:
         """A decode step on the CPU with as few ops as the math allows (`forward_paged`'s path
@@ -601,26 +601,6 @@ class GPT2(nn.Module):
         x = self.ln_f(x)
         return linear(x, self.head_weight(), None, self._head)  # (B, V)
 
-    def _forward_fused(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
-        """`forward_paged` with the fused ops (the path on CUDA): each residual add, the bias of
-        the projection before it and the LayerNorm after it are one kernel, and so are the
-        embedding and the first LayerNorm. x is the residual stream, h its normalised copy."""
-        eps = self.config.layer_norm_epsilon
-        blocks = self.h
-        ln = blocks[0].ln_1
-        x, h = ops.embed_layernorm(tokens, positions, self.wte.weight, self.wpe.weight,
-                                   ln.weight, ln.bias, eps)  # (N, C) each
-        for i, block in enumerate(blocks):
-            y = block.attn.forward_fused(h, cache.k[i], cache.v[i], meta)
-            x, h = ops.add_layernorm(x, y, block.attn.c_proj.bias, block.ln_2.weight,
-                                     block.ln_2.bias, eps)
-            y = block.mlp.forward_fused(h)
-            ln = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.ln_f
-            x, h = ops.add_layernorm(x, y, block.mlp.c_proj.bias, ln.weight, ln.bias, eps)
-        if logits_indices is not None:
-            h = h.index_select(0, logits_indices)  # (M, C)
-        return F.linear(h, self.head_weight())  # (M, V), the model's dtype
-
     def forward_paged_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                              logits_indices: torch.Tensor | None = None,
                              cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -646,55 +626,26 @@ class GPT2(nn.Module):
             0 ok; 1 a logit is NaN or +inf; 2 no logit is finite.
         """
         cache = self.kv_cache if cache is None else cache
-        if ops.use_triton(tokens) and self.quantize is None and self._gemv_step(tokens, meta):
-            x = self._forward_gemv(tokens, positions, meta, logits_indices, cache)
-            ln = self.ln_f
-            return ops.layernorm_head_argmax(x, ln.weight, ln.bias, self.config.layer_norm_epsilon,
-                                             self.head_weight())
-        logits = self.forward_paged(tokens, positions, meta, logits_indices, cache, fp32_logits=False)
-        M, device = logits.shape[0], logits.device
-        zeros_f = torch.zeros(M, dtype=torch.float32, device=device)
-        zeros_l = torch.zeros(M, dtype=torch.int64, device=device)
-        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l)
+        step = self._stages(tokens, meta, logits_indices)
+        return step.greedy(step.run(tokens, positions, cache, logits_indices))
+
+    def _stages(self, tokens: torch.Tensor, meta: AttnMetadata, logits_indices: torch.Tensor | None) -> _Stages:
+        """The op set of a paged step, chosen by the backend (see `_Stages`)."""
+        # an int8 model takes the eager stages: its linears go through `linear`
+        if ops.use_triton(tokens) and self.quantize is None:
+            stages = _GemvStages if self._gemv_step(tokens, meta) else _FusedStages
+        elif meta.is_decode and logits_indices is None and _plain_decode(meta):
+            stages = _CpuDecodeStages
+        else:
+            stages = _EagerStages
+        return stages(self, meta)
 
     def _gemv_step(self, tokens: torch.Tensor, meta: AttnMetadata) -> bool:
-        """Whether a step on the kernel path takes the small-batch GEMV kernels (`_forward_gemv`):
+        """Whether a step on the kernel path takes the small-batch GEMV kernels (`_GemvStages`):
         decode steps of 1-8 rows, GPT-2's tanh-GELU. Larger batches and prefill keep
-        `_forward_fused` (cuBLAS with fused epilogues)."""
+        `_FusedStages` (cuBLAS with fused epilogues)."""
         return (meta.is_decode and 1 <= tokens.shape[0] <= ops.gemv.MAX_ROWS
                 and self.h[0].mlp.gelu_tanh)
-
-    def _forward_gemv(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
-        """The decode step for 1-8 rows as fused GEMV kernels: 5 launches per block, every weight
-        read once for all the rows. Returns the residual stream before ln_f, (M, C).
-
-        Per block: K1 ln_1 -> c_attn + bias (block 0 gathers the embedding in its prologue, so
-        there is no embedding kernel); K2 split-KV attention partials with the K/V append; K3
-        the partials' merge -> c_proj + bias + residual; K4 ln_2 -> c_fc + bias + GELU; K5 c_proj
-        + bias + residual. The head (ln_f in its prologue) is the caller's: 1 launch for logits,
-        2 for greedy tokens. gpt2 (12 blocks): 60 + 1 (or 2) kernels for the forward.
-        """
-        eps = self.config.layer_norm_epsilon
-        N = tokens.shape[0]
-        for i, block in enumerate(self.h):
-            attn, mlp = block.attn, block.mlp
-            ln = block.ln_1
-            if i == 0:
-                qkv, x = ops.embed_layernorm_linear(tokens, positions, self.wte.weight, self.wpe.weight, ln.weight,
-                                                    ln.bias, eps, attn.c_attn.weight, attn.c_attn.bias)
-            else:
-                qkv = ops.layernorm_linear(x, ln.weight, ln.bias, eps, attn.c_attn.weight, attn.c_attn.bias)
-            q, k, v = qkv.view(N, 3, attn.n_head, attn.head_dim).unbind(1)  # each (N, nh, hs), strided views
-            part_acc, part_ml = ops.decode_attention_partials(q, cache.k[i], cache.v[i], meta.block_tables,
-                                                              meta.seq_lens, attn.scale, k_new=k, v_new=v,
-                                                              slot_mapping=meta.slot_mapping)
-            x = ops.attn_merge_linear_residual(part_acc, part_ml, attn.c_proj.weight, attn.c_proj.bias, x)
-            ln = block.ln_2
-            h = ops.layernorm_linear(x, ln.weight, ln.bias, eps, mlp.c_fc.weight, mlp.c_fc.bias, gelu=True)
-            x = ops.linear_residual(h, mlp.c_proj.weight, mlp.c_proj.bias, x)
-        if logits_indices is not None:
-            x = x.index_select(0, logits_indices)  # (M, C)
-        return x
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):
@@ -702,6 +653,212 @@ class GPT2(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+# ---------------------------------------------------------------------------- the paged step
+# A paged step (a prefill or a decode step) is written once, `_Stages.run`: the embedding, then
+# per block an attention stage and an MLP stage, then the rows whose logits are wanted and the
+# head. Which ops implement the stages is chosen per step by the backend (`GPT2._stages`):
+#
+#   _EagerStages      the modules' own ops (LayerNorm, `linear`, the ops' eager references on the
+#                     CPU): the reference the others match, and the path of an int8 model
+#   _FusedStages      Triton with cuBLAS GEMMs: a residual add, the bias before it and the
+#                     LayerNorm after it are one kernel, so each stage ends with the LayerNorm of
+#                     the next (an MLP stage with the next block's ln_1)
+#   _GemvStages       decode steps of 1-8 rows: fused GEMV kernels reading each weight once for
+#                     all rows, every LayerNorm in the prologue of the matmul after it
+#   _CpuDecodeStages  a CPU decode step in which every row writes a slot and reads a key:
+#                     `GPT2._decode_cpu`, which plans the whole step at once
+#
+# What a stage hands the next (the "stream") belongs to the op set: the residual x (N, C) for the
+# eager and GEMV sets, (x, LayerNorm(x)) for the fused one.
+
+
+class _Stages:
+    """The op set of one paged step: its stages over the layers, the head and a greedy pick.
+
+    Every op set but `_CpuDecodeStages` (which replaces `run`) defines the stages `run` calls:
+
+    embed(tokens, positions) -> stream
+        tokens, positions: (N,) int64, the step's new tokens.
+    attention(block, stream, k_cache, v_cache) -> stream
+        ln_1, c_attn, the new K/V into the cache ([blocks, bs, nh, hs] each), attention, c_proj,
+        the residual add.
+    mlp(block, stream, after) -> stream
+        ln_2, c_fc, the activation, c_proj, the residual add; `after` is the LayerNorm that
+        follows (the next block's ln_1, or ln_f), for op sets that end a stage with it.
+    rows(stream, indices) -> stream
+        The rows whose logits are wanted, (M,) int64.
+    logits(stream, fp32) -> (M, V) tensor
+        The head, fp32 or the model's dtype.
+    """
+
+    def __init__(self, model: GPT2, meta: AttnMetadata):
+        self.model = model
+        self.meta = meta
+        self.eps = model.config.layer_norm_epsilon
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+            logits_indices: torch.Tensor | None):
+        """The step: the stream after the last block, at the rows of `logits_indices`."""
+        blocks = self.model.h
+        stream = self.embed(tokens, positions)
+        for i, block in enumerate(blocks):
+            after = blocks[i + 1].ln_1 if i + 1 < len(blocks) else self.model.ln_f  # the next LayerNorm
+            stream = self.attention(block, stream, cache.k[i], cache.v[i])  # [blocks, bs, nh, hs] each
+            stream = self.mlp(block, stream, after)
+        return stream if logits_indices is None else self.rows(stream, logits_indices)
+
+    def greedy(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest id among each row's maximal logits (in the model's dtype) and the sampler's
+        flags, as `ops.sample` gives them for greedy rows."""
+        logits = self.logits(stream, fp32=False)  # (M, V)
+        M, device = logits.shape[0], logits.device
+        zeros_f = torch.zeros(M, dtype=torch.float32, device=device)
+        zeros_l = torch.zeros(M, dtype=torch.int64, device=device)
+        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l)
+
+
+class _EagerStages(_Stages):
+    """Each module's own ops; attention through `gptfast.ops` (the references on the CPU)."""
+
+    def embed(self, tokens, positions):
+        m = self.model
+        return m.wte(tokens) + m.wpe(positions)  # (N, C)
+
+    def attention(self, block, x, k_cache, v_cache):
+        attn, meta = block.attn, self.meta
+        N, C = x.shape
+        qkv = attn.c_attn(block.ln_1(x)).view(N, 3, attn.n_head, attn.head_dim)  # (N, 3, nh, hs)
+        q, k, v = qkv.unbind(1)  # each (N, nh, hs), strided views
+        ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            y = ops.decode_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.seq_lens, attn.scale)
+        else:
+            y = ops.prefill_attention(q.contiguous(), k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                      meta.seq_lens, attn.scale, meta.max_seqlen_q)
+        return x + attn.c_proj(y.reshape(N, C))  # (N, nh, hs) -> (N, C)
+
+    def mlp(self, block, x, after):
+        return x + block.mlp(block.ln_2(x))
+
+    def rows(self, x, indices):
+        return x.index_select(0, indices)  # (M, C)
+
+    def logits(self, x, fp32: bool):
+        m = self.model
+        logits = linear(m.ln_f(x), m.head_weight(), None, m._head)  # (M, V)
+        return logits.float() if fp32 else logits
+
+
+class _FusedStages(_Stages):
+    """Triton and cuBLAS (the path on CUDA): the stream is (x, h), the residual and its
+    normalised copy. Each residual add with the bias of the projection before it and the
+    LayerNorm after it is one kernel (`ops.add_layernorm`), and so are the embedding and the
+    first LayerNorm; decode steps add the c_attn bias and append the new K/V inside the attention
+    kernel (a one-row F.linear with a bias is two kernels: bias copy, GEMM)."""
+
+    def embed(self, tokens, positions):
+        m = self.model
+        ln = m.h[0].ln_1
+        return ops.embed_layernorm(tokens, positions, m.wte.weight, m.wpe.weight, ln.weight, ln.bias,
+                                   self.eps)  # (x, h), (N, C) each
+
+    def attention(self, block, stream, k_cache, v_cache):
+        x, h = stream
+        attn, meta = block.attn, self.meta
+        N, C = h.shape
+        bias = attn.c_attn.bias
+        fuse_bias = meta.is_decode and bias is not None
+        qkv = F.linear(h, attn.c_attn.weight, None if fuse_bias else bias)
+        q, k, v = qkv.view(N, 3, attn.n_head, attn.head_dim).unbind(1)  # each (N, nh, hs), strided views
+        if meta.is_decode:
+            qkv_bias = bias.view(3, attn.n_head, attn.head_dim) if fuse_bias else None
+            y = ops.decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, attn.scale,
+                                     k_new=k, v_new=v, slot_mapping=meta.slot_mapping, qkv_bias=qkv_bias)
+        else:
+            ops.kv_cache_write(k, v, k_cache, v_cache, meta.slot_mapping)
+            y = ops.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q,
+                                      meta.seq_lens, attn.scale, meta.max_seqlen_q)
+        y = F.linear(y.reshape(N, C), attn.c_proj.weight)  # (N, nh, hs) -> (N, C); its bias is added below
+        ln = block.ln_2
+        return ops.add_layernorm(x, y, attn.c_proj.bias, ln.weight, ln.bias, self.eps)
+
+    def mlp(self, block, stream, after):
+        x, h = stream
+        mlp = block.mlp
+        if mlp.gelu_tanh:  # bias + GELU as the c_fc matmul's epilogue
+            a = ops.linear_gelu(h, mlp.c_fc.weight, mlp.c_fc.bias)
+        else:
+            a = mlp.act(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias))
+        y = F.linear(a, mlp.c_proj.weight)  # its bias is added below
+        return ops.add_layernorm(x, y, mlp.c_proj.bias, after.weight, after.bias, self.eps)
+
+    def rows(self, stream, indices):
+        return None, stream[1].index_select(0, indices)  # (M, C): the head reads h only
+
+    def logits(self, stream, fp32: bool):
+        logits = F.linear(stream[1], self.model.head_weight())  # (M, V), the model's dtype
+        return logits.float() if fp32 else logits
+
+
+class _GemvStages(_Stages):
+    """A decode step of 1-8 rows as fused GEMV kernels, every weight read once for all the rows:
+    5 launches per block, the head 1 (logits) or 2 (greedy tokens); gpt2 (12 blocks): 61 or 62.
+
+    Per block: ln_1 -> c_attn + bias (block 0 gathers the embedding in this kernel's prologue, so
+    there is no embedding kernel); split-KV attention partials with the K/V append; the partials'
+    merge -> c_proj + bias + residual; ln_2 -> c_fc + bias + GELU; c_proj + bias + residual.
+    """
+
+    def embed(self, tokens, positions):
+        self.tokens, self.positions = tokens, positions
+        return None  # not gathered yet: block 0's first kernel does it
+
+    def attention(self, block, x, k_cache, v_cache):
+        attn, ln, meta = block.attn, block.ln_1, self.meta
+        if x is None:
+            m = self.model
+            qkv, x = ops.embed_layernorm_linear(self.tokens, self.positions, m.wte.weight, m.wpe.weight,
+                                                ln.weight, ln.bias, self.eps, attn.c_attn.weight, attn.c_attn.bias)
+        else:
+            qkv = ops.layernorm_linear(x, ln.weight, ln.bias, self.eps, attn.c_attn.weight, attn.c_attn.bias)
+        N = qkv.shape[0]
+        q, k, v = qkv.view(N, 3, attn.n_head, attn.head_dim).unbind(1)  # each (N, nh, hs), strided views
+        part_acc, part_ml = ops.decode_attention_partials(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                                          attn.scale, k_new=k, v_new=v,
+                                                          slot_mapping=meta.slot_mapping)
+        return ops.attn_merge_linear_residual(part_acc, part_ml, attn.c_proj.weight, attn.c_proj.bias, x)
+
+    def mlp(self, block, x, after):
+        mlp, ln = block.mlp, block.ln_2
+        h = ops.layernorm_linear(x, ln.weight, ln.bias, self.eps, mlp.c_fc.weight, mlp.c_fc.bias, gelu=True)
+        return ops.linear_residual(h, mlp.c_proj.weight, mlp.c_proj.bias, x)
+
+    def rows(self, x, indices):
+        return x.index_select(0, indices)  # (M, C)
+
+    def logits(self, x, fp32: bool):
+        # the final LayerNorm in the head GEMV's prologue; fp32 logits straight from it
+        m, ln = self.model, self.model.ln_f
+        return ops.layernorm_linear(x, ln.weight, ln.bias, self.eps, m.head_weight(), None,
+                                    out_dtype=torch.float32 if fp32 else None)  # (M, V)
+
+    def greedy(self, x):
+        # the final LayerNorm, the head GEMV and the argmax in two launches, no logits written
+        m, ln = self.model, self.model.ln_f
+        return ops.layernorm_head_argmax(x, ln.weight, ln.bias, self.eps, m.head_weight())
+
+
+class _CpuDecodeStages(_Stages):
+    """`GPT2._decode_cpu`: a CPU decode step planned as a whole (what serves every layer is done
+    once per step); its stream is the logits (B, V) in the model's dtype."""
+
+    def run(self, tokens, positions, cache, logits_indices):
+        return self.model._decode_cpu(tokens, positions, self.meta, cache)
+
+    def logits(self, logits, fp32: bool):
+        return logits.float() if fp32 else logits
 
 
 def _progress(items, total: int, desc: str, enabled: bool):
@@ -717,7 +874,22 @@ def _check_dtype(dtype) -> None:
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
 
 
-def _check_ids(input_ids, config: GPT2Config, name: str) -> tuple[int, int]:
+def check_token_ids(input_ids, config: GPT2Config, name: str = "input_ids") -> tuple[int, int]:
+    """Check a batch of token ids for a model of `config`; raise a TypeError or ValueError naming
+    `name`, the value seen and what is allowed.
+
+    Parameters
+    ----------
+    input_ids : integer tensor (B, T)
+        Token ids, each in [0, config.vocab_size), T <= config.n_positions, B and T >= 1.
+    config : GPT2Config
+    name : str
+        What the caller calls `input_ids`, for the messages.
+
+    Returns
+    -------
+    (B, T) : the batch size and length.
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() != 2:

@@ -5,7 +5,7 @@ Run without TRITON_INTERPRET (the kernels must be JIT functions, not the interpr
     python3 tests/sm90_compile.py
 
 One JSON object per line: the kernel variant, registers, spill bytes (stores, loads), shared
-memory. The variants are the ones `GPT2._forward_gemv` launches for gpt2 (C=768, 12 heads of 64,
+memory. The variants are the ones `gptfast.model._GemvStages` launches for gpt2 (C=768, 12 heads of 64,
 block size 16) in bf16 at batch 1 and 8, on a 132-SM GPU (H100/H200). Used by
 tests/test_gemv_decode.py; handy by hand when changing a kernel's tiles.
 """

@@ -257,9 +257,10 @@ def test_hf_model_is_accepted_and_converted_once(tiny):
     ids, _ = _batch(hf.config.vocab_size, [5], seed=10)
     a = gptfast.generate(hf, ids, max_new_tokens=6, pad_token_id=0)
     b = gptfast.generate(hf, ids, max_new_tokens=6, pad_token_id=0)
-    from gptfast.generation import _CONVERTED
+    from gptfast.hf_convert import as_gptfast
 
-    assert hf in _CONVERTED and len([k for k in _CONVERTED.keys() if k is hf]) == 1
+    converted = as_gptfast(hf)[0]
+    assert isinstance(converted, GPT2) and as_gptfast(hf)[0] is converted
     assert torch.equal(a, b)
     assert torch.equal(a, model.generate(ids, max_new_tokens=6, pad_token_id=0))
 
@@ -669,13 +670,47 @@ def test_patch_hf_generate_runs_hf_calls_on_gptfast(monkeypatch):
     assert torch.equal(_hf_generate(hf, ids, **kw), ref)
 
 
+def test_engine_options_reach_the_engine_over_the_environment(monkeypatch):
+    import gptfast.generation as generation
+
+    model = GPT2.from_config(get_config("tiny-odd"), seed=3)
+    ids = torch.tensor([[3, 1, 4]])
+    kw = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
+    model._graph_runner = None
+    want = gptfast.generate(model, ids, **kw)
+    assert model._graph_runner is None
+    assert torch.equal(gptfast.generate(model, ids, cuda_graphs=True, **kw), want)
+    assert model._graph_runner[1].num_replays == 3  # every decode step ran on the runner
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "1")
+    model._graph_runner = None
+    assert torch.equal(gptfast.generate(model, ids, cuda_graphs=False, **kw), want)
+    assert model._graph_runner is None
+
+    class Built(Exception):
+        pass
+
+    seen = []
+
+    def spy(model, **options):
+        seen.append(options)
+        raise Built
+
+    monkeypatch.setattr(generation, "Engine", spy)
+    with pytest.raises(Built):
+        gptfast.generate(model, ids, kernels="reference", **kw)
+    assert seen[-1]["kernels"] == "reference" and seen[-1]["cuda_graphs"] is None
+    with pytest.raises(ValueError, match="beam search takes them from GPTFAST_KERNELS"):
+        gptfast.generate(model, ids, num_beams=2, kernels="reference", **kw)
+
+
 def test_forget_conversion_after_a_data_write():
     hf = make_hf_model(get_config("tiny-odd"), seed=30)
     ids, _ = _batch(hf.config.vocab_size, [5], seed=30)
     kw = dict(max_new_tokens=4, pad_token_id=0, eos_token_id=None)
     gptfast.generate(hf, ids, **kw)
     hf.transformer.h[0].mlp.c_fc.weight.data.mul_(-3.0)  # invisible to version counters
-    gptfast.generation.forget_conversion(hf)
+    gptfast.hf_convert.forget_conversion(hf)
     assert torch.equal(gptfast.generate(hf, ids, **kw), _hf_generate(hf, ids, **kw))
 
 
@@ -683,7 +718,7 @@ def test_hf_model_conversion_keeps_its_prefix_cache():
     hf = make_hf_model(get_config("tiny-odd"), seed=31)
     ids = torch.arange(1, 40).view(1, -1)
     gptfast.generate(hf, ids, max_new_tokens=2, pad_token_id=0)
-    model = gptfast.generation._CONVERTED[hf][0]
+    model = gptfast.hf_convert.as_gptfast(hf)[0]
     assert not model.wte.weight.is_inference()
     before = model.kv_cache.stats()["prefix_hit_tokens"]
     gptfast.generate(hf, ids, max_new_tokens=2, pad_token_id=0)

@@ -69,7 +69,7 @@ def _batch(rows: int = 3):
 
 
 def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
-    """3 rows: decode steps take the small-batch GEMV kernels (`GPT2._forward_gemv`)."""
+    """3 rows: decode steps take the small-batch GEMV kernels (`gptfast.model._GemvStages`)."""
     monkeypatch.setenv("GPTFAST_KERNELS", "triton")
     calls = _count_fused_calls(monkeypatch)
     model = GPT2.from_pretrained(hf, device=_device(), block_size=4)
@@ -100,7 +100,7 @@ def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
 
 
 def test_greedy_through_kernels_above_8_rows_keeps_the_cublas_path(hf, monkeypatch):
-    """9 rows: decode steps keep `_forward_fused` (cuBLAS GEMMs with fused epilogues, the K/V
+    """9 rows: decode steps keep `_FusedStages` (cuBLAS GEMMs with fused epilogues, the K/V
     append and c_attn's bias inside the attention kernel); still HF's tokens."""
     monkeypatch.setenv("GPTFAST_KERNELS", "triton")
     monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")

@@ -134,3 +134,20 @@ def test_stats_and_pool_configuration(hf):
         GPT2.from_config(get_config("tiny"), block_size=0)
     with pytest.raises(ValueError, match="num_kv_blocks"):
         GPT2.from_config(get_config("tiny"), num_kv_blocks=1)
+
+
+def test_check_weights_keeps_prefixes_only_for_the_same_weights():
+    from gptfast.kv_cache import KVCache
+
+    cache = KVCache(get_config("tiny-odd"), block_size=4, num_blocks=16)
+    m = cache.manager
+    assert not cache.check_weights(("a",))  # nothing recorded yet: not trusted, now recorded
+    assert m.allocate_prompt(0, torch.arange(1, 10).numpy()) == 0
+    m.free(0)
+    assert cache.stats()["cached_blocks"] == 2  # two full blocks of the prompt stay cached
+    assert cache.check_weights(("a",)) and cache.stats()["cached_blocks"] == 2
+    assert not cache.check_weights(("b",)) and cache.stats()["cached_blocks"] == 0
+    assert m.allocate_prompt(1, torch.arange(1, 10).numpy()) == 0  # no prefix hit after the change
+    m.free(1)
+    assert not cache.check_weights(None) and cache.stats()["cached_blocks"] == 0  # unknown weights
+    assert not cache.check_weights(None)

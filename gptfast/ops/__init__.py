@@ -6,12 +6,13 @@ go to Triton, CPU tensors to the reference (see `common.use_triton`).
 """
 
 from . import attention, decode_inputs, gemv, head_argmax, ln_linear, norm, proj_residual, quant_linear, sampling  # noqa: F401
-from .common import as_cuda, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
+from .common import as_cuda, backend, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
 
 kv_cache_write = dispatch(attention.kv_cache_write, attention.kv_cache_write_ref)
 prefill_attention = dispatch(attention.prefill_attention, attention.prefill_attention_ref)
 decode_attention = dispatch(attention.decode_attention, attention.decode_attention_ref)
 sample = dispatch(sampling.sample, sampling.sample_ref)
+filter_logits = sampling.filter_logits_ref  # eager only: the sampling kernel filters without writing the scores out
 decode_inputs_ = dispatch(decode_inputs.decode_inputs_, decode_inputs.decode_inputs__ref)
 
 add_layernorm = dispatch(norm.add_layernorm, norm.add_layernorm_ref)

@@ -245,6 +245,11 @@ class DecodeGraphRunner:
         self._graphs[(batch, sample)] = graph
         self._outputs[(batch, sample)] = out
 
+    def buckets_captured(self, sample: bool = True) -> list[int]:
+        """The buckets whose sampling graph (`sample`) or logits graph is captured, ascending
+        (none on the CPU, where the step runs eagerly)."""
+        return sorted(b for b, s in self._graphs if s == sample)
+
     def bucket(self, batch: int) -> int | None:
         """The bucket a batch of `batch` rows runs in, or None when it is larger than all."""
         i = bisect.bisect_left(self.buckets, batch)
@@ -428,7 +433,13 @@ def _fingerprint(model) -> tuple:
 
 
 def graph_runner(model, max_batch: int = MAX_BATCH) -> DecodeGraphRunner:
-    """The model's decode runner, built (and on CUDA captured) on first use and kept on the model.
+    """The model's decode runner: built (and on CUDA captured) on first use, then shared.
+
+    Ownership: the runner belongs to the model. Capturing costs seconds, so there is one runner
+    per model, shared by every engine and beam search on it; it is stored in the slot the model
+    declares for it (`GPT2._graph_runner`, which the model empties when it is moved or cast), and
+    this function is the only reader and writer of that slot. An engine keeps the runner it got
+    and asks again when the model's weights may have been replaced.
 
     Rebuilt when the KV cache or any parameter tensor was replaced since (the graphs hold their
     addresses), or when a larger `max_batch` is asked for.

@@ -41,7 +41,7 @@ class RuntimeOptions:
     def __post_init__(self):
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
-        if self.cuda_graphs not in (None, True, False):
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
 
     @classmethod

@@ -99,8 +99,7 @@ def test_static_decode_with_preemption_cancel_and_small_buckets(monkeypatch):
     model = _model(block_size=4, num_kv_blocks=14)
     params = MIXES["sampled"]
     (want, _), _ = _serve(model, params, cuda_graphs=False, cancel_after=(2, 3))
-    monkeypatch.setattr(graphs_mod, "MAX_BATCH", 2)
-    model._graph_runner = None
+    monkeypatch.setattr(graphs_mod, "MAX_BATCH", 2)  # the model has no runner yet: it is built this small
     (got, _), fast = _serve(model, params, cuda_graphs=True, cancel_after=(2, 3))
     assert got == want
     assert len(got[2]) == 4  # cancelled after its 4th token
@@ -256,7 +255,7 @@ def test_reference_ops_turn_the_graphs_off_on_gpu(monkeypatch):
 def test_cuda_graph_runner_captures_every_bucket_once():
     model = GPT2.from_config(get_config("tiny"), seed=0, device="cuda")
     runner = graph_runner(model)
-    assert sorted(b for b, sample in runner._graphs if sample) == buckets_up_to(256)
+    assert runner.buckets_captured(sample=True) == buckets_up_to(256)
     seconds = runner.capture_seconds
     out = gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8)
     assert out.shape == (1, 11)

@@ -358,22 +358,22 @@ class Engine:
         return self._commit(drawing, sample(drawing, logits, self.keep_scores))
 
     def _decode(self) -> list[StepOutput]:
-        seqs = list(self.scheduler.schedule_decode())
+        seqs, ids = self.scheduler.schedule_decode()
         if self.runner is not None and len(seqs) <= self.runner.max_batch:
             if graphs.weights_epoch() != self._weights_epoch:
                 # parameter tensors may have been replaced: the graphs hold the old addresses
                 self.runner = graphs.graph_runner(self.model, self._graph_batch)
                 self._weights_epoch = graphs.weights_epoch()
-            return self._decode_graph(seqs)
-        batch = self._decode_batch(seqs, appended=False, graph=False)
+            return self._decode_graph(seqs, ids)
+        batch = self._decode_batch(seqs, ids, appended=False, graph=False)
         logits = self.model.forward_paged(*batch.model_inputs(self.device), cache=self.cache)  # (B, V) fp32
         return self._commit(seqs, sample(seqs, logits, self.keep_scores))
 
-    def _decode_batch(self, seqs: list[Sequence], appended: bool, graph: bool):
+    def _decode_batch(self, seqs: list[Sequence], ids: np.ndarray, appended: bool, graph: bool):
         """The decode batch of `seqs`, their newest tokens given slots (unless `appended`: the
         manager holds them already). A graph step's batch carries the rows' sampling constants,
         rebuilt only when the batch composition changed."""
-        ids, tokens = Scheduler.ids(seqs), newest_tokens(seqs)
+        tokens = newest_tokens(seqs)
         slots = None if appended else self.scheduler.append_slots(ids, tokens)
         rows = None
         if graph:
@@ -403,11 +403,11 @@ class Engine:
         return False
 
     # ------------------------------------------------------------------ decode steps as graphs
-    def _decode_graph(self, seqs: list[Sequence], appended: bool = False) -> list[StepOutput]:
+    def _decode_graph(self, seqs: list[Sequence], ids: np.ndarray, appended: bool = False) -> list[StepOutput]:
         """The decode step through the graph runner: it loads the batch into its static buffers
         and replays its graph. `appended`: the manager already holds every row's newest token (a
         step launched ahead was dropped); the step derives its slots from the block tables."""
-        batch = self._decode_batch(seqs, appended, graph=True)
+        batch = self._decode_batch(seqs, ids, appended, graph=True)
         runner, B = self.runner, len(seqs)
         runner.load(batch)
         if self.keep_scores or batch.needs_logits:
@@ -441,7 +441,7 @@ class Engine:
             self.runner = graphs.graph_runner(self.model, self._graph_batch)
             self._weights_epoch = graphs.weights_epoch()
             seqs = [s for s, ok in zip(seqs, live) if ok]
-            return self._decode_graph(seqs, appended=True)
+            return self._decode_graph(seqs, Scheduler.ids(seqs), appended=True)
         B = len(seqs)
         ahead = self._launch_ahead(infl) if all(live) else None
         tokens, status = self._out_slots[infl.slot].read(B)
@@ -459,10 +459,9 @@ class Engine:
         """Launch the step after `infl` when every row can take it without the host; returns
         (launch id, new blocks) or None."""
         seqs, runner, B = infl.seqs, self.runner, len(infl.seqs)
-        rows = self._sampling_rows
+        rows = self._sampling_rows  # NOTE: made for `seqs` by the step that launched `infl`
         if (self.steps_in_flight < 2 or self.scheduler.num_waiting or self.scheduler.running != seqs
-                or self.keep_scores or rows is None or rows.seqs != seqs or rows.eager_processing
-                or not runner.can_continue(B, infl.launch)):
+                or self.keep_scores or rows.eager_processing or not runner.can_continue(B, infl.launch)):
             return None
         # the step in flight draws token index num_generated; the next one draws index + 1
         gen = np.fromiter((s.num_generated for s in seqs), dtype=np.int64, count=B)

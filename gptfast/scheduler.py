@@ -206,9 +206,9 @@ class Scheduler:
         return batch, rows
 
     # ------------------------------------------------------------------ decode
-    def schedule_decode(self) -> list[Sequence]:
+    def schedule_decode(self) -> tuple[list[Sequence], np.ndarray]:
         """Preempt the newest running sequences until the next token of every running sequence
-        of this scheduler has a slot; the sequences of the decode step."""
+        of this scheduler has a slot; the sequences of the decode step and their ids [B] int64."""
         ids = self.ids(self.running)
         while self.manager.blocks_needed_for_append(ids) > self.manager.num_free_blocks():
             victim = self.newest_victim(own_too=len(self.running) > 1)
@@ -217,7 +217,7 @@ class Scheduler:
             victim[0].preempt(victim[1])
             if victim[0] is self:
                 ids = self.ids(self.running)
-        return self.running
+        return list(self.running), ids
 
     def append_slots(self, seq_ids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Give each sequence a slot for its newest token (`tokens[i]`), copying a shared partial

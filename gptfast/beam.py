@@ -27,8 +27,9 @@ beams share their prompt and every full block of their common history.
 
 Each decode step of the beams replays the model's decode graph that stops at the logits
 (`gptfast.graphs`, when the engine would use graphs: CUDA with the Triton kernels, or
-cuda_graphs=True / GPTFAST_CUDA_GRAPHS=1), loaded with the step's `DecodeBatch`. The beam choice runs eagerly after it, on the device (log-softmax, processors, a
-top-k over num_beams * V per prompt); only the chosen parents and tokens come to the host,
+cuda_graphs=True / GPTFAST_CUDA_GRAPHS=1), loaded with the step's `DecodeBatch`. The beam choice
+runs eagerly after it, on the device (log-softmax, processors, a top-k over num_beams * V per
+prompt); only the chosen parents and tokens come to the host,
 where the forks and frees happen (one sync per step: the next step's block tables depend on
 the choice). Batches above the largest graph bucket run the paged forward eagerly.
 """

@@ -171,7 +171,7 @@ class NonFiniteLogitsError(ValueError):
                          f"no token can be drawn from them")
 
 
-def integer_like(value) -> bool:
+def _integer_like(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
@@ -193,7 +193,7 @@ def check_prompt(prompt, vocab_size: int) -> list[int]:
         tokens = list(prompt)
         if any(type(t) is not int for t in tokens):  # fast path: plain ints
             for i, t in enumerate(tokens):
-                if not integer_like(t):
+                if not _integer_like(t):
                     raise TypeError(f"prompt token ids must be integers, got {t!r} "
                                     f"({type(t).__name__}) at index {i}")
             tokens = [int(t) for t in tokens]
@@ -219,7 +219,7 @@ def check_seeds(seeds) -> list[int]:
     if not seeds:
         raise ValueError("add() needs at least one seed (one per sequence)")
     for i, s in enumerate(seeds):
-        if not integer_like(s):
+        if not _integer_like(s):
             raise TypeError(f"seeds must be integers, got {s!r} ({type(s).__name__}) at index {i}")
         if not -2**63 <= s < 2**63:
             raise ValueError(f"seed {s} at index {i} is outside int64 [-2**63, 2**63)")

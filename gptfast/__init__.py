@@ -23,7 +23,7 @@ _LAZY = {
     "patch_hf_generate": "generation",
     "unpatch_hf_generate": "generation",
     "Engine": "engine",
-    "SamplingParams": "engine",
+    "SamplingParams": "sequence",
 }
 
 __all__ = ["GPT2", "GPT2Config", "PRESETS", "get_config", "generate", "GenerateOutput", "Engine",

@@ -27,9 +27,9 @@ beams share their prompt and every full block of their common history.
 
 Each decode step of the beams replays the model's decode graph that stops at the logits
 (`gptfast.graphs`, when the engine would use graphs: CUDA with the Triton kernels, or
-GPTFAST_CUDA_GRAPHS=1) with the block manager writing slots and block tables straight into its
-buffers. The beam choice runs eagerly after it, on the device (log-softmax, processors, a
-top-k over num_beams * V per prompt); only the chosen parents and tokens come to the host,
+cuda_graphs=True / GPTFAST_CUDA_GRAPHS=1), loaded with the step's `DecodeBatch`. The beam choice
+runs eagerly after it, on the device (log-softmax, processors, a top-k over num_beams * V per
+prompt); only the chosen parents and tokens come to the host,
 where the forks and frees happen (one sync per step: the next step's block tables depend on
 the choice). Batches above the largest graph bucket run the paged forward eagerly.
 """
@@ -40,8 +40,11 @@ import numpy as np
 import torch
 
 from . import graphs, ops, processors
-from .engine import Sequence, SamplingParams, _process_logits, graphs_setting, weights_fingerprint
-from .kv_cache import AttnMetadata
+from .batch import DecodeBatch, PrefillBatch, block_tables
+from .engine import weights_fingerprint
+from .sampler import process_logits
+from .sequence import SamplingParams, Sequence
+from .settings import RuntimeOptions
 
 _NEG = -1.0e9  # HF's "never chosen" score offset
 
@@ -77,7 +80,8 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_beams: int,
                 num_return: int, length_penalty: float, early_stopping, fill: int,
                 want_scores: bool = False, want_logits: bool = False,
-                seed: int | None = None) -> BeamResult:
+                seed: int | None = None, kernels: str | None = None,
+                cuda_graphs: bool | None = None) -> BeamResult:
     """Run HF's beam search over the model's paged cache.
 
     Parameters
@@ -96,6 +100,8 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     want_scores, want_logits : keep each step's processed log-probs / raw logits.
     seed : int or None
         Beam sampling draws from a generator seeded with it (None: torch's global RNG, as HF).
+    kernels, cuda_graphs : as for `gptfast.Engine` (None: GPTFAST_KERNELS, GPTFAST_CUDA_GRAPHS
+        when the search starts); graphs asked for with the reference ops on CUDA are not used.
 
     Returns
     -------
@@ -108,19 +114,17 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     reuse cached prefixes, the weights are compared with the ones the prefixes were computed
     from, as an `Engine` does.
     """
+    options = RuntimeOptions.with_defaults(kernels=kernels, cuda_graphs=cuda_graphs)
     cache = model.kv_cache
-    with cache.lock:
-        fingerprint = weights_fingerprint(model)
-        if fingerprint is None or fingerprint != cache.weights_fingerprint:
-            cache.manager.reset_prefix_cache()
-            cache.weights_fingerprint = fingerprint
+    with cache.lock, ops.backend(options.kernels):
+        cache.check_weights(weights_fingerprint(model))
         return _search(model, cache, prompts, params, num_beams=num_beams, num_return=num_return,
                        length_penalty=length_penalty, early_stopping=early_stopping, fill=fill,
-                       want_scores=want_scores, want_logits=want_logits, seed=seed)
+                       want_scores=want_scores, want_logits=want_logits, seed=seed, options=options)
 
 
 def _search(model, cache, prompts, params, *, num_beams, num_return, length_penalty, early_stopping,
-            fill, want_scores, want_logits, seed) -> BeamResult:
+            fill, want_scores, want_logits, seed, options: RuntimeOptions) -> BeamResult:
     """`beam_search` under the cache lock."""
     manager, bs = cache.manager, cache.block_size
     device = model.device
@@ -155,11 +159,9 @@ def _search(model, cache, prompts, params, *, num_beams, num_return, length_pena
     scores_out = [] if want_scores else None
     logits_out = [] if want_logits else None
 
-    use_graphs = graphs_setting()
-    if use_graphs is None:
-        use_graphs = device.type == "cuda"
     # the eager reference ops sync with the host: they cannot be captured
-    use_graphs = use_graphs and not (device.type == "cuda" and ops.kernel_backend() == "reference")
+    use_graphs = options.cuda_graphs if options.cuda_graphs is not None else device.type == "cuda"
+    use_graphs = use_graphs and not (device.type == "cuda" and options.kernels == "reference")
     # the model's runner if it has the rows (a smaller one is rebuilt only as large as needed)
     runner = graphs.graph_runner(model, min(graphs.MAX_BATCH, B * nb)) if use_graphs else None
     if runner is not None and B * nb > runner.max_batch:
@@ -185,7 +187,7 @@ def _search(model, cache, prompts, params, *, num_beams, num_return, length_pena
         for g in range(max_new):
             peak = max(peak, manager.total_blocks - manager.num_free_blocks())
             raw = logits.float()
-            logp = _process_logits(torch.log_softmax(raw, dim=-1), seqs)
+            logp = process_logits(torch.log_softmax(raw, dim=-1), seqs)
             if params.do_sample:
                 logp = processors.warp_(logp, params.temperature, params.top_k, params.top_p,
                                         params.min_p, params.typical_p, len(eos) + 1 if eos else 2)
@@ -315,18 +317,9 @@ def _prefill(model, manager, sids: list[int], prompts: list[list[int]],
     slots = np.empty(int(cu[-1]), dtype=np.int64)
     for i, sid in enumerate(sids):
         manager.slot_mapping(sid, cached[i], lens[i], slots[cu[i]:cu[i + 1]])
-    dev = model.device
-    meta = AttnMetadata(
-        slot_mapping=_dev(slots, dev),
-        block_tables=_tables(manager, sids, max(lens), dev),
-        seq_lens=_dev(np.asarray(lens, dtype=np.int32), dev),
-        cu_seqlens_q=_dev(cu, dev),
-        max_seqlen_q=max(n_new),
-        is_decode=False,
-    )
-    last = _dev(cu[1:].astype(np.int64) - 1, dev)
-    return model.forward_paged(_dev(tokens, dev), _dev(positions, dev), meta, last,
-                               cache=model.kv_cache)
+    tables = block_tables(manager, np.asarray(sids, dtype=np.int64), max(lens))
+    batch = PrefillBatch([], tokens, positions, slots, cu, np.asarray(lens, dtype=np.int32), tables, max(n_new))
+    return model.forward_paged(*batch.model_inputs(model.device), cache=model.kv_cache)
 
 
 def _decode(model, manager, cache, runner, sids: list[int], tokens: list[int],
@@ -340,44 +333,37 @@ def _decode(model, manager, cache, runner, sids: list[int], tokens: list[int],
         raise ValueError(f"the KV-cache pool ({manager.total_blocks} blocks) cannot hold the next "
                          f"step of {R} beams; load the model with a larger num_kv_blocks "
                          f"or use fewer beams")
-    if runner is not None:
-        buf = runner.np
-        tok, slots = buf["tokens"][:R], buf["slot_mapping"][:R]
-        tok[:] = tokens
-    else:
-        tok, slots = np.asarray(tokens, dtype=np.int64), np.empty(R, dtype=np.int64)
+    tok = np.asarray(tokens, dtype=np.int64)
+    slots = np.empty(R, dtype=np.int64)
     cow = np.empty((R, 2), dtype=np.int64)
     n_cow = manager.append_tokens(ids, tok, slots, cow)
     if n_cow:
         cache.copy_blocks(torch.from_numpy(cow[:n_cow]))
-    if runner is not None:
-        buf["seq_lens"][:R] = lens
-        np.subtract(buf["seq_lens"][:R], 1, out=buf["positions"][:R])
-        manager.block_tables(ids, buf["block_tables"][:R])
-        # NOTE: a replay clears the rows past R (seeds, sampling parameters): an engine on this
-        # model must write its per-sequence rows again
-        runner.rows_owner, runner.rows = (lambda: None), []
-        return runner.run(R, sample=False)
     lens_a = np.asarray(lens, dtype=np.int32)
-    dev = model.device
-    meta = AttnMetadata(
-        slot_mapping=_dev(slots, dev),
-        block_tables=_tables(manager, sids, int(lens_a.max()), dev),
-        seq_lens=_dev(lens_a, dev),
-        cu_seqlens_q=None,
-        max_seqlen_q=1,
-        is_decode=True,
-    )
-    return model.forward_paged(_dev(tok, dev), _dev(lens_a.astype(np.int64) - 1, dev), meta,
-                               cache=cache)
+    # the beams draw nothing on the device: the batch has no sampling rows (offsets unused)
+    batch = DecodeBatch([], ids, tok, lens_a.astype(np.int64) - 1, slots, lens_a,
+                        block_tables(manager, ids, int(lens_a.max())), np.zeros(R, dtype=np.int64), None)
+    if runner is not None:
+        runner.load(batch)
+        return runner.run(R, sample=False)
+    return model.forward_paged(*batch.model_inputs(model.device), cache=cache)
 
 
-def _tables(manager, sids: list[int], longest: int, device) -> torch.Tensor:
-    tables = np.empty((len(sids), -(-longest // manager.block_size)), dtype=np.int32)
-    manager.block_tables(np.asarray(sids, dtype=np.int64), tables)
-    return _dev(tables, device)
-
-
-def _dev(array: np.ndarray, device) -> torch.Tensor:
-    t = torch.from_numpy(array)
-    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+def check_beam_request(config, prompts: list[list[int]], params: SamplingParams, num_beams, num_return,
+                       early_stopping) -> None:
+    """The checks of `Engine.beam_search`'s arguments (ValueError naming the first bad one)."""
+    if not isinstance(num_beams, int) or num_beams < 2:
+        raise ValueError(f"num_beams must be an int >= 2, got {num_beams!r}")
+    if not isinstance(num_return, int) or not 1 <= num_return <= num_beams:
+        raise ValueError(f"num_return must be an int in [1, num_beams={num_beams}], got {num_return!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("beam_search needs at least one prompt, each with at least one token")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {config.vocab_size})")
+        if len(p) + params.max_new_tokens > config.n_positions:
+            raise ValueError(f"{len(p)} prompt + {params.max_new_tokens} new tokens exceed the "
+                             f"model's n_positions ({config.n_positions})")

@@ -126,10 +126,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         reproduces its output on the same device; torch's global RNG is not touched.
     kernels : {"auto", "triton", "reference"} or None
         gptfast only: the op backend of the engine this call builds (None: the environment's
-        GPTFAST_KERNELS, read when the engine is built). Greedy search and sampling only.
+        GPTFAST_KERNELS, read when the engine is built); beam search too.
     cuda_graphs : bool or None
         gptfast only: replay the decode steps as CUDA graphs (None: GPTFAST_CUDA_GRAPHS, else on
-        for CUDA with the Triton kernels). Greedy search and sampling only.
+        for CUDA with the Triton kernels); beam search too.
     **kwargs
         `max_new_tokens`, `max_length` (default 20, prompt included), `min_new_tokens`,
         `min_length`, `do_sample`, `temperature`, `top_k` (default 50 when sampling), `top_p`,
@@ -158,11 +158,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     criteria = criteria_list(stopping_criteria)
     params = sampling_params(request, prompts, criteria, model.config)
     if request.num_beams > 1:
-        if kernels is not None or cuda_graphs is not None:
-            raise ValueError(f"kernels={kernels!r} and cuda_graphs={cuda_graphs!r} choose the engine of greedy "
-                             "search and sampling; beam search takes them from GPTFAST_KERNELS and "
-                             "GPTFAST_CUDA_GRAPHS (leave both None)")
-        return _beam_generate(model, request, prompts, params, streamer, criteria)
+        return _beam_generate(model, request, prompts, params, streamer, criteria, kernels, cuda_graphs)
     seeds = _row_seeds(request, len(prompts.rows) * request.num_return)
     engine = _engine(model, request, criteria, kernels, cuda_graphs)
     collector = _run(engine, request, prompts, params, seeds, streamer, criteria)
@@ -182,9 +178,8 @@ def _row_seeds(request: GenerateRequest, rows: int) -> list[int]:
 
 def _engine(model, request: GenerateRequest, criteria: list, kernels, cuda_graphs) -> Engine:
     """The engine for one call; it keeps each step's scores when anything reads them."""
-    options = {"kernels": kernels} if kernels is not None else {}
     return Engine(model, keep_scores=request.want_scores or request.want_logits or bool(criteria),
-                  cuda_graphs=cuda_graphs, **options)
+                  kernels=kernels, cuda_graphs=cuda_graphs)
 
 
 def _run(engine: Engine, request: GenerateRequest, prompts: Prompts, params: SamplingParams,
@@ -231,7 +226,7 @@ def _assemble(request: GenerateRequest, prompts: Prompts, collector: LockstepCol
 
 
 def _beam_generate(model, request: GenerateRequest, prompts: Prompts, params: SamplingParams, streamer,
-                   criteria: list):
+                   criteria: list, kernels: str | None, cuda_graphs: bool | None):
     """Beam search or beam sampling (`gptfast.beam`) and HF's `GenerateBeamDecoderOnlyOutput`
     layout. Beam sampling draws with torch.multinomial like HF: from torch's global RNG, or
     from a generator seeded with `seed`."""
@@ -249,7 +244,8 @@ def _beam_generate(model, request: GenerateRequest, prompts: Prompts, params: Sa
     fill = (request.pad or eos[0]) if eos else -1
     res = beam_search(model, prompts.rows, params, num_beams=request.num_beams, num_return=n_return,
                       length_penalty=request.length_penalty, early_stopping=request.early_stopping, fill=fill,
-                      want_scores=request.want_scores, want_logits=request.want_logits, seed=request.seed)
+                      want_scores=request.want_scores, want_logits=request.want_logits, seed=request.seed,
+                      kernels=kernels, cuda_graphs=cuda_graphs)
     expanded = prompts.input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
     device = prompts.input_ids.device
     sequences = torch.cat([expanded, res.sequences], dim=1).to(device)

@@ -15,13 +15,15 @@ buffer and one device buffer of the same layout, so a step's inputs go over in a
     temperature, top_p              : [max_batch] fp32
     block_tables                    : [max_batch, max_blocks] int32, max_blocks = ceil(n_positions / block_size)
 
-The step's first kernel (`ops.decode_inputs_`) derives each row's K/V slot from its position and
+The engine hands a step over as a `gptfast.batch.DecodeBatch`; `load(batch)` copies it into
+rows 0:B of the host buffers (the per-sequence sampling constants only when they are not the
+ones loaded last). The step's first kernel (`ops.decode_inputs_`) derives each row's K/V slot from its position and
 block table, and, for rows whose `advance` flag is set, first feeds the previous step's sampled
 token back (position, length and Philox offset + 1). The sampler writes its tokens and status into
 static outputs; after each replay they are copied to a pinned host slot (a ring of two) and an
 event is recorded. So a step can be launched in two ways:
 
-- `launch(batch)`: the host filled rows 0:batch (advance 0); one upload, one replay.
+- `launch(batch)`: rows 0:batch were loaded (advance 0); one upload, one replay.
 - `launch_next(batch, new_blocks)`: the step continues the last one on the device, with no
   upload; the host only names the blocks of rows that cross a block boundary (written into the
   device block table). This is how the engine keeps the next step queued on the GPU while it
@@ -140,14 +142,13 @@ class DecodeGraphRunner:
         self.captured = self.device.type == "cuda"
         self.capture_seconds = 0.0
         self.num_replays = 0
-        # The engine that last wrote the per-sequence rows (seeds, sampling parameters), weakly,
-        # and the sequences they belong to: an engine rewrites them only when its batch changed.
-        self.rows_owner = lambda: None
-        self.rows: list = []
+        # The per-sequence sampling constants loaded last (`batch.SamplingRows`): a batch with the
+        # same ones skips copying them; None when no rows hold a whole set.
+        self._sampling = None
         self.host = _Buffers(max_batch, self.max_blocks, torch.device("cpu"), pin=self.captured)
         self.dev = self.host if not self.captured else _Buffers(max_batch, self.max_blocks, self.device, False)
-        # numpy views of the host buffers: the block manager writes straight into them
-        self.np = {name: getattr(self.host, name).numpy() for name, _, _ in _FIELDS}
+        # numpy views of the host buffers, which `load` fills
+        self._rows = {name: getattr(self.host, name).numpy() for name, _, _ in _FIELDS}
         self.cache = model.kv_cache  # NOTE: the graphs hold its tensors' addresses
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._outputs: dict[tuple[int, bool], tuple] = {}
@@ -225,13 +226,52 @@ class DecodeGraphRunner:
         self._graphs[(batch, sample)] = graph
         self._outputs[(batch, sample)] = out
 
+    def buckets_captured(self, sample: bool = True) -> list[int]:
+        """The buckets whose sampling graph (`sample`) or logits graph is captured, ascending
+        (none on the CPU, where the step runs eagerly)."""
+        return sorted(b for b, s in self._graphs if s == sample)
+
     def bucket(self, batch: int) -> int | None:
         """The bucket a batch of `batch` rows runs in, or None when it is larger than all."""
         i = bisect.bisect_left(self.buckets, batch)
         return self.buckets[i] if i < len(self.buckets) else None
 
+    def load(self, batch) -> None:
+        """Copy a decode batch into rows 0:B of the host buffers: the next `launch(B)` or
+        `run(B, ...)` runs it.
+
+        Parameters
+        ----------
+        batch : gptfast.batch.DecodeBatch
+            B <= max_batch rows. Its slot_mapping may be None (the step derives the slots from
+            the block tables); its sampling constants are copied unless they are the ones loaded
+            last.
+        """
+        B = len(batch)
+        if B > self.max_batch:
+            raise ValueError(f"batch {B} is larger than the runner's largest bucket {self.max_batch}")
+        n = self._rows
+        n["tokens"][:B] = batch.token_ids
+        if batch.slot_mapping is not None:
+            n["slot_mapping"][:B] = batch.slot_mapping
+        n["seq_lens"][:B] = batch.seq_lens
+        n["positions"][:B] = batch.positions
+        n["offsets"][:B] = batch.offsets
+        width = batch.block_tables.shape[1]
+        n["block_tables"][:B, :width] = batch.block_tables
+        n["block_tables"][:B, width:] = 0
+        rows = batch.sampling
+        if rows is not None and rows is not self._sampling:
+            self._sampling = rows
+            n["seeds"][:B] = rows.seeds
+            n["temperature"][:B] = rows.temperature
+            n["top_k"][:B] = rows.top_k
+            n["top_p"][:B] = rows.top_p
+
     def _clear_rows(self, start: int, stop: int) -> None:
-        n = self.np
+        if self._sampling is not None and start < len(self._sampling.seeds):
+            self._sampling = None  # its rows are cleared: the next batch with them copies them again
+        n = self._rows
         for name in ("tokens", "positions", "seq_lens", "top_k", "seeds", "offsets", "temperature", "advance"):
             n[name][start:stop] = 0
         n["top_p"][start:stop] = 1.0
@@ -268,7 +308,7 @@ class DecodeGraphRunner:
         return OutputSlot(self)
 
     def launch(self, batch: int, out: "OutputSlot") -> int:
-        """Launch the sampling step on rows `0:batch` of the host buffers (the caller filled them);
+        """Launch the sampling step on rows `0:batch` of the host buffers (see `load`);
         its tokens and status are copied into `out` (read them with `out.read`).
 
         Returns the launch's id (for `launch_next`). The host buffers may be rewritten once `out`
@@ -277,7 +317,7 @@ class DecodeGraphRunner:
         bucket = self._bucket_of(batch)
         if bucket > batch:
             self._clear_rows(batch, bucket)
-        self.np["advance"][:batch] = 0  # every input comes from the host
+        self._rows["advance"][:batch] = 0  # every input comes from the host
         with self._on_device():
             self._replay(bucket, True, upload=True)
             if not self.captured:
@@ -321,7 +361,7 @@ class DecodeGraphRunner:
         return launch
 
     def run(self, batch: int, sample: bool):
-        """Run the step on rows `0:batch` of the host buffers (the caller filled them).
+        """Run the step on rows `0:batch` of the host buffers (see `load`).
 
         Returns (tokens, status) as host int lists when `sample`, else the fp32 logits (batch, V)
         in a static device buffer that the next step overwrites. Either way the host buffers may
@@ -335,7 +375,7 @@ class DecodeGraphRunner:
         bucket = self._bucket_of(batch)
         if bucket > batch:
             self._clear_rows(batch, bucket)
-        self.np["advance"][:batch] = 0
+        self._rows["advance"][:batch] = 0
         self._chain = None  # the sampled tokens on the device are not this step's
         with self._on_device():
             self._replay(bucket, False, upload=True)
@@ -374,7 +414,13 @@ def _fingerprint(model) -> tuple:
 
 
 def graph_runner(model, max_batch: int = MAX_BATCH) -> DecodeGraphRunner:
-    """The model's decode runner, built (and on CUDA captured) on first use and kept on the model.
+    """The model's decode runner: built (and on CUDA captured) on first use, then shared.
+
+    Ownership: the runner belongs to the model. Capturing costs seconds, so there is one runner
+    per model, shared by every engine and beam search on it; it is stored in the slot the model
+    declares for it (`GPT2._graph_runner`, which the model empties when it is moved or cast), and
+    this function is the only reader and writer of that slot. An engine keeps the runner it got
+    and asks again when the model's weights may have been replaced.
 
     Rebuilt when the KV cache or any parameter tensor was replaced since (the graphs hold their
     addresses), or when a larger `max_batch` is asked for.

@@ -3,7 +3,7 @@
 The engine's decode graph samples with temperature, top-k and top-p fused into one kernel; the
 options below need a sequence's history (n-gram bans, bad words) or a second pass over the
 softmax (min-p, typical), so a step with any of them stops its graph at the logits and runs
-these in PyTorch (`engine._process_logits`, then the warpers), in HF's order:
+these in PyTorch (`sampler.process_logits`, then the warpers), in HF's order:
 
     repetition penalty -> no_repeat_ngram_size -> bad_words_ids -> min-length EOS mask
     -> suppress_tokens -> begin_suppress_tokens            (every decoding mode)

@@ -47,7 +47,7 @@ def test_requests_joining_over_time_match_each_alone():
         steps += 1
     for i, p in enumerate(prompts):
         assert got[ids[i]] == _alone(p, 12, seed=i, do_sample=True, top_k=20), f"request {i}"
-    assert not engine.seqs, "finished sequences are not kept"
+    assert not engine.scheduler.seqs, "finished sequences are not kept"
     _clean(model)
 
 
@@ -73,9 +73,10 @@ def test_an_error_before_the_prefill_frees_everything(monkeypatch):
     def boom(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine, "_block_tables", boom)
+    monkeypatch.setattr(gptfast.batch, "block_tables", boom)  # building the prefill batch fails
     with pytest.raises(KeyboardInterrupt):
         engine.step()
+    monkeypatch.undo()
     engine.abort()
     _clean(model)
     assert model.kv_cache.stats()["cached_blocks"] == 0  # hashes of never-written blocks dropped

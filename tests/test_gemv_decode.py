@@ -19,7 +19,7 @@ from gptfast.bench.op_cases import head_argmax as head_argmax_cases
 from gptfast.bench.op_cases import ln_linear as ln_linear_cases
 from gptfast.bench.op_cases import proj_residual as proj_residual_cases
 from gptfast.ops import attn_decode, head_argmax, ln_linear, proj_residual
-from gptfast.ops.common import TOLERANCES, assert_close
+from gptfast.ops.common import TOLERANCES, assert_close, backend
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -372,18 +372,19 @@ def _count_kernels(monkeypatch, fn):
 def test_gemv_decode_step_is_5_kernels_per_block_plus_the_head(monkeypatch):
     """One batch-1 decode forward on the kernel path: 5 launches per block and 1 for the head (2
     for the greedy head), no other kernel. gpt2's 12 blocks: 61 (62 greedy) for the forward."""
-    monkeypatch.setenv("GPTFAST_KERNELS", "triton")
-    model, (tokens, positions, meta) = _prefilled_model(rows=1)
-    cache_k = model.kv_cache.k.clone()
-    logits, kernels = _count_kernels(monkeypatch, lambda: model.forward_paged(tokens, positions, meta))
-    per_block = ["_ln_linear_kernel", "_decode_split_kernel", "_linear_residual_kernel", "_ln_linear_kernel",
-                 "_linear_residual_kernel"]
-    assert kernels == per_block * MODEL_CONFIG.n_layer + ["_ln_linear_kernel"], kernels
-    assert logits.dtype == torch.float32  # written as fp32 by the head: no cast kernel
-    model.kv_cache.k.copy_(cache_k)  # the same step again (the append is idempotent anyway)
-    (tok, status), kernels = _count_kernels(monkeypatch, lambda: model.forward_paged_greedy(tokens, positions, meta))
-    assert kernels == per_block * MODEL_CONFIG.n_layer + ["_ln_linear_kernel", "_argmax_reduce_kernel"], kernels
-    assert tok.tolist() == [int(logits.argmax())] and status.tolist() == [0]
+    with backend("triton"):
+        model, (tokens, positions, meta) = _prefilled_model(rows=1)
+        cache_k = model.kv_cache.k.clone()
+        logits, kernels = _count_kernels(monkeypatch, lambda: model.forward_paged(tokens, positions, meta))
+        per_block = ["_ln_linear_kernel", "_decode_split_kernel", "_linear_residual_kernel", "_ln_linear_kernel",
+                     "_linear_residual_kernel"]
+        assert kernels == per_block * MODEL_CONFIG.n_layer + ["_ln_linear_kernel"], kernels
+        assert logits.dtype == torch.float32  # written as fp32 by the head: no cast kernel
+        model.kv_cache.k.copy_(cache_k)  # the same step again (the append is idempotent anyway)
+        (tok, status), kernels = _count_kernels(monkeypatch,
+                                                lambda: model.forward_paged_greedy(tokens, positions, meta))
+        assert kernels == per_block * MODEL_CONFIG.n_layer + ["_ln_linear_kernel", "_argmax_reduce_kernel"], kernels
+        assert tok.tolist() == [int(logits.argmax())] and status.tolist() == [0]
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -392,18 +393,18 @@ def test_gemv_decode_step_matches_the_reference_path(rows, monkeypatch):
     appended, and the greedy method's tokens the argmax of those logits on both paths."""
     model, (tokens, positions, meta) = _prefilled_model(rows)
     k0, v0 = model.kv_cache.k.clone(), model.kv_cache.v.clone()
-    monkeypatch.setenv("GPTFAST_KERNELS", "reference")
-    ref = model.forward_paged(tokens, positions, meta)
-    ref_k, ref_v = model.kv_cache.k.clone(), model.kv_cache.v.clone()
-    ref_tokens, ref_status = model.forward_paged_greedy(tokens, positions, meta)
-    monkeypatch.setenv("GPTFAST_KERNELS", "triton")
+    with backend("reference"):
+        ref = model.forward_paged(tokens, positions, meta)
+        ref_k, ref_v = model.kv_cache.k.clone(), model.kv_cache.v.clone()
+        ref_tokens, ref_status = model.forward_paged_greedy(tokens, positions, meta)
     model.kv_cache.k.copy_(k0)
     model.kv_cache.v.copy_(v0)
-    got = model.forward_paged(tokens, positions, meta)
-    assert_close(got, ref, atol=1e-4, rtol=1e-4, name="GEMV step logits")
-    assert_close(model.kv_cache.k, ref_k, atol=1e-5, rtol=1e-5, name="k cache")
-    assert_close(model.kv_cache.v, ref_v, atol=1e-5, rtol=1e-5, name="v cache")
-    got_tokens, got_status = model.forward_paged_greedy(tokens, positions, meta)
+    with backend("triton"):
+        got = model.forward_paged(tokens, positions, meta)
+        assert_close(got, ref, atol=1e-4, rtol=1e-4, name="GEMV step logits")
+        assert_close(model.kv_cache.k, ref_k, atol=1e-5, rtol=1e-5, name="k cache")
+        assert_close(model.kv_cache.v, ref_v, atol=1e-5, rtol=1e-5, name="v cache")
+        got_tokens, got_status = model.forward_paged_greedy(tokens, positions, meta)
     assert ref_tokens.tolist() == got_tokens.tolist() == ref.argmax(dim=-1).tolist()
     assert ref_status.tolist() == got_status.tolist() == [0] * rows
 

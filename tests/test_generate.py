@@ -700,8 +700,15 @@ def test_engine_options_reach_the_engine_over_the_environment(monkeypatch):
     with pytest.raises(Built):
         gptfast.generate(model, ids, kernels="reference", **kw)
     assert seen[-1]["kernels"] == "reference" and seen[-1]["cuda_graphs"] is None
-    with pytest.raises(ValueError, match="beam search takes them from GPTFAST_KERNELS"):
-        gptfast.generate(model, ids, num_beams=2, kernels="reference", **kw)
+
+    def beam_spy(model, prompts, params, **options):
+        seen.append(options)
+        raise Built
+
+    monkeypatch.setattr(gptfast.beam, "beam_search", beam_spy)
+    with pytest.raises(Built):
+        gptfast.generate(model, ids, num_beams=2, kernels="reference", cuda_graphs=False, **kw)
+    assert seen[-1]["kernels"] == "reference" and seen[-1]["cuda_graphs"] is False
 
 
 def test_forget_conversion_after_a_data_write():

@@ -99,8 +99,7 @@ def test_static_decode_with_preemption_cancel_and_small_buckets(monkeypatch):
     model = _model(block_size=4, num_kv_blocks=14)
     params = MIXES["sampled"]
     (want, _), _ = _serve(model, params, cuda_graphs=False, cancel_after=(2, 3))
-    monkeypatch.setattr(graphs_mod, "MAX_BATCH", 2)
-    model._graph_runner = None
+    monkeypatch.setattr(graphs_mod, "MAX_BATCH", 2)  # the model has no runner yet: it is built this small
     (got, _), fast = _serve(model, params, cuda_graphs=True, cancel_after=(2, 3))
     assert got == want
     assert len(got[2]) == 4  # cancelled after its 4th token
@@ -135,9 +134,10 @@ def test_padding_rows_write_nothing(device):
     cache = model.kv_cache
     k0, v0 = cache.k.clone(), cache.v.clone()
     engine.step()  # decode
-    slots = runner.np["slot_mapping"][:5].tolist()
+    slots = runner.dev.slot_mapping[:8].tolist()  # as the step used them
     assert runner.num_replays == 1
-    assert runner.np["slot_mapping"][5:8].tolist() == [-1, -1, -1]
+    slots, padding = slots[:5], slots[5:]
+    assert padding == [-1, -1, -1]
     bs = cache.block_size
     changed = ((cache.k != k0) | (cache.v != v0)).flatten(3).any(-1).any(0)  # [blocks, bs]
     where = {int(b) * bs + int(r) for b, r in changed.nonzero().tolist()}
@@ -255,7 +255,7 @@ def test_reference_ops_turn_the_graphs_off_on_gpu(monkeypatch):
 def test_cuda_graph_runner_captures_every_bucket_once():
     model = GPT2.from_config(get_config("tiny"), seed=0, device="cuda")
     runner = graph_runner(model)
-    assert sorted(b for b, sample in runner._graphs if sample) == buckets_up_to(256)
+    assert runner.buckets_captured(sample=True) == buckets_up_to(256)
     seconds = runner.capture_seconds
     out = gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8)
     assert out.shape == (1, 11)

@@ -346,7 +346,7 @@ def test_two_engines_on_one_small_pool_both_finish_with_their_own_tokens(schedul
 
 # ---------------------------------------------------------------------------- 6. add / cancel / stream
 def _state(engine):
-    return (len(engine.seqs), engine.has_unfinished(), engine.cache.stats())
+    return (len(engine.scheduler.seqs), engine.has_unfinished(), engine.cache.stats())
 
 
 @pytest.mark.parametrize("case, error", [
@@ -441,12 +441,12 @@ def test_cancelling_waiting_requests_does_not_scan_the_queue():
     params = SamplingParams(max_new_tokens=1)
     ids = [engine.add([1 + i % 900, 2], params, seeds=[0])[0] for i in range(10_000)]
     forks = engine.add([3, 4, 5], SamplingParams(max_new_tokens=2, do_sample=True), seeds=[1, 2, 3])
-    engine.waiting = _NoScanDeque(engine.waiting)
+    engine.scheduler.waiting = _NoScanDeque(engine.scheduler.waiting)
     for sid in ids[:-3]:
         engine.cancel(sid)
     engine.cancel(forks[1])  # a fork child not started yet
     engine.cancel(forks[0])  # its parent: the other child runs on its own
-    engine.waiting = engine.waiting.inner
+    engine.scheduler.waiting = engine.scheduler.waiting.inner
     got = _drain(engine)
     assert sorted(got) == sorted(ids[-3:] + [forks[2]])
     assert got[forks[2]] == _alone([3, 4, 5], 2, seed=3, do_sample=True)
@@ -536,7 +536,7 @@ def test_engine_fuzz_against_each_request_alone():
                 engine.add(list(range(1, 50)), SamplingParams(max_new_tokens=20), seeds=[0])
         elif r < 0.32:
             live = [s for s, (e, *_) in requests.items() if e == e_idx and s not in cancelled
-                    and s in engine.seqs]
+                    and s in engine.scheduler.seqs]
             if live:
                 sid = rng.choice(live)
                 engine.cancel(sid)
@@ -545,7 +545,7 @@ def test_engine_fuzz_against_each_request_alone():
             for out in engine.step():
                 got.setdefault(out.seq_id, []).append(out.token)
                 if out.finished:
-                    assert out.seq_id not in engine.seqs
+                    assert out.seq_id not in engine.scheduler.seqs
     for engine in cuda_graphs_engine:
         for sid, toks in _drain(engine).items():
             got.setdefault(sid, []).extend(toks)

@@ -603,7 +603,6 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
     >>> report = inspect_kernels("gpt2", ["bf16"], buckets=[1])  # doctest: +SKIP
     >>> report["decode_steps"][0]["kernels"]  # doctest: +SKIP
     """
-    import numpy as np
     import torch
 
     from gptfast import ops
@@ -643,13 +642,7 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
             # NOTE: the default runner's size: its buffer layout (field offsets) sets the pointer
             # alignment Triton specialises on.
             runner = DecodeGraphRunner(net, MAX_BATCH)
-            rows = runner.np
-            rows["tokens"][:] = 0
-            rows["positions"][:] = context - 1
-            rows["seq_lens"][:] = context
-            rows["block_tables"][:] = np.arange(1, max_blocks + 1, dtype=np.int32)
-            rows["slot_mapping"][:] = block_size + context - 1
-            rows["temperature"][:] = 1.0
+            runner.load(_decode_rows(MAX_BATCH, context, block_size, max_blocks))
             for bucket in buckets:
                 for graph in ("sample", "logits"):
                     t0 = time.perf_counter()
@@ -689,6 +682,24 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
     variants.sort(key=lambda r: (r["kernel"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True)))
     return dict(model=model, dtypes=list(dtypes), target=tgt.name, target_gpu=tgt.gpu, sm_count=sm_count,
                 context=context, block_size=block_size, decode_steps=steps, prefill=prefills, variants=variants)
+
+
+def _decode_rows(rows: int, context: int, block_size: int, max_blocks: int):
+    """A synthetic decode batch for the runner: every row at position context - 1, its table
+    naming blocks 1..max_blocks, sampled at temperature 1."""
+    import numpy as np
+
+    from gptfast.batch import DecodeBatch, SamplingRows
+
+    def full(value, dtype):
+        return np.full(rows, value, dtype=dtype)
+
+    sampling = SamplingRows([], full(0, np.int64), full(1.0, np.float32), full(0, np.int32), full(1.0, np.float32),
+                            eager_processing=False, min_new=None)
+    tables = np.tile(np.arange(1, max_blocks + 1, dtype=np.int32), (rows, 1))
+    return DecodeBatch([], full(0, np.int64), full(0, np.int64), full(context - 1, np.int64),
+                       full(block_size + context - 1, np.int64), full(context, np.int32), tables,
+                       full(0, np.int64), sampling)
 
 
 def _prefill_inputs(lens: list[int], block_size: int, max_blocks: int) -> tuple:

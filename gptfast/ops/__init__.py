@@ -29,12 +29,13 @@ from . import (  # noqa: F401
     quant_linear,
     sampling,
 )
-from .common import as_cuda, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
+from .common import as_cuda, backend, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
 
 kv_cache_write = dispatch(kv_write.kv_cache_write, kv_write.kv_cache_write_ref)
 prefill_attention = dispatch(attn_prefill.prefill_attention, attn_prefill.prefill_attention_ref)
 decode_attention = dispatch(attn_decode.decode_attention, attn_decode.decode_attention_ref)
 sample = dispatch(sampling.sample, sampling.sample_ref)
+filter_logits = sampling.filter_logits_ref  # eager only: the sampling kernel filters without writing the scores out
 decode_inputs_ = dispatch(decode_inputs.decode_inputs_, decode_inputs.decode_inputs_ref_)
 
 add_layernorm = dispatch(layernorm.add_layernorm, layernorm.add_layernorm_ref)

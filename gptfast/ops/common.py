@@ -1,11 +1,11 @@
 """What every op shares: backend choice, the reference naming rule, the comparison helper.
 
 Backend choice: CUDA tensors go to the Triton kernel, CPU tensors to the
-eager reference. `GPTFAST_KERNELS=triton` sends every op that has a kernel through it (with
-`TRITON_INTERPRET=1` this runs the kernels on the CPU), `GPTFAST_KERNELS=reference` sends
-everything to the references. Inside `as_cuda(sm_count)` CPU tensors take the CUDA branches: that
-is how `gptfast kernels` walks the GPU path on a machine without one (its Triton launches are
-compiled, never run).
+eager reference. Inside `backend("triton")` every op that has a kernel runs it (with
+`TRITON_INTERPRET=1` the kernels run on the CPU), inside `backend("reference")` every op runs its
+reference; the engine enters the backend its options name around its model calls. Inside
+`as_cuda(sm_count)` CPU tensors take the CUDA branches: that is how `gptfast kernels` walks the
+GPU path on a machine without one (its Triton launches are compiled, never run).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import torch
 from . import _triton
 
 _BACKENDS = ("auto", "triton", "reference")
+# The backend forced by `backend(...)`; "auto" outside it.
+_BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("gptfast_backend", default="auto")
 # The SM count the CUDA branches assume while `as_cuda` is active; None outside it.
 _AS_CUDA: contextvars.ContextVar[int | None] = contextvars.ContextVar("gptfast_as_cuda", default=None)
 
@@ -77,12 +79,35 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
     return as_cuda_sm_count() or off_gpu
 
 
+@contextlib.contextmanager
+def backend(name: str):
+    """Within this context, the dispatched ops run the backend `name`.
+
+    Parameters
+    ----------
+    name : str
+        "auto" (CUDA tensors to Triton, CPU tensors to the reference: what ops do outside any
+        context), "triton" (every op that has a kernel runs it; an error where Triton is not
+        installed) or "reference" (the eager references everywhere).
+
+    Examples
+    --------
+    >>> with backend("reference"):
+    ...     use_triton(torch.zeros(1, device="cuda"))
+    False
+    """
+    if name not in _BACKENDS:
+        raise ValueError(f"ops.backend: name must be one of {_BACKENDS}, got {name!r}")
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
 def kernel_backend() -> str:
-    """The backend forced by `GPTFAST_KERNELS` ("triton", "reference"), or "auto"."""
-    value = os.environ.get("GPTFAST_KERNELS", "auto").strip().lower() or "auto"
-    if value not in _BACKENDS:
-        raise ValueError(f"GPTFAST_KERNELS must be one of {_BACKENDS}, got {value!r}")
-    return value
+    """The backend the innermost `backend(...)` context forces ("triton", "reference"), or "auto"."""
+    return _BACKEND.get()
 
 
 def interpreting() -> bool:
@@ -97,7 +122,8 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     if backend == "triton":
         if not _triton.AVAILABLE:
-            raise RuntimeError(f"GPTFAST_KERNELS=triton, but {_triton.MISSING_REASON}")
+            raise RuntimeError(f"the 'triton' kernel backend was asked for (kernels='triton' or "
+                               f"GPTFAST_KERNELS=triton), but {_triton.MISSING_REASON}")
         return True
     if not _triton.AVAILABLE:
         return False

@@ -197,7 +197,7 @@ def _run(engine: Engine, request: GenerateRequest, prompts: Prompts, params: Sam
             seq_rows.update((sid, b * n + j) for j, sid in enumerate(ids))
         collector = LockstepCollector(engine, seq_rows, expanded, request.pad, streamer, criteria,
                                       cut_stopped_rows=bool(request.eos), want_scores=request.want_scores,
-                                      want_logits=request.want_logits, vocab=engine.vocab_size,
+                                      want_logits=request.want_logits, vocab=engine.model.config.vocab_size,
                                       device=prompts.input_ids.device)
         collector.run()
     except NonFiniteLogitsError as e:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import gptfast
+import gptfast.beam
 from gptfast import GPT2, GPT2Config, get_config
 
 from checkpoints import make_hf_model, save_hf_checkpoint

@@ -623,7 +623,8 @@ class GPT2(nn.Module):
 
     def forward_paged_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                              logits_indices: torch.Tensor | None = None,
-                             cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             cache: KVCache | None = None,
+                             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward_paged` followed by a greedy pick: token ids without the logits.
 
         For rows that decode greedily with no logits processor and no score output. In a
@@ -637,6 +638,9 @@ class GPT2(nn.Module):
         ----------
         tokens, positions, meta, logits_indices, cache :
             As for `forward_paged`.
+        out : (tokens, status) or None
+            Contiguous (M,) int64 and (M,) int32 tensors to write into (a CUDA graph's static
+            outputs); None allocates them.
 
         Returns
         -------
@@ -650,12 +654,12 @@ class GPT2(nn.Module):
             x = self._forward_gemv(tokens, positions, meta, logits_indices, cache)
             ln = self.ln_f
             return ops.layernorm_head_argmax(x, ln.weight, ln.bias, self.config.layer_norm_epsilon,
-                                             self.head_weight())
+                                             self.head_weight(), out=out)
         logits = self.forward_paged(tokens, positions, meta, logits_indices, cache, fp32_logits=False)
         M, device = logits.shape[0], logits.device
         zeros_f = torch.zeros(M, dtype=torch.float32, device=device)
         zeros_l = torch.zeros(M, dtype=torch.int64, device=device)
-        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l)
+        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l, out=out)
 
     def _gemv_step(self, tokens: torch.Tensor, meta: AttnMetadata) -> bool:
         """Whether a step on the kernel path takes the small-batch GEMV kernels (`_forward_gemv`):

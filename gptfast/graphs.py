@@ -65,6 +65,9 @@ from .kv_cache import AttnMetadata
 # rows up to 64 and 31 above (a third of the rows at worst, B = 65 in 96), 21 graphs to capture.
 # Padding rows cost compute only; the step's weight traffic does not grow with them.
 _BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, *range(16, 65, 8), *range(96, 257, 32)]
+# The row stride of the step's logits, in elements, is a multiple of this (GPT-2: 50,304 for
+# 50,257): rows start 128-byte aligned in fp16/bf16 (256 in fp32), for the sampler's vector loads.
+LOGITS_ROW_ALIGN = 64
 # The largest batch captured by default (an engine's max_num_seqs caps it); larger steps run eagerly.
 MAX_BATCH = 256
 
@@ -233,9 +236,16 @@ class DecodeGraphRunner:
             # tokens land where the next step's inputs are read from
             self.model.forward_paged_greedy(d.tokens[:batch], d.positions[:batch], meta, cache=self.cache, out=out)
             return ()
-        # the sampler reads the logits in the model's dtype (it computes in fp32): no cast
-        logits = self.model.forward_paged(d.tokens[:batch], d.positions[:batch], meta,
-                                          cache=self.cache, fp32_logits=variant == "logits")  # (B, V)
+        # The sampler reads the logits in the model's dtype (it computes in fp32): no cast. Their
+        # rows are padded to a multiple of LOGITS_ROW_ALIGN elements, so that every row starts
+        # aligned and the sampler's loads vectorise; the pad columns lie outside the (B, V) view.
+        model = self.model
+        V = model.config.vocab_size
+        fp32 = variant == "logits"
+        rows = torch.empty((batch, -(-V // LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN),
+                           dtype=torch.float32 if fp32 else model.dtype, device=self.device)
+        logits = model.forward_paged(d.tokens[:batch], d.positions[:batch], meta, cache=self.cache,
+                                     fp32_logits=fp32, out=rows[:, :V])  # (B, V), row stride padded
         if variant == "logits":
             return (logits,)
         ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],

@@ -487,7 +487,8 @@ class GPT2(nn.Module):
 
     def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                       logits_indices: torch.Tensor | None = None,
-                      cache: KVCache | None = None, fp32_logits: bool = True) -> torch.Tensor:
+                      cache: KVCache | None = None, fp32_logits: bool = True,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Run a flattened ragged batch through the model with the paged KV cache.
 
         Parameters
@@ -505,10 +506,13 @@ class GPT2(nn.Module):
         fp32_logits : bool
             Cast the logits to fp32 (False: the model's dtype, e.g. for the sampler, which
             computes in fp32 anyway).
+        out : (M, vocab_size) tensor or None
+            Where the logits go (that dtype, last dimension contiguous, any row stride: e.g. the
+            decode graphs' buffer with rows padded to 64 elements); None allocates them.
 
         Returns
         -------
-        logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`).
+        logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`): `out` if given.
         """
         cache = self.kv_cache if cache is None else cache
         # (an int8 model runs the general path below: its linears go through `linear`)
@@ -518,13 +522,13 @@ class GPT2(nn.Module):
             # the final LayerNorm in the head GEMV's prologue; fp32 logits straight from it
             return ops.layernorm_linear(x, ln.weight, ln.bias, self.config.layer_norm_epsilon,
                                         self.head_weight(), None,
-                                        out_dtype=torch.float32 if fp32_logits else None)  # (M, V)
+                                        out_dtype=torch.float32 if fp32_logits else None, out=out)  # (M, V)
         if ops.use_triton(tokens) and self.quantize is None:
-            logits = self._forward_fused(tokens, positions, meta, logits_indices, cache)
-            return logits.float() if fp32_logits else logits
+            logits = self._forward_fused(tokens, positions, meta, logits_indices, cache,
+                                         out=None if fp32_logits else out)
+            return logits if logits is out else _logits_out(logits, fp32_logits, out)
         if meta.is_decode and logits_indices is None and _plain_decode(meta):
-            logits = self._decode_cpu(tokens, positions, meta, cache)
-            return logits.float() if fp32_logits else logits
+            return _logits_out(self._decode_cpu(tokens, positions, meta, cache), fp32_logits, out)
         x = self.wte(tokens) + self.wpe(positions)  # (N, C)
         for i, block in enumerate(self.h):
             x = block.forward_paged(x, cache.k[i], cache.v[i], meta)
@@ -532,7 +536,7 @@ class GPT2(nn.Module):
             x = x.index_select(0, logits_indices)  # (M, C)
         x = self.ln_f(x)
         logits = linear(x, self.head_weight(), None, self._head)  # (M, V)
-        return logits.float() if fp32_logits else logits
+        return _logits_out(logits, fp32_logits, out)
 
     def _decode_cpu(self, tokens, positions, meta, cache) -> torch.Tensor:
         """A decode step on the CPU with as few ops as the math allows (`forward_paged`'s path
@@ -601,10 +605,11 @@ class GPT2(nn.Module):
         x = self.ln_f(x)
         return linear(x, self.head_weight(), None, self._head)  # (B, V)
 
-    def _forward_fused(self, tokens, positions, meta, logits_indices, cache) -> torch.Tensor:
+    def _forward_fused(self, tokens, positions, meta, logits_indices, cache, out=None) -> torch.Tensor:
         """`forward_paged` with the fused ops (the path on CUDA): each residual add, the bias of
         the projection before it and the LayerNorm after it are one kernel, and so are the
-        embedding and the first LayerNorm. x is the residual stream, h its normalised copy."""
+        embedding and the first LayerNorm. x is the residual stream, h its normalised copy. The
+        logits in the model's dtype, into `out` when given."""
         eps = self.config.layer_norm_epsilon
         blocks = self.h
         ln = blocks[0].ln_1
@@ -619,6 +624,8 @@ class GPT2(nn.Module):
             x, h = ops.add_layernorm(x, y, block.mlp.c_proj.bias, ln.weight, ln.bias, eps)
         if logits_indices is not None:
             h = h.index_select(0, logits_indices)  # (M, C)
+        if out is not None:
+            return torch.mm(h, self.head_weight().t(), out=out)  # cuBLAS writes rows of any stride itself
         return F.linear(h, self.head_weight())  # (M, V), the model's dtype
 
     def forward_paged_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
@@ -706,6 +713,14 @@ class GPT2(nn.Module):
         from .generation import generate
 
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _logits_out(logits: torch.Tensor, fp32_logits: bool, out: torch.Tensor | None) -> torch.Tensor:
+    """`forward_paged`'s result: the logits cast to fp32 when asked, into `out` when given (one copy,
+    as the cast alone would be)."""
+    if out is not None:
+        return out.copy_(logits)
+    return logits.float() if fp32_logits else logits
 
 
 def _progress(items, total: int, desc: str, enabled: bool):

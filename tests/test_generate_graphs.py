@@ -147,3 +147,29 @@ def test_fused_head_through_the_interpreter_is_the_unfused_path(monkeypatch):
     unfused = gptfast.generate(model, ids, attention_mask=mask, **kw)
     assert _variants(model) == {"sample": 4} and len(calls) == 4
     assert torch.equal(unfused, got)
+
+
+def test_fused_head_with_a_step_in_flight_and_eos_one_step_late():
+    """Batch 1, two steps in flight: the next step's input is the fused head's argmax on the
+    device; an EOS seen one step late shows no extra token; every block comes back."""
+    model = GPT2.from_config(get_config("tiny-odd"), seed=3, block_size=4)
+    prompt = [5, 9, 2]
+
+    def run(cuda_graphs, params):
+        model.kv_cache.reset_prefix_cache()
+        engine = gptfast.Engine(model, cuda_graphs=cuda_graphs)
+        engine.add(prompt, params, seeds=[0])
+        tokens = [o.token for o in engine.stream()]
+        stats = model.kv_cache.stats()
+        assert stats["free_blocks"] == stats["total_blocks"], stats
+        return tokens, engine
+
+    free_run, _ = run(False, gptfast.SamplingParams(max_new_tokens=16))
+    eos = next(t for i, t in enumerate(free_run) if i >= 6 and t not in free_run[:i])
+    params = gptfast.SamplingParams(max_new_tokens=16, eos_token_ids=(eos,))
+    model._graph_runner = None
+    got, engine = run(True, params)
+    assert got == free_run[:free_run.index(eos) + 1]
+    assert engine.num_steps_ahead > 0
+    # the steps launched ahead included the one after EOS, never shown
+    assert _variants(model) == {"greedy": len(got)}

@@ -1,6 +1,6 @@
 """The decode step as CUDA graphs: static buffers, one graph per batch-size bucket.
 
-A decode step of GPT-2 124M at batch 1 is 64 small kernels (`gptfast kernels` counts them),
+A decode step of GPT-2 124M at batch 1 is 64 small kernels, 63 greedy (`gptfast kernels` counts them),
 most of them ~1 µs of DRAM time; launched one by
 one from Python the step is bound by the host (tens of µs per layer). `DecodeGraphRunner`
 captures the whole step (embedding, every block, the final LayerNorm, the head and the sampler)

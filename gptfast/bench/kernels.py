@@ -832,8 +832,9 @@ def _tables(report: dict) -> str:
                      "triton": p["triton"], "other": p["other"], "greedy graph": None, "logits graph": None,
                      "MB moved": p["total_bytes"] / 1e6, "% of floor": None, "host syncs": len(p["host_syncs"])})
     parts = [f"Decode steps (the function each CUDA graph captures), {report['model']}, {report['target']} "
-             f"({report['sm_count']} SMs), context {report['context']}; kernels of the sample graph, MB it "
-             "moves and their % of the weight-read floor:", format_table(rows)]
+             f"({report['sm_count']} SMs), context {report['context']}.",
+             "Kernels of the sample graph (of the greedy and logits graphs apart), the MB the sample graph "
+             "moves and their %", "of the weight-read floor (every weight once):", format_table(rows)]
     # by kernel: the first bucket's greedy step where it has one (a greedy generate() at batch 1)
     first = report["decode_steps"][0]
     first = by_key.get((first["dtype"], first["bucket"], "greedy"), first)
@@ -845,9 +846,9 @@ def _tables(report: dict) -> str:
         groups[key] = (count + 1, total + nbytes)
     rows = [{"kernel": name, "grid": grid, "launches": n, "MB moved": total / 1e6, "% of floor": 100 * total / floor}
             for (name, grid), (n, total) in groups.items()]
-    parts += ["", f"One {first['dtype']} step at bucket {first['bucket']} ({first['graph']} graph), by kernel; "
-                  f"the weight-read floor (every weight once) is {floor / 1e6:.1f} MB, the step moves "
-                  f"{first['total_bytes'] / 1e6:.1f} MB ({100 * first['total_bytes'] / floor:.1f}%):",
+    parts += ["", f"One {first['dtype']} step at bucket {first['bucket']} ({first['graph']} graph), by kernel: "
+                  f"it moves {first['total_bytes'] / 1e6:.1f} MB, {100 * first['total_bytes'] / floor:.1f}% of the",
+              f"weight-read floor ({floor / 1e6:.1f} MB, every weight once; the % column is each kernel's share):",
               format_table(rows)]
     rows = []
     for v in report["variants"]:

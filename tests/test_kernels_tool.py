@@ -273,9 +273,10 @@ def test_full_sweep_every_bucket(tmp_path):
 
 @pytest.mark.gpu
 def test_count_matches_the_profiled_graph_replay():
-    """On a GPU: the tool's Triton launches of the batch-1 step are the kernels the profiler sees in
-    one replay of the decode graph, and the other kernels are at least the tool's count (cuBLAS
-    may add a split-K reduce or a bias copy to a GEMM)."""
+    """On a GPU: the tool's Triton launches of the batch-1 greedy step (the profiled requests are
+    greedy: the fused-head graph) are the kernels the profiler sees in one replay of the decode
+    graph, and the other kernels are at least the tool's count (cuBLAS may add a split-K reduce or
+    a bias copy to a GEMM)."""
     from torch.profiler import ProfilerActivity
 
     from gptfast.bench.kernel_count import profile_one_decode_step
@@ -283,7 +284,7 @@ def test_count_matches_the_profiled_graph_replay():
 
     report = K.inspect_kernels("gpt2", ["bf16"], buckets=[1], prefill_lens=[16],
                                sm_count=torch.cuda.get_device_properties(0).multi_processor_count)
-    step = _step(report, "bf16", 1)
+    step = _step(report, "bf16", 1, "greedy")
     model = GPT2.from_config("gpt2", seed=0, dtype=torch.bfloat16, device="cuda")
     prof, _ = profile_one_decode_step(model, 1, True, [ProfilerActivity.CUDA])
     from torch.autograd import DeviceType

@@ -1,6 +1,6 @@
 """The decode step as CUDA graphs: static buffers, one graph per batch-size bucket.
 
-A decode step of GPT-2 124M at batch 1 is 64 small kernels (`gptfast kernels` counts them),
+A decode step of GPT-2 124M at batch 1 is 64 small kernels, 63 greedy (`gptfast kernels` counts them),
 most of them ~1 µs of DRAM time; launched one by
 one from Python the step is bound by the host (tens of µs per layer). `DecodeGraphRunner`
 captures the whole step (embedding, every block, the final LayerNorm, the head and the sampler)
@@ -31,10 +31,13 @@ event is recorded. So a step can be launched in two ways:
 
 A batch of B rows replays the smallest bucket >= B; rows B.. of the bucket are padding: slot -1
 (the K/V write is skipped), seq_len 0 (attention outputs zeros), greedy, so they read nothing of
-the cache and cost one row of compute. Each bucket has two graphs: "sample" (the whole step, the
-sampled tokens and status come back) and "logits" (up to the fp32 logits, for steps whose logits
-processors or score outputs must see the logits before the draw; the sampler then runs eagerly).
-The "logits" graphs are captured on first use.
+the cache and cost one row of compute. Each bucket has up to three graphs: "sample" (the whole
+step, the sampled tokens and status come back); "greedy" (the same outputs for a batch whose rows
+are all greedy, at most `ops.gemv.MAX_ROWS` rows: the step ends in `ops.layernorm_head_argmax`,
+the final LayerNorm, head GEMV and argmax fused, with no logits written; `launch` picks it from
+the rows' temperatures); and "logits" (up to the fp32 logits, for steps whose logits processors
+or score outputs must see the logits before the draw; the sampler then runs eagerly). The
+"greedy" and "logits" graphs are captured on first use.
 
 On the CPU there is nothing to capture: the runner runs the same step function on the same static
 buffers eagerly. That is how the CPU tests check the graph path's padding and bookkeeping.
@@ -50,6 +53,7 @@ or a move/cast of the model); a `param.data = t` swap is not seen by an engine a
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import time
 import weakref
@@ -63,6 +67,9 @@ from .kv_cache import AttnMetadata
 # rows up to 64 and 31 above (a third of the rows at worst, B = 65 in 96), 21 graphs to capture.
 # Padding rows cost compute only; the step's weight traffic does not grow with them.
 _BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, *range(16, 65, 8), *range(96, 257, 32)]
+# The row stride of the step's logits, in elements, is a multiple of this (GPT-2: 50,304 for
+# 50,257): rows start 128-byte aligned in fp16/bf16 (256 in fp32), for the sampler's vector loads.
+LOGITS_ROW_ALIGN = 64
 # The largest batch captured by default (an engine's max_num_seqs caps it); larger steps run eagerly.
 MAX_BATCH = 256
 
@@ -126,6 +133,8 @@ class DecodeGraphRunner:
         Wall time spent warming up and capturing, all graphs so far.
     num_replays : int
         Steps run through the runner.
+    steps_by_variant : collections.Counter
+        Steps run per graph variant: "sample", "greedy" (the fused greedy head) and "logits".
     captured : bool
         Whether steps replay CUDA graphs (False on the CPU: the step runs eagerly).
     """
@@ -145,13 +154,14 @@ class DecodeGraphRunner:
         # The per-sequence sampling constants loaded last (`batch.SamplingRows`): a batch with the
         # same ones skips copying them; None when no rows hold a whole set.
         self._sampling = None
+        self.steps_by_variant = collections.Counter()
         self.host = _Buffers(max_batch, self.max_blocks, torch.device("cpu"), pin=self.captured)
         self.dev = self.host if not self.captured else _Buffers(max_batch, self.max_blocks, self.device, False)
         # numpy views of the host buffers, which `load` fills
         self._rows = {name: getattr(self.host, name).numpy() for name, _, _ in _FIELDS}
         self.cache = model.kv_cache  # NOTE: the graphs hold its tensors' addresses
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[tuple[int, bool], tuple] = {}
+        self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}  # by (bucket, variant)
+        self._outputs: dict[tuple[int, str], tuple] = {}
         self._pool = None
         self._clear_rows(0, max_batch)
         # The sampler's static outputs, tokens then status, in one byte buffer (one copy back):
@@ -162,6 +172,7 @@ class DecodeGraphRunner:
         self.status = self.out_dev[8 * max_batch:].view(torch.int32)
         self._launches = 0  # sampling steps launched (each launch's id)
         self._chain = None  # (bucket, id) of the sampling step that ran last: a step may continue it
+        self._chain_variant = None  # its graph, "sample" or "greedy"
         self._run_slot = None  # run()'s output slot, made on first use
         if self.captured:
             # NOTE: one warm-up stream for every capture: PyTorch keeps a cuBLAS workspace per
@@ -172,7 +183,7 @@ class DecodeGraphRunner:
                 self.dev.raw.copy_(self.host.raw)  # padding everywhere before the warm-ups
                 t0 = time.perf_counter()
                 for b in reversed(self.buckets):  # largest first: smaller ones reuse its memory
-                    self._capture(b, sample=True)
+                    self._capture(b, "sample")
                 self.capture_seconds += time.perf_counter() - t0
 
     @property
@@ -187,7 +198,7 @@ class DecodeGraphRunner:
         return torch.cuda.device(self.device) if self.captured else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ the step
-    def _step(self, batch: int, sample: bool):
+    def _step(self, batch: int, variant: str):
         d = self.dev
         # the slots (and, for rows that continue the last step, the inputs) on the device
         ops.decode_inputs_(d.tokens[:batch], d.positions[:batch], d.seq_lens[:batch], d.offsets[:batch],
@@ -201,35 +212,48 @@ class DecodeGraphRunner:
             max_seqlen_q=1,
             is_decode=True,
         )
-        # the sampler reads the logits in the model's dtype (it computes in fp32): no cast
-        logits = self.model.forward_paged(d.tokens[:batch], d.positions[:batch], meta,
-                                          cache=self.cache, fp32_logits=not sample)  # (B, V)
-        if not sample:
+        out = (self.sampled[:batch], self.status[:batch])
+        if variant == "greedy":
+            # final LayerNorm, head GEMV and argmax fused: the logits never reach memory, the
+            # tokens land where the next step's inputs are read from
+            self.model.forward_paged_greedy(d.tokens[:batch], d.positions[:batch], meta, cache=self.cache, out=out)
+            return ()
+        # The sampler reads the logits in the model's dtype (it computes in fp32): no cast. Their
+        # rows are padded to a multiple of LOGITS_ROW_ALIGN elements, so that every row starts
+        # aligned and the sampler's loads vectorise; the pad columns lie outside the (B, V) view.
+        model = self.model
+        V = model.config.vocab_size
+        fp32 = variant == "logits"
+        rows = torch.empty((batch, -(-V // LOGITS_ROW_ALIGN) * LOGITS_ROW_ALIGN),
+                           dtype=torch.float32 if fp32 else model.dtype, device=self.device)
+        logits = model.forward_paged(d.tokens[:batch], d.positions[:batch], meta, cache=self.cache,
+                                     fp32_logits=fp32, out=rows[:, :V])  # (B, V), row stride padded
+        if variant == "logits":
             return (logits,)
         ops.sample(logits, d.temperature[:batch], d.top_k[:batch], d.top_p[:batch],
-                   d.seeds[:batch], d.offsets[:batch], out=(self.sampled[:batch], self.status[:batch]))
+                   d.seeds[:batch], d.offsets[:batch], out=out)
         return ()
 
-    def _capture(self, batch: int, sample: bool) -> None:
+    def _capture(self, batch: int, variant: str) -> None:
         with torch.inference_mode():
             stream = self._warm_stream
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._step(batch, sample)  # warm-up: compiles every kernel, runs on padding rows
+                self._step(batch, variant)  # warm-up: compiles every kernel, runs on padding rows
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._step(batch, sample)
+                out = self._step(batch, variant)
             torch.cuda.synchronize(self.device)
-        self._graphs[(batch, sample)] = graph
-        self._outputs[(batch, sample)] = out
+        self._graphs[(batch, variant)] = graph
+        self._outputs[(batch, variant)] = out
 
-    def buckets_captured(self, sample: bool = True) -> list[int]:
-        """The buckets whose sampling graph (`sample`) or logits graph is captured, ascending
-        (none on the CPU, where the step runs eagerly)."""
-        return sorted(b for b, s in self._graphs if s == sample)
+    def buckets_captured(self, variant: str = "sample") -> list[int]:
+        """The buckets whose graph `variant` ("sample", "greedy" or "logits") is captured,
+        ascending (none on the CPU, where the step runs eagerly)."""
+        return sorted(b for b, v in self._graphs if v == variant)
 
     def bucket(self, batch: int) -> int | None:
         """The bucket a batch of `batch` rows runs in, or None when it is larger than all."""
@@ -284,20 +308,21 @@ class DecodeGraphRunner:
             raise ValueError(f"batch {batch} is larger than the runner's largest bucket {self.max_batch}")
         return bucket
 
-    def _replay(self, bucket: int, sample: bool, upload: bool) -> None:
+    def _replay(self, bucket: int, variant: str, upload: bool) -> None:
         """Upload rows 0:bucket of the host buffers (when `upload`), then run the step."""
         self.model.refresh_weight_copies()  # int8 copies of weights changed in place (none replay stale)
         self.num_replays += 1
+        self.steps_by_variant[variant] += 1
         if not self.captured:
             return
         if upload:
             n = self.host.upload_bytes(bucket)
             self.dev.raw[:n].copy_(self.host.raw[:n], non_blocking=True)
             self._uploaded.record()
-        key = (bucket, sample)
+        key = (bucket, variant)
         if key not in self._graphs:
             t0 = time.perf_counter()
-            self._capture(bucket, sample)
+            self._capture(bucket, variant)
             self.capture_seconds += time.perf_counter() - t0
         self._graphs[key].replay()
 
@@ -318,11 +343,12 @@ class DecodeGraphRunner:
         if bucket > batch:
             self._clear_rows(batch, bucket)
         self._rows["advance"][:batch] = 0  # every input comes from the host
+        variant = self._sampling_variant(batch, bucket)
         with self._on_device():
-            self._replay(bucket, True, upload=True)
+            self._replay(bucket, variant, upload=True)
             if not self.captured:
-                self._step(bucket, True)
-            return self._after_sample(bucket, out)
+                self._step(bucket, variant)
+            return self._after_sample(bucket, variant, out)
 
     def can_continue(self, batch: int, after: int) -> bool:
         """Whether `launch_next(batch, ..., after)` may run: launch `after` was the last sampling
@@ -346,15 +372,32 @@ class DecodeGraphRunner:
                 # NOTE: on CUDA a fill kernel on the stream (the pinned host table may still be
                 # uploading); on the CPU the device buffers are the host's.
                 self.dev.block_tables[row, col] = block
-            self._replay(bucket, True, upload=False)
+            variant = self._chain_variant  # the same rows: the same head
+            self._replay(bucket, variant, upload=False)
             if not self.captured:
-                self._step(bucket, True)
-            return self._after_sample(bucket, out)
+                self._step(bucket, variant)
+            return self._after_sample(bucket, variant, out)
 
-    def _after_sample(self, bucket: int, out: "OutputSlot") -> int:
+    def _sampling_variant(self, batch: int, bucket: int) -> str:
+        """The sampling step's graph for rows 0:batch of the host buffers: "greedy" (the fused
+        head: final LayerNorm, head GEMV and argmax, no logits) when every row is greedy
+        (temperature <= 0) in the GEMV regime (`ops.gemv.MAX_ROWS` rows) of an unquantised model;
+        else "sample" (the head to the logits, then the sampler). Both give a greedy row the same
+        token: the lowest id among the maxima of the logits in the model's dtype."""
+        if not self.has_greedy_head(bucket) or bool((self._rows["temperature"][:batch] > 0).any()):
+            return "sample"
+        return "greedy"
+
+    def has_greedy_head(self, bucket: int) -> bool:
+        """Whether steps of `bucket` rows have the "greedy" graph (the fused head): in the GEMV
+        regime of an unquantised model. Elsewhere the sampler's greedy rows cost no more."""
+        return bucket <= ops.gemv.MAX_ROWS and self.model.quantize is None
+
+    def _after_sample(self, bucket: int, variant: str, out: "OutputSlot") -> int:
         launch = self._launches
         self._launches += 1
         self._chain = (bucket, launch)
+        self._chain_variant = variant
         out.tensor.copy_(self.out_dev, non_blocking=self.captured)
         if self.captured:
             out.event.record()
@@ -378,10 +421,10 @@ class DecodeGraphRunner:
         self._rows["advance"][:batch] = 0
         self._chain = None  # the sampled tokens on the device are not this step's
         with self._on_device():
-            self._replay(bucket, False, upload=True)
+            self._replay(bucket, "logits", upload=True)
             if not self.captured:
-                return self._step(bucket, False)[0][:batch]
-            out = self._outputs[(bucket, False)]
+                return self._step(bucket, "logits")[0][:batch]
+            out = self._outputs[(bucket, "logits")]
             # NOTE: the caller may rewrite the pinned host buffer once this returns: wait
             # for the upload (recorded before the replay, so not for the step).
             self._uploaded.synchronize()

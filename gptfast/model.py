@@ -507,7 +507,8 @@ class GPT2(_Counted, nn.Module):
 
     def forward_paged(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                       logits_indices: torch.Tensor | None = None,
-                      cache: KVCache | None = None, fp32_logits: bool = True) -> torch.Tensor:
+                      cache: KVCache | None = None, fp32_logits: bool = True,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
         """Run a flattened ragged batch through the model with the paged KV cache.
 
         Parameters
@@ -525,14 +526,17 @@ class GPT2(_Counted, nn.Module):
         fp32_logits : bool
             Cast the logits to fp32 (False: the model's dtype, e.g. for the sampler, which
             computes in fp32 anyway).
+        out : (M, vocab_size) tensor or None
+            Where the logits go (that dtype, last dimension contiguous, any row stride: e.g. the
+            decode graphs' buffer with rows padded to 64 elements); None allocates them.
 
         Returns
         -------
-        logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`).
+        logits : (M, vocab_size) tensor, fp32 (or the model's dtype, see `fp32_logits`): `out` if given.
         """
         cache = self.kv_cache if cache is None else cache
         step = self._stages(tokens, meta, logits_indices)
-        return step.logits(step.run(tokens, positions, cache, logits_indices), fp32_logits)
+        return step.logits(step.run(tokens, positions, cache, logits_indices), fp32_logits, out)
 
     def _decode_cpu(self, tokens, positions, meta, cache) -> torch.Tensor:
         """A decode step on the CPU with as few ops as the math allows (`forward_paged`'s path
@@ -603,7 +607,8 @@ class GPT2(_Counted, nn.Module):
 
     def forward_paged_greedy(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttnMetadata,
                              logits_indices: torch.Tensor | None = None,
-                             cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             cache: KVCache | None = None,
+                             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward_paged` followed by a greedy pick: token ids without the logits.
 
         For rows that decode greedily with no logits processor and no score output. In a
@@ -617,6 +622,9 @@ class GPT2(_Counted, nn.Module):
         ----------
         tokens, positions, meta, logits_indices, cache :
             As for `forward_paged`.
+        out : (tokens, status) or None
+            Contiguous (M,) int64 and (M,) int32 tensors to write into (a CUDA graph's static
+            outputs); None allocates them.
 
         Returns
         -------
@@ -627,7 +635,7 @@ class GPT2(_Counted, nn.Module):
         """
         cache = self.kv_cache if cache is None else cache
         step = self._stages(tokens, meta, logits_indices)
-        return step.greedy(step.run(tokens, positions, cache, logits_indices))
+        return step.greedy(step.run(tokens, positions, cache, logits_indices), out)
 
     def _stages(self, tokens: torch.Tensor, meta: AttnMetadata, logits_indices: torch.Tensor | None) -> _Stages:
         """The op set of a paged step, chosen by the backend (see `_Stages`)."""
@@ -689,8 +697,8 @@ class _Stages:
         follows (the next block's ln_1, or ln_f), for op sets that end a stage with it.
     rows(stream, indices) -> stream
         The rows whose logits are wanted, (M,) int64.
-    logits(stream, fp32) -> (M, V) tensor
-        The head, fp32 or the model's dtype.
+    logits(stream, fp32, out) -> (M, V) tensor
+        The head, fp32 or the model's dtype; into `out` (any row stride) when it is not None.
     """
 
     def __init__(self, model: GPT2, meta: AttnMetadata):
@@ -709,14 +717,14 @@ class _Stages:
             stream = self.mlp(block, stream, after)
         return stream if logits_indices is None else self.rows(stream, logits_indices)
 
-    def greedy(self, stream) -> tuple[torch.Tensor, torch.Tensor]:
+    def greedy(self, stream, out=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The lowest id among each row's maximal logits (in the model's dtype) and the sampler's
-        flags, as `ops.sample` gives them for greedy rows."""
-        logits = self.logits(stream, fp32=False)  # (M, V)
+        flags, as `ops.sample` gives them for greedy rows; into `out` = (tokens, status) if given."""
+        logits = self.logits(stream, fp32=False, out=None)  # (M, V)
         M, device = logits.shape[0], logits.device
         zeros_f = torch.zeros(M, dtype=torch.float32, device=device)
         zeros_l = torch.zeros(M, dtype=torch.int64, device=device)
-        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l)
+        return ops.sample(logits, zeros_f, zeros_l.int(), zeros_f + 1.0, zeros_l, zeros_l, out=out)
 
 
 class _EagerStages(_Stages):
@@ -745,10 +753,10 @@ class _EagerStages(_Stages):
     def rows(self, x, indices):
         return x.index_select(0, indices)  # (M, C)
 
-    def logits(self, x, fp32: bool):
+    def logits(self, x, fp32: bool, out=None):
         m = self.model
         logits = linear(m.ln_f(x), m.head_weight(), None, m._head)  # (M, V)
-        return logits.float() if fp32 else logits
+        return _logits_out(logits, fp32, out)
 
 
 class _FusedStages(_Stages):
@@ -797,9 +805,11 @@ class _FusedStages(_Stages):
     def rows(self, stream, indices):
         return None, stream[1].index_select(0, indices)  # (M, C): the head reads h only
 
-    def logits(self, stream, fp32: bool):
+    def logits(self, stream, fp32: bool, out=None):
+        if out is not None and not fp32:
+            return torch.mm(stream[1], self.model.head_weight().t(), out=out)  # cuBLAS writes rows of any stride
         logits = F.linear(stream[1], self.model.head_weight())  # (M, V), the model's dtype
-        return logits.float() if fp32 else logits
+        return _logits_out(logits, fp32, out)
 
 
 class _GemvStages(_Stages):
@@ -838,16 +848,16 @@ class _GemvStages(_Stages):
     def rows(self, x, indices):
         return x.index_select(0, indices)  # (M, C)
 
-    def logits(self, x, fp32: bool):
+    def logits(self, x, fp32: bool, out=None):
         # the final LayerNorm in the head GEMV's prologue; fp32 logits straight from it
         m, ln = self.model, self.model.ln_f
         return ops.layernorm_linear(x, ln.weight, ln.bias, self.eps, m.head_weight(), None,
-                                    out_dtype=torch.float32 if fp32 else None)  # (M, V)
+                                    out_dtype=torch.float32 if fp32 else None, out=out)  # (M, V)
 
-    def greedy(self, x):
+    def greedy(self, x, out=None):
         # the final LayerNorm, the head GEMV and the argmax in two launches, no logits written
         m, ln = self.model, self.model.ln_f
-        return ops.layernorm_head_argmax(x, ln.weight, ln.bias, self.eps, m.head_weight())
+        return ops.layernorm_head_argmax(x, ln.weight, ln.bias, self.eps, m.head_weight(), out=out)
 
 
 class _CpuDecodeStages(_Stages):
@@ -857,8 +867,8 @@ class _CpuDecodeStages(_Stages):
     def run(self, tokens, positions, cache, logits_indices):
         return self.model._decode_cpu(tokens, positions, self.meta, cache)
 
-    def logits(self, logits, fp32: bool):
-        return logits.float() if fp32 else logits
+    def logits(self, logits, fp32: bool, out=None):
+        return _logits_out(logits, fp32, out)
 
 
 def _progress(items, total: int, desc: str, enabled: bool):

@@ -255,9 +255,12 @@ def test_reference_ops_turn_the_graphs_off_on_gpu(monkeypatch):
 def test_cuda_graph_runner_captures_every_bucket_once():
     model = GPT2.from_config(get_config("tiny"), seed=0, device="cuda")
     runner = graph_runner(model)
-    assert runner.buckets_captured(sample=True) == buckets_up_to(256)
+    assert runner.buckets_captured("sample") == buckets_up_to(256)
     seconds = runner.capture_seconds
     out = gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8)
     assert out.shape == (1, 11)
-    assert graph_runner(model) is runner and runner.capture_seconds == seconds
     assert runner.num_replays == 7  # one per decode step (the first token comes from the prefill)
+    assert 1 in runner.buckets_captured("greedy")  # a greedy batch's fused head, captured on first use
+    seconds = runner.capture_seconds
+    gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8)
+    assert graph_runner(model) is runner and runner.capture_seconds == seconds

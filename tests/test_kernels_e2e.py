@@ -36,7 +36,7 @@ def graphs(request, monkeypatch):
 
 _FUSED_OPS = ("embed_layernorm", "add_layernorm", "linear_gelu", "decode_attention",
               "embed_layernorm_linear", "layernorm_linear", "decode_attention_partials",
-              "attn_merge_linear_residual", "linear_residual")
+              "attn_merge_linear_residual", "linear_residual", "layernorm_head_argmax")
 
 
 def _count_fused_calls(monkeypatch) -> dict:
@@ -88,10 +88,13 @@ def test_greedy_through_kernels_matches_hf(hf, monkeypatch, graphs):
     assert calls["linear_gelu"] == layers * prefills
     # 5 decode steps, each 5 GEMV-path launches per layer: block 0's c_attn with the embedding,
     # the other c_attn, every c_fc and the head through layernorm_linear, the attention partials
-    # with the K/V append (c_attn's bias already added), the merge in c_proj, the MLP's c_proj
+    # with the K/V append (c_attn's bias already added), the merge in c_proj, the MLP's c_proj;
+    # the graph runner's greedy graph ends in the fused greedy head instead of the logits head
     steps = calls["embed_layernorm_linear"]
     assert steps == 5 and calls["decode_attention"] == 0
-    assert calls["layernorm_linear"] == 2 * layers * steps
+    heads = steps if graphs else 0
+    assert calls["layernorm_head_argmax"] == heads
+    assert calls["layernorm_linear"] == 2 * layers * steps - heads
     assert calls["decode_attention_partials"] == calls["decode_attention_partials_append"] == layers * steps
     assert calls["decode_attention_partials_bias"] == 0
     assert calls["attn_merge_linear_residual"] == calls["linear_residual"] == layers * steps

@@ -109,7 +109,8 @@ def kernels_per_decode_step(model, batch_size: int = 1, graphs: bool = False) ->
     model : gptfast.GPT2
         On a CUDA device.
     batch_size : int
-        Sequences in the step (prompts of 32 random tokens, greedy).
+        Sequences in the step (prompts of 32 random tokens, greedy: up to 8 rows the graphs run
+        the fused greedy head, the runner's "greedy" graph).
     graphs : bool
         Decode through the model's CUDA graphs (the kernels inside the replayed graph are
         counted, and launch_calls shows the single graph launch) or launch every kernel eagerly

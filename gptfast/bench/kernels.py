@@ -11,7 +11,8 @@ Two measurements that need no GPU:
   registers, shared memory and warps, and the compile seconds.
 - **One decode step, counted.** The function a decode CUDA graph captures
   (`DecodeGraphRunner._step`) runs along the CUDA branches (`gptfast.ops.as_cuda`) once per
-  batch-size bucket, for the "sample" and the "logits" graph. Every Triton launch and every
+  batch-size bucket, for the "sample", "greedy" (the fused greedy head, GEMV buckets) and
+  "logits" graphs. Every Triton launch and every
   non-view PyTorch op that launches a kernel on CUDA (cuBLAS GEMMs, copies, glue) is recorded
   with its name, its grid and the bytes it must move; the PyTorch ops run on shapes only
   (meta tensors), so nothing is computed. Ops that make the host wait for the device
@@ -20,7 +21,9 @@ Two measurements that need no GPU:
 Bytes per launch: every tensor argument's extent (distinct memory counted once: inputs and
 outputs), except the paged K/V cache, counted as the tokens the launch attends to (the step's
 `seq_lens`) or writes (its `slot_mapping`). It is the traffic a launch cannot avoid if each
-byte crosses DRAM once: the step's memory floor, kernel by kernel.
+byte crosses DRAM once: the step's memory floor, kernel by kernel. Each kernel's bytes are also
+shown as a share of the weight-read floor (every weight of the model once, the position table
+apart: a step gathers one row of it per sequence), the least any decode step moves.
 
 Limits: registers and spills are ptxas's for the target; a GPU runs the same binary. Which
 cuBLAS kernel a GEMM picks (split-K adds a reduce kernel) is decided at run time on the GPU: a
@@ -568,8 +571,9 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
                     buckets: Iterable[int] | None = None, context: int | None = None,
                     prefill_lens: Iterable[int] = (128, 77), sm_count: int | None = None,
                     log: Callable[[str], None] = lambda s: None) -> dict:
-    """Compile every Triton kernel variant of the decode step (every bucket, "sample" and
-    "logits" graphs) and the prefill for a GPU target, and count the kernels of each step.
+    """Compile every Triton kernel variant of the decode step (every bucket; "sample", "logits"
+    and, where the runner has it, "greedy" graphs) and the prefill for a GPU target, and count the
+    kernels of each step.
 
     Parameters
     ----------
@@ -593,7 +597,8 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
     Returns
     -------
     dict with target, sm_count, model, dtypes, context, decode_steps (list of dicts: dtype, bucket,
-    graph, kernels, triton, other, names, grids, bytes, total_bytes, host_syncs), prefill (one
+    graph, kernels, triton, other, names, grids, bytes, total_bytes, weight_bytes (the weight-read
+    floor: every parameter byte once, the position table apart), host_syncs), prefill (one
     such dict per dtype, with tokens), variants (list of dicts: kernel, dtype, target, hash,
     constexprs, num_warps, num_stages, registers, spill_bytes, stack_bytes, smem_bytes,
     barriers, ctas_per_sm, compile_s).
@@ -642,16 +647,20 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
             # NOTE: the default runner's size: its buffer layout (field offsets) sets the pointer
             # alignment Triton specialises on.
             runner = DecodeGraphRunner(net, MAX_BATCH)
+            wpe = net.wpe.weight
+            weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p is not wpe)
             runner.load(_decode_rows(MAX_BATCH, context, block_size, max_blocks))
             for bucket in buckets:
-                for graph in ("sample", "logits"):
+                graphs = ("sample", "greedy", "logits") if runner.has_greedy_head(bucket) else ("sample", "logits")
+                for graph in graphs:
                     t0 = time.perf_counter()
-                    launches, syncs = _recorded(session, lambda: runner._step(bucket, graph == "sample"))
+                    launches, syncs = _recorded(session, lambda: runner._step(bucket, graph))
                     for x in launches:
                         if x.variant is not None:
                             variant_dtype.setdefault(x.variant, set()).add(dtype_name)
                     steps.append(_step_record(session, launches, syncs,
-                                              dict(dtype=dtype_name, bucket=bucket, graph=graph)))
+                                              dict(dtype=dtype_name, bucket=bucket, graph=graph,
+                                                   weight_bytes=weight_bytes)))
                     log(f"{dtype_name} bucket {bucket} {graph}: {len(launches)} kernels "
                         f"({time.perf_counter() - t0:.1f}s)")
             tokens, positions, meta, last = _prefill_inputs(prefill_lens, block_size, max_blocks)
@@ -663,7 +672,7 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
             prefills.append(_step_record(session, launches, syncs,
                                          dict(dtype=dtype_name, tokens=sum(prefill_lens), lens=prefill_lens)))
             log(f"{dtype_name} prefill {prefill_lens}: {len(launches)} kernels")
-            del runner, net
+            runner = net = None  # freed before the next dtype's model is built
     variants = []
     for v in session.variants.values():
         info = _ptxas_info(v.ptx, tgt.capability)
@@ -822,25 +831,35 @@ def _tables(report: dict) -> str:
     for (dtype, bucket, graph), s in by_key.items():
         if graph != "sample":
             continue
+        greedy = by_key.get((dtype, bucket, "greedy"))
         logits = by_key.get((dtype, bucket, "logits"))
         rows.append({"dtype": dtype, "bucket": bucket, "kernels": s["kernels"], "triton": s["triton"],
-                     "other": s["other"], "logits graph": logits["kernels"] if logits else None,
-                     "MB moved": s["total_bytes"] / 1e6, "host syncs": len(s["host_syncs"])})
+                     "other": s["other"], "greedy graph": greedy["kernels"] if greedy else None,
+                     "logits graph": logits["kernels"] if logits else None,
+                     "MB moved": s["total_bytes"] / 1e6, "% of floor": 100 * s["total_bytes"] / s["weight_bytes"],
+                     "host syncs": len(s["host_syncs"])})
     for p in report["prefill"]:
         rows.append({"dtype": p["dtype"], "bucket": f"prefill {p['tokens']}", "kernels": p["kernels"],
-                     "triton": p["triton"], "other": p["other"], "logits graph": None,
-                     "MB moved": p["total_bytes"] / 1e6, "host syncs": len(p["host_syncs"])})
+                     "triton": p["triton"], "other": p["other"], "greedy graph": None, "logits graph": None,
+                     "MB moved": p["total_bytes"] / 1e6, "% of floor": None, "host syncs": len(p["host_syncs"])})
     parts = [f"Decode steps (the function each CUDA graph captures), {report['model']}, {report['target']} "
-             f"({report['sm_count']} SMs), context {report['context']}:", format_table(rows)]
+             f"({report['sm_count']} SMs), context {report['context']}.",
+             "Kernels of the sample graph (of the greedy and logits graphs apart), the MB the sample graph "
+             "moves and their %", "of the weight-read floor (every weight once):", format_table(rows)]
+    # by kernel: the first bucket's greedy step where it has one (a greedy generate() at batch 1)
     first = report["decode_steps"][0]
+    first = by_key.get((first["dtype"], first["bucket"], "greedy"), first)
+    floor = first["weight_bytes"]
     groups: OrderedDict = OrderedDict()
     for name, grid, nbytes in zip(first["names"], first["grids"], first["bytes"]):
         key = (name, "x".join(map(str, grid)) if grid else "-")
         count, total = groups.get(key, (0, 0))
         groups[key] = (count + 1, total + nbytes)
-    rows = [{"kernel": name, "grid": grid, "launches": n, "MB moved": total / 1e6}
+    rows = [{"kernel": name, "grid": grid, "launches": n, "MB moved": total / 1e6, "% of floor": 100 * total / floor}
             for (name, grid), (n, total) in groups.items()]
-    parts += ["", f"One {first['dtype']} step at bucket {first['bucket']} ({first['graph']} graph), by kernel:",
+    parts += ["", f"One {first['dtype']} step at bucket {first['bucket']} ({first['graph']} graph), by kernel: "
+                  f"it moves {first['total_bytes'] / 1e6:.1f} MB, {100 * first['total_bytes'] / floor:.1f}% of the",
+              f"weight-read floor ({floor / 1e6:.1f} MB, every weight once; the % column is each kernel's share):",
               format_table(rows)]
     rows = []
     for v in report["variants"]:

@@ -87,6 +87,7 @@ def layernorm_head_argmax(
     ln_bias: torch.Tensor | None,
     eps: float,
     weight: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens straight from the residual stream: `argmax(LayerNorm(x) @ weight.T)` per row,
     ties to the lowest id, with the sampler's flags (Triton, two launches, no logits in DRAM).
@@ -103,6 +104,9 @@ def layernorm_head_argmax(
         Added to the variance, >= 0.
     weight : Tensor [V, C]
         The LM head (nn.Linear layout, e.g. the tied `wte.weight`), x's dtype, rows contiguous.
+    out : (tokens, status) or None
+        Contiguous [R] int64 and [R] int32 tensors on x's device to write into (a CUDA graph's
+        static outputs); None allocates them.
 
     Returns
     -------
@@ -127,8 +131,7 @@ def layernorm_head_argmax(
     if V < 1:
         raise ValueError(f"{name}: weight needs at least one row (the vocabulary), got shape {tuple(weight.shape)}")
     device = check_launch_device(name, x, ln_weight, ln_bias, weight)
-    tokens = torch.empty(R, dtype=torch.int64, device=device)
-    status = torch.empty(R, dtype=torch.int32, device=device)
+    tokens, status = _outputs(name, R, device, out)
     if R == 0:
         return tokens, status
     G = ln_linear.column_blocks(R, V, C, device)
@@ -143,6 +146,20 @@ def layernorm_head_argmax(
     return tokens, status
 
 
+def _outputs(name: str, R: int, device, out) -> tuple[torch.Tensor, torch.Tensor]:
+    if out is None:
+        return (torch.empty(R, dtype=torch.int64, device=device),
+                torch.empty(R, dtype=torch.int32, device=device))
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"{name}: out must be a (tokens, status) pair of tensors, got {type(out).__name__}")
+    for arg, t, dtype in (("out tokens", out[0], torch.int64), ("out status", out[1], torch.int32)):
+        if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != (R,)
+                or t.stride(0) != 1 or t.device != device):
+            got = (tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: {arg} must be a contiguous [R] = ({R},) {dtype} tensor on {device}, got {got}")
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------------------------
 # reference (the unfused sequence, eager)
 # --------------------------------------------------------------------------------------------
@@ -154,6 +171,7 @@ def layernorm_head_argmax_ref(
     ln_bias: torch.Tensor | None,
     eps: float,
     weight: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager reference of `layernorm_head_argmax` (same signature): `ln_linear.layernorm_linear_ref`
     (logits in x's dtype), then `sampling.sample_ref` with every row greedy."""
@@ -162,4 +180,4 @@ def layernorm_head_argmax_ref(
     zeros_f = torch.zeros(R, dtype=torch.float32, device=x.device)
     zeros_i = torch.zeros(R, dtype=torch.int32, device=x.device)
     zeros_l = torch.zeros(R, dtype=torch.int64, device=x.device)
-    return sample_ref(logits, zeros_f, zeros_i, zeros_f + 1.0, zeros_l, zeros_l)
+    return sample_ref(logits, zeros_f, zeros_i, zeros_f + 1.0, zeros_l, zeros_l, out=out)

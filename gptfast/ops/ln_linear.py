@@ -228,6 +228,19 @@ def _check_out_dtype(name: str, out_dtype, dtype) -> torch.dtype:
     return out_dtype
 
 
+def _check_out(name: str, out, R: int, N: int, dtype, device) -> torch.Tensor:
+    """`out` checked (the [R, N] output, last dimension contiguous), or a new contiguous one."""
+    if out is None:
+        return torch.empty((R, N), dtype=dtype, device=device)
+    if (not isinstance(out, torch.Tensor) or out.shape != (R, N) or out.dtype != dtype or out.device != device
+            or (N > 1 and out.stride(1) != 1)):
+        got = (tuple(out.shape), out.dtype, str(out.device), out.stride()) if isinstance(out, torch.Tensor) \
+            else type(out).__name__
+        raise ValueError(f"{name}: out must be an [R, N] = ({R}, {N}) {dtype} tensor on {device} with its last "
+                         f"dimension contiguous, got (shape, dtype, device, strides) {got}")
+    return out
+
+
 def column_blocks(R: int, N: int, K: int, device: torch.device) -> int:
     """Programs along the output columns of a launch: `head_argmax` sizes its partials by it."""
     return triton.cdiv(N, gemv.blocks(R, N, K, device)[1])
@@ -271,6 +284,7 @@ def layernorm_linear(
     bias: torch.Tensor | None,
     gelu: bool = False,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`act(LayerNorm(x) @ weight.T + bias)` in one kernel, for a few rows (Triton).
 
@@ -293,10 +307,13 @@ def layernorm_linear(
         Apply tanh-GELU (GPT-2's) after the bias.
     out_dtype : torch.dtype or None
         Output dtype (None: x's), e.g. fp32 logits straight from the accumulator.
+    out : Tensor [R, N] or None
+        Where to write (dtype `out_dtype`, on x's device, last dimension contiguous, any row
+        stride: e.g. a view of a buffer whose rows are padded for aligned loads); None allocates.
 
     Returns
     -------
-    Tensor [R, N], contiguous.
+    Tensor [R, N]: `out`, or a new contiguous tensor.
 
     Examples
     --------
@@ -315,7 +332,7 @@ def layernorm_linear(
     N = _check_linear(name, K, x.dtype, weight, bias)
     out_dtype = _check_out_dtype(name, out_dtype, x.dtype)
     device = check_launch_device(name, x, ln_weight, ln_bias, weight, bias)
-    out = torch.empty((R, N), dtype=out_dtype, device=device)
+    out = _check_out(name, out, R, N, out_dtype, device)
     if R == 0 or N == 0:
         return out
     launch(out, x, x, x, x, x, ln_weight, ln_bias, weight, bias, eps, False, bool(gelu), R, K)
@@ -402,14 +419,18 @@ def layernorm_linear_ref(
     bias: torch.Tensor | None,
     gelu: bool = False,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eager reference of `layernorm_linear` (same signature): `F.layer_norm`, `F.linear`, then
-    `F.gelu(approximate="tanh")` when asked, cast to `out_dtype`."""
+    `F.gelu(approximate="tanh")` when asked, cast to `out_dtype` (copied into `out` if given)."""
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
     y = F.linear(h, weight, bias)
     if gelu:
         y = F.gelu(y, approximate="tanh")
-    return y if out_dtype is None else y.to(out_dtype)
+    y = y if out_dtype is None else y.to(out_dtype)
+    if out is None:
+        return y
+    return _check_out("layernorm_linear_ref", out, *y.shape, y.dtype, y.device).copy_(y)
 
 
 def embed_layernorm_linear_ref(

@@ -77,7 +77,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _dtype_list(text: str) -> list[str]:
     """Comma-separated dtypes in either spelling (bf16 or bfloat16, ...) -> short names."""
-    from ..cli import DTYPE_ALIASES, SHORT_DTYPE
+    from ..cli_common import DTYPE_ALIASES, SHORT_DTYPE
 
     values = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in DTYPE_ALIASES]
@@ -100,7 +100,7 @@ def run_bench(args: argparse.Namespace) -> int:
     Returns 0 when every check passed, 1 when a correctness check failed or a case errored (or,
     with --compare, when a regression was flagged), 2 for bad arguments (one `error: ...` line).
     """
-    from ..cli import UsageError
+    from ..cli_common import UsageError
 
     try:
         return _run(args)
@@ -110,7 +110,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, resolve_device
+    from ..cli_common import UsageError, resolve_device
 
     if args.compare:
         from .results import compare_files
@@ -203,7 +203,7 @@ def _sigterm_as_interrupt():
 
 def _run_suites(args, device, facts, partials, dtypes, models, out_dir, formats, progress,
                 machine: str, skipped: list[str]) -> int:
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from . import ceilings as ceilings_mod
     from . import results
     from .summary import SCREEN, SCREEN_LEGEND, flag_noisy, screen_table
@@ -304,7 +304,7 @@ def _triton_importable() -> bool:
 
 def _check_ops_names(names: list[str], device: str, quick: bool) -> None:
     """`--ops` names: each an op or an op module of the ops suite here, else a UsageError."""
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from . import runner
 
     known = set()
@@ -379,7 +379,7 @@ def _print_failures(rows) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks` / `python -m gptfast.bench`."""
-    from ..cli import OneLineErrorParser
+    from ..cli_common import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="gptfast bench", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)

@@ -26,12 +26,22 @@
      time to first token p50 (every request arrives at t=0, so it includes queueing) and
      inter-token latency p50/p99. Its "× HF" is over HF's padded batches: the
      256-request throughput target.
+   - decode path (CUDA only): gptfast's fused small-batch decode step (GEMV kernels) against
+     the same runtime with that step on the unfused kernels, batch 1 as above; gptfast's row
+     carries `speedup_unfused`. On the CPU every op runs its eager reference, so there is
+     nothing to compare and the scenario is skipped with a note.
    On CUDA the notes also give the kernels one decode step runs at batch 1 (`kernel_count`; the
    headline `kernels_per_step` is the CUDA graph's replay, the eager count beside it), the device
    time of every kernel in one replay (`replay_kernel_us`, longest first, against the replay's
    span `replay_span_us`) and the CUDA-graph capture time
    (`gptfast.graphs.graph_runner(model).capture_seconds`). The rows are handed to `on_rows` after
-   every phase, so a run cut short keeps what it measured.
+   every scenario, so a run cut short keeps what it measured.
+
+The suite is data: `CONTENDERS` (what is timed, each built for a run or left out of it),
+`SCENARIOS` (each a `measure` function and the contenders it takes) and `COMPARISONS`; one row
+builder, `build_rows`, turns whatever was measured into rows. gptfast's runtime options reach it
+as keywords of `generate`/`Engine` (`Options`, mapped in `runtime_keywords`), never through the
+environment. docs/benchmarks.md shows how to add a scenario.
 """
 
 from __future__ import annotations

@@ -248,6 +248,31 @@ def test_compare_flags_a_regression(tmp_path, capsys):
     assert run_bench(_parse(["--compare", str(a), str(tmp_path / "missing.json")])) == 2
 
 
+@pytest.mark.parametrize("triton_first", [False, True], ids=["command", "triton-imported-first"])
+def test_ops_suite_on_the_cpu_never_restarts_the_process(tmp_path, triton_first):
+    """The bench picks Triton's interpreter in-process, before anything imports triton, so the
+    kernels are checked; a program that imported triton first gets the references only and a note
+    saying why. Either way the process runs once (a restart would print its first line twice)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    code = ("print('PROCESS-START', flush=True); import os, sys; " + ("import triton; " if triton_first else "")
+            + "from gptfast.bench import main; rc = main(sys.argv[1:]); "
+            "print('TRITON_INTERPRET', os.environ.get('TRITON_INTERPRET')); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "--suite", "ops", "--quick", "--device", "cpu", "--ops",
+                           "add_layernorm", "--no-progress", "--no-plots", "--formats", "json", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("PROCESS-START") == 1 and "restart" not in done.stdout
+    [path] = tmp_path.glob("ops-*.json")
+    statuses = {r["status"] for r in json.loads(path.read_text())["rows"]}
+    if triton_first:
+        assert statuses == {"ref only"} and "Triton was imported before the bench started" in done.stdout
+        assert "TRITON_INTERPRET None" in done.stdout
+    else:
+        assert statuses == {"PASS"} and "TRITON_INTERPRET 1" in done.stdout
+
+
 def test_bench_help_imports_nothing_heavy():
     code = textwrap.dedent("""
         import argparse, sys

@@ -738,8 +738,29 @@ def test_summary_prints_kernel_and_graph_notes(tmp_path):
     results.save("e2e", rows, tmp_path, e2e.COLUMNS, notes=notes, formats=["json"])
     text = summary.summarize(tmp_path, ["e2e suite: ok, 10s"])
     assert "86 kernels" in text and "captured in 3.10 s" in text and "random weights" not in text
-    assert any(line.split()[:2] == ["model", "scenario"] for line in text.splitlines() if line.strip())
+    assert "gpt2 · batch 1" in text.splitlines()  # a heading per model and scenario
+    assert any(line.split()[:3] == ["engine", "dtype", "check"] for line in text.splitlines())
     assert "86 kernels" in (tmp_path / "summary.md").read_text()
+
+
+def test_summary_fits_100_columns(tmp_path):
+    from gptfast.bench import summary
+
+    engines = [e2e.HF_EAGER, e2e.REF_COMPILE, e2e.GPTFAST_NGRAM, e2e.GPTFAST_UNFUSED]
+    rows = [dict(key=f"gpt2-medium | {s} | {e} | bf16", model="gpt2-medium", scenario=s, engine=e, dtype="bf16",
+                 status="PASS", tok_s=12345.6, ttft_ms=1234.5, itl_p50_ms=0.123, itl_p99_ms=12.345, pct_bw=45.6,
+                 speedup_hf=12.34, note="x" * 300)
+            for s in ("batch 1, 128+256 tok", "mixed: 256 req, padded batches of 64") for e in engines]
+    results.save("e2e", rows, tmp_path, e2e.COLUMNS, notes=["decode step at batch 1: " + "k " * 200],
+                 formats=["json"])
+    ops = [dict(key=f"decode_attention | B={b}", op="decode_attention", case=f"B={b} H=12 D=64 ctx=1024 bf16 split",
+                status="PASS", fast_us=123.456, eager_us=1234.5, gbps=1234.5, tflops=12.34, pct_floor=56.7,
+                speedup_eager=10.0, speedup_baselines="sdpa 1.23×, flash 0.98×") for b in (1, 256)]
+    results.save("ops", ops, tmp_path, runner.COLUMNS, formats=["json"])
+    text = summary.summarize(tmp_path, ["e2e suite: ok in 123 s; " + "word " * 40])
+    assert max(map(len, text.splitlines())) <= summary.SUMMARY_WIDTH, max(text.splitlines(), key=len)
+    assert "x" * 50 not in text  # row notes stay in the files
+    assert text.count("gpt2-medium · ") == 2 and "decode_attention" in text.splitlines()
 
 
 # ------------------------------------------------------------------------------ kernel count

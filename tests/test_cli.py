@@ -346,6 +346,18 @@ def test_a_request_longer_than_the_model_allows_is_one_error_line(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+def test_kernels_tells_a_usage_error_from_a_failure(tmp_path):
+    """`gptfast kernels`: an argument it cannot take is status 2; a run that cannot work here (the
+    kernels defined for Triton's interpreter) is a failure, status 1; one `error:` line each."""
+    one_error_line(run(["kernels", "--context", "0", "--no-progress", "--out", str(tmp_path / "out")], cwd=tmp_path,
+                       env=dict(TRITON_INTERPRET="")), "context must be in 1..")
+    done = run(["kernels", "--no-progress", "--out", str(tmp_path / "out")], cwd=tmp_path,
+               env=dict(TRITON_INTERPRET="1"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:] and "TRITON_INTERPRET" in lines[-1]
+
+
 def test_bench_with_an_unknown_op_is_one_error_line_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     done = run(["bench", "--suite", "all", "--ops", "nosuch", "--no-progress", "--out", str(out)], cwd=tmp_path)

@@ -132,8 +132,9 @@ def test_random_weights_only_when_asked_for(tmp_path):
     (["tiny", "--random-weights", "--ids", "5000"], ["5000", "vocabulary [0, 1000)"]),
     (["tiny", "--random-weights", "--prompt", "hi"], ["--prompt needs a tokenizer", "--ids"]),
     (["tiny", "--random-weights", "--bogus"], ["unrecognized arguments: --bogus"]),
-], ids=["missing-path", "preset-typo", "num-samples-0", "num-beams-0", "beams-with-samples", "num-samples-negative", "max-new-tokens-0", "top-p",
-        "temperature", "dtype", "ids-not-int", "ids-outside-vocab", "prompt-without-tokenizer", "unknown-option"])
+], ids=["missing-path", "preset-typo", "num-samples-0", "num-beams-0", "beams-with-samples", "num-samples-negative",
+        "max-new-tokens-0", "top-p", "temperature", "dtype", "ids-not-int", "ids-outside-vocab",
+        "prompt-without-tokenizer", "unknown-option"])
 def test_argument_errors_are_one_line_before_loading(args, expected, tmp_path):
     done = run(["generate", *args], cwd=tmp_path)
     one_error_line(done, *expected)

@@ -113,6 +113,7 @@ setup(
             "numpy<2.3",  # COMPAT(triton 3.6): its interpreter breaks on scalar arguments with numpy >= 2.3
             "matplotlib",
             "scipy",
+            "ruff",  # .ci/run lints before testing (configuration: pyproject.toml)
         ],
         "bench": ["matplotlib", "transformers>=4.45"],
         # the CPU contender of `gptfast bench --suite e2e` (skipped with a note when absent)

@@ -118,7 +118,8 @@ def main() -> None:
     }
     print(f"5-beam KV, prompt {mem['prompt_len']} + {mem['new_tokens']} new, GPT-2 124M fp16:")
     print(f"  gptfast paged beams : {mem['gptfast_peak_blocks']:4d} blocks  {mem['gptfast_peak_MiB']:7.2f} MiB")
-    print(f"  5 independent seqs  : {mem['independent_paged_blocks']:4d} blocks  {mem['independent_paged_MiB']:7.2f} MiB")
+    print(f"  5 independent seqs  : {mem['independent_paged_blocks']:4d} blocks  "
+          f"{mem['independent_paged_MiB']:7.2f} MiB")
     print(f"  HF dense cache      :              {mem['hf_dense_MiB']:7.2f} MiB "
           f"({mem['hf_dense_during_reorder_MiB']:.2f} MiB during each reorder)")
     print(f"block manager, one beam step at {host['rows']} rows: median {host['median_us_per_step']:.1f} us, "

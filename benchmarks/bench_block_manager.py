@@ -34,9 +34,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Python model lives with the tests
 
-from block_manager_model import BlockManagerModel  # noqa: E402
 from gptfast._C import BlockManager  # noqa: E402
 from gptfast.bench import provenance, results  # noqa: E402
+
+from block_manager_model import BlockManagerModel  # noqa: E402
 
 KV_BYTES_PER_TOKEN = 2 * 12 * 768 * 2  # GPT-2 124M, fp16 K and V over all layers
 MAX_CONTEXT = 1024  # GPT-2 n_positions

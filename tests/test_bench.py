@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from gptfast import get_config
-from gptfast.bench import add_bench_arguments, run_bench
-from gptfast.bench import e2e, provenance, results, runner
+from gptfast.bench import add_bench_arguments, e2e, provenance, results, run_bench, runner
 from gptfast.bench.ceilings import Ceilings
 from gptfast.bench.op_cases import BenchCase
 
@@ -198,7 +197,8 @@ def test_provenance_has_no_host_name():
 
     facts = provenance.collect("cmd --x", device="cpu")
     assert facts["command"] == "cmd --x" and facts["device_kind"] == "cpu"
-    assert facts["torch"] == torch.__version__.split("+")[0] or facts["torch"].startswith(torch.__version__.split("+")[0])
+    version = torch.__version__.split("+")[0]
+    assert facts["torch"] == version or facts["torch"].startswith(version)
     host = socket.gethostname()
     if len(host) > 3:
         assert host not in json.dumps(facts)
@@ -246,6 +246,31 @@ def test_compare_flags_a_regression(tmp_path, capsys):
     assert "REGRESSION" in out and "0.833×" in out and "1 regression(s)" in out
     assert run_bench(_parse(["--compare", str(b), str(b)])) == 0
     assert run_bench(_parse(["--compare", str(a), str(tmp_path / "missing.json")])) == 2
+
+
+@pytest.mark.parametrize("triton_first", [False, True], ids=["command", "triton-imported-first"])
+def test_ops_suite_on_the_cpu_never_restarts_the_process(tmp_path, triton_first):
+    """The bench picks Triton's interpreter in-process, before anything imports triton, so the
+    kernels are checked; a program that imported triton first gets the references only and a note
+    saying why. Either way the process runs once (a restart would print its first line twice)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")])
+    code = ("print('PROCESS-START', flush=True); import os, sys; " + ("import triton; " if triton_first else "")
+            + "from gptfast.bench import main; rc = main(sys.argv[1:]); "
+            "print('TRITON_INTERPRET', os.environ.get('TRITON_INTERPRET')); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "--suite", "ops", "--quick", "--device", "cpu", "--ops",
+                           "add_layernorm", "--no-progress", "--no-plots", "--formats", "json", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("PROCESS-START") == 1 and "restart" not in done.stdout
+    [path] = tmp_path.glob("ops-*.json")
+    statuses = {r["status"] for r in json.loads(path.read_text())["rows"]}
+    if triton_first:
+        assert statuses == {"ref only"} and "Triton was imported before the bench started" in done.stdout
+        assert "TRITON_INTERPRET None" in done.stdout
+    else:
+        assert statuses == {"PASS"} and "TRITON_INTERPRET 1" in done.stdout
 
 
 def test_bench_help_imports_nothing_heavy():
@@ -330,9 +355,9 @@ def test_e2e_near_tie_is_noted_and_timed(monkeypatch):
     monkeypatch.setattr(e2e, "TIE_TOL", 1e9)  # every logit gap counts as a tie
     timed = []
 
-    def stub(engines, *args, **kwargs):
+    def stub(entrants, *args, **kwargs):
         timed.append(1)
-        return {e.name: RuntimeError("not timed in this test") for e in engines}
+        return {name: RuntimeError("not timed in this test") for name in entrants}
 
     monkeypatch.setattr(e2e, "_batch1", stub)
     monkeypatch.setattr(e2e, "_mixed", stub)
@@ -400,7 +425,10 @@ def test_e2e_tiny_runs_and_matches_hf():
         assert v["tok_s"] > 0 and v["speedup_hf"] > 0
     assert any("torch.compile skipped on the CPU" in n for n in notes)
     assert any("weights read per decode step" in n for n in notes)
-    assert not any("kernels" in n for n in notes)  # CUDA only
+    assert not any("kernels/decode step" in n or "kernel count" in n for n in notes)  # CUDA only
+    # the fused decode step against the unfused one: CUDA only, said so
+    assert any(n.startswith("the fused decode step") and "skipped on the CPU" in n for n in notes)
+    assert e2e.GPTFAST_UNFUSED not in engines and not any(r["scenario"].startswith("decode path") for r in rows)
 
 
 def test_e2e_compiled_reference_rows(monkeypatch):
@@ -450,7 +478,6 @@ def test_e2e_compiled_reference_rows(monkeypatch):
 def test_cuda_step_facts_wiring(monkeypatch):
     """`cuda_step_facts` on a CPU model, the kernel count faked: what goes into rows and notes."""
     import gptfast
-
     from gptfast.bench import kernel_count
 
     model = gptfast.GPT2.from_config("tiny", seed=0)
@@ -464,8 +491,7 @@ def test_cuda_step_facts_wiring(monkeypatch):
                     kernel_us=[("gemv_kernel", 5.0), ("layer_norm", 1.5)], kernel_sum_us=6.5, device_span_us=9.0)
 
     monkeypatch.setattr(kernel_count, "kernels_per_decode_step", fake_count)
-    monkeypatch.delenv("GPTFAST_CUDA_GRAPHS", raising=False)
-    fields, notes = e2e.cuda_step_facts(model)
+    fields, notes = e2e.cuda_step_facts(model, e2e.Options(cuda_graphs=True))
     assert calls == [(1, False), (1, True)]
     # the headline is what the graph replays; the eager count beside it
     assert fields["kernels_per_step"] == 39 and fields["kernels_per_step_eager"] == 40
@@ -479,13 +505,21 @@ def test_cuda_step_facts_wiring(monkeypatch):
                and "6.5 µs of a 9.0 µs replay" in n and "gemv_kernel 5.0" in n for n in notes), notes
 
     calls.clear()
-    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
     monkeypatch.setattr(kernel_count, "kernels_per_decode_step",
                         lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no CUPTI")))
-    fields, notes = e2e.cuda_step_facts(model)
+    fields, notes = e2e.cuda_step_facts(model, e2e.Options(cuda_graphs=False))
     assert fields == {}
-    assert notes == ["CUDA graphs off (GPTFAST_CUDA_GRAPHS=0): no capture time",
+    assert notes == ["CUDA graphs off (GPTFAST_CUDA_GRAPHS=0 or cuda_graphs=False): no capture time",
                      "kernel count failed: RuntimeError: no CUPTI"]
+
+
+def test_graphs_follow_the_option_then_the_environment(monkeypatch):
+    pytest.importorskip("gptfast.settings", reason="gptfast.settings.RuntimeOptions (the environment's one reader)")
+    monkeypatch.delenv("GPTFAST_CUDA_GRAPHS", raising=False)
+    assert e2e.graphs_replayed(e2e.Options()) is True  # on by default on CUDA
+    monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
+    assert e2e.graphs_replayed(e2e.Options()) is False
+    assert e2e.graphs_replayed(e2e.Options(cuda_graphs=True)) is True  # an explicit option wins
 
 
 def test_plans():
@@ -504,6 +538,7 @@ def test_plans():
 
 def test_serve_continuous_gives_each_request_its_own_tokens():
     import gptfast
+
     from checkpoints import make_hf_model
 
     model = gptfast.GPT2.from_pretrained(make_hf_model(gptfast.get_config("tiny-odd"), seed=5))
@@ -520,12 +555,12 @@ def test_serve_continuous_gives_each_request_its_own_tokens():
     assert got["steps"] == max(n for _, n in shape) and got["preemptions"] == 0  # one prefill, then decodes
 
 
-def test_reference_ops_engine_runs_eagerly_without_graphs(monkeypatch):
+def test_runtime_options_are_keywords_not_environment_variables(monkeypatch):
+    """gptfast's contenders get their options as keywords of `generate` (only the options set),
+    the environment untouched; the reference-ops contender runs every op eagerly, no graphs."""
     monkeypatch.delenv("GPTFAST_KERNELS", raising=False)
     monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "1")
-    seen = []
-
-    resets = []
+    seen, resets = [], []
 
     class FakeCache:
         def reset_prefix_cache(self):
@@ -535,20 +570,29 @@ def test_reference_ops_engine_runs_eagerly_without_graphs(monkeypatch):
         kv_cache = FakeCache()
 
     def fake_generate(model, **kwargs):
-        seen.append((os.environ.get("GPTFAST_KERNELS"), os.environ.get("GPTFAST_CUDA_GRAPHS")))
+        seen.append({k: kwargs[k] for k in ("kernels", "cuda_graphs", "gemv_decode", "do_sample") if k in kwargs})
         return kwargs["input_ids"]
 
-    engines = e2e._engines(None, FakeModel(), fake_generate, "cpu", compile_refs=False, reference_ops=True)
-    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.REF_OPS, e2e.GPTFAST, *e2e.VARIANTS]
+    assert e2e.runtime_keywords(e2e.Options()) == {}
+    assert e2e.runtime_keywords(e2e.Options(kernels="triton", gemv_decode=False)) == dict(kernels="triton",
+                                                                                          gemv_decode=False)
     ids = torch.tensor([[1, 2]])
-    engines[1].generate(ids, torch.ones_like(ids), 3)
-    engines[2].generate(ids, torch.ones_like(ids), 3)
-    assert seen == [("reference", "0"), (None, "1")]
-    assert resets == [0, 1]  # the prefix cache is dropped before every gptfast run
+    for name in (e2e.REF_OPS, e2e.GPTFAST, e2e.GPTFAST_UNFUSED):
+        generate = e2e._gptfast_generate(fake_generate, FakeModel(), "cpu", e2e.BY_NAME[name].options)
+        generate(ids, torch.ones_like(ids), 3)
+    assert seen == [dict(kernels="reference", cuda_graphs=False, do_sample=False), dict(do_sample=False),
+                    dict(gemv_decode=False, do_sample=False)]
+    assert resets == [0, 1, 2]  # the prefix cache is dropped before every gptfast run
     assert "GPTFAST_KERNELS" not in os.environ and os.environ["GPTFAST_CUDA_GRAPHS"] == "1"
+    # CUDA only: on the CPU gptfast's eager path is gptfast itself, and there is no fused step
+    cpu = types.SimpleNamespace(device="cpu", generate=fake_generate, gpt=FakeModel())
+    cuda = types.SimpleNamespace(device="cuda", generate=fake_generate, gpt=FakeModel())
+    for name in (e2e.REF_OPS, e2e.GPTFAST_UNFUSED):
+        contender = e2e.BY_NAME[name]
+        assert contender.build(cpu, contender) is None and callable(contender.build(cuda, contender))
 
 
-def test_compiled_reference_engine_is_built_once_in_reduce_overhead_mode(monkeypatch):
+def test_compiled_reference_is_built_once_in_reduce_overhead_mode(monkeypatch):
     from gptfast.bench import static_ref
 
     built = []
@@ -561,16 +605,95 @@ def test_compiled_reference_engine_is_built_once_in_reduce_overhead_mode(monkeyp
             return torch.cat([ids, ids[:, -1:].repeat(1, new)], dim=1)
 
     monkeypatch.setattr(static_ref, "StaticCacheGenerator", FakeGenerator)
-    engines = e2e._engines(None, "model", None, "cpu", compile_refs=True, reference_ops=False, max_len=48)
-    assert [e.name for e in engines] == [e2e.HF_EAGER, e2e.HF_STATIC, e2e.REF_COMPILE, e2e.GPTFAST,
-                                         *e2e.VARIANTS]
-    assert set(e2e.BATCH1_ONLY) == {e2e.HF_STATIC, e2e.REF_COMPILE, *e2e.VARIANTS}
+    plan = types.SimpleNamespace(compile_refs=True, prompt_len=40, new_tokens=8)
+    contender = e2e.BY_NAME[e2e.REF_COMPILE]
+    generate = contender.build(types.SimpleNamespace(plan=plan, gpt="model"), contender)
+    assert contender.build(types.SimpleNamespace(plan=types.SimpleNamespace(compile_refs=False)), contender) is None
+    assert {c.name for c in e2e.CONTENDERS if c.batch1_only} == {e2e.HF_STATIC, e2e.REF_COMPILE, *e2e.VARIANTS}
     ids = torch.tensor([[4, 5, 6]])
     for _ in range(2):
-        assert engines[2].generate(ids, torch.ones_like(ids), 2).tolist() == [[4, 5, 6, 6, 6]]
+        assert generate(ids, torch.ones_like(ids), 2).tolist() == [[4, 5, 6, 6, 6]]
     assert built == [dict(model="model", batch_size=1, max_len=48, compile=True, mode="reduce-overhead")]
     with pytest.raises(ValueError, match="without padding"):
-        engines[2].generate(ids, torch.tensor([[0, 1, 1]]), 2)
+        generate(ids, torch.tensor([[0, 1, 1]]), 2)
+
+
+def _fake_run(device="cpu", dtype="fp32"):
+    """A `Run` for the row builder: the tiny preset's sizes, nothing loaded."""
+    config = get_config("tiny")
+    plan = e2e.make_plan(device, True, config.n_positions)
+    return e2e.Run(model="tiny", device=device, dtype=dtype, plan=plan, config=config, hf=None, hf32=None,
+                   gpt=None, generate=None, prompt=None, batches=[], requests=[], reference_tokens=None,
+                   ceilings=CEILINGS, notes=[])
+
+
+def test_one_row_builder_for_every_scenario():
+    """Rows, statuses, bandwidth and every comparison come from `build_rows`, whatever was measured
+    so far (a partial run's rows carry `speedup_ct2` too)."""
+    run = _fake_run()
+    measured = {"batch1": {e2e.HF_EAGER: dict(tok_s=100.0, note="greedy"),
+                           e2e.GPTFAST: dict(tok_s=300.0, ttft_ms=2.0, note="greedy"),
+                           e2e.GPTFAST_INT8: dict(tok_s=150.0, note="greedy"),
+                           e2e.CT2_FP32: dict(tok_s=200.0), e2e.CT2_INT8: dict(tok_s=100.0),
+                           e2e.HF_STATIC: RuntimeError("no compiler"), e2e.GPTFAST_SAMPLED: KeyError("x")}}
+    rows = e2e.build_rows(run, measured)  # batch 1 only: the run was cut short there
+    by = {r["engine"]: r for r in rows}
+    label = f"batch 1, {run.plan.prompt_len}+{run.plan.new_tokens} tok"
+    fast = by[e2e.GPTFAST]
+    assert fast["key"] == f"tiny | {label} | gptfast | fp32" and fast["status"] == "PASS"
+    assert fast["speedup_hf"] == 3.0 and fast["speedup_ct2"] == 1.5 and fast["note"] == "greedy; 1.50x " + e2e.CT2_FP32
+    assert by[e2e.GPTFAST_INT8]["speedup_ct2"] == 1.5 and by[e2e.GPTFAST_INT8]["dtype"] == "int8"
+    fp32_bytes = e2e.weight_bytes_per_step(run.config, torch.float32)
+    assert fast["weight_gbps"] == pytest.approx(fp32_bytes * 300 / 1e9) and fast["pct_bw"] == pytest.approx(
+        fast["weight_gbps"] / CEILINGS.copy_gbps * 100)
+    assert by[e2e.GPTFAST_INT8]["weight_gbps"] == pytest.approx(
+        e2e.weight_bytes_per_step(run.config, torch.int8) * 150 / 1e9)
+    assert (by[e2e.HF_STATIC]["status"], by[e2e.HF_STATIC]["note"]) == ("SKIP", "RuntimeError: no compiler")
+    assert by[e2e.GPTFAST_SAMPLED]["status"] == "ERROR"  # a failure of a required contender
+    assert "speedup_hf" not in by[e2e.HF_EAGER] and by[e2e.HF_EAGER]["status"] == "ref"
+    assert [r["engine"] for r in rows] == [c.name for c in e2e.CONTENDERS if c.name in measured["batch1"]]
+
+    measured["padded"] = {e2e.HF_EAGER: dict(tok_s=50.0), e2e.GPTFAST: dict(tok_s=100.0)}
+    measured["continuous"] = {e2e.GPTFAST: dict(tok_s=200.0, note="engine")}
+    rows = e2e.build_rows(run, measured)
+    [cont] = [r for r in rows if r["scenario"].endswith("continuous batching")]
+    assert cont["speedup_hf"] == 4.0  # over HF's padded batches
+    assert "weight_gbps" not in cont  # tok/s of a batch is no weight stream
+
+
+def test_decode_path_row_compares_the_fused_step_with_the_unfused_one():
+    run = _fake_run("cuda", "bf16")
+    measured = {"decode_path": {e2e.GPTFAST: dict(tok_s=500.0, note="greedy"),
+                                e2e.GPTFAST_UNFUSED: dict(tok_s=250.0, note="greedy")}}
+    rows = {r["engine"]: r for r in e2e.build_rows(run, measured)}
+    assert rows[e2e.GPTFAST]["speedup_unfused"] == 2.0 and f"2.00x {e2e.GPTFAST_UNFUSED}" in rows[e2e.GPTFAST]["note"]
+    assert rows[e2e.GPTFAST]["scenario"].startswith("decode path, batch 1")
+    assert rows[e2e.GPTFAST_UNFUSED]["status"] == "ref" and rows[e2e.GPTFAST_UNFUSED]["weight_gbps"] > 0
+    [scenario] = [s for s in e2e.SCENARIOS if s.name == "decode_path"]
+    assert scenario.skip(run) is None and "eager reference" in scenario.skip(_fake_run())
+    assert [c.name for c in e2e.CONTENDERS if scenario.takes(c)] == [e2e.GPTFAST, e2e.GPTFAST_UNFUSED]
+    assert not any(s.takes(e2e.BY_NAME[e2e.GPTFAST_UNFUSED]) for s in e2e.SCENARIOS if s is not scenario)
+
+
+def test_a_new_scenario_is_a_function_and_a_registry_line(monkeypatch):
+    """What docs/benchmarks.md shows: a scenario added to the registry is measured and gets rows."""
+    def measure_short(run, entrants, tick):
+        out = {}
+        for name, generate in entrants.items():
+            ids = run.prompt[None, :4]
+            out[name] = dict(tok_s=float(generate(ids, torch.ones_like(ids), 2).shape[1]), note="short")
+            tick(name)
+        return out
+
+    short = e2e.Scenario("short", lambda plan: "4-token prompt", measure_short, lambda plan, n: n,
+                         takes=lambda c: c.name in (e2e.HF_EAGER, e2e.GPTFAST))
+    monkeypatch.setattr(e2e, "SCENARIOS", [short])
+    partial = []
+    rows, _ = e2e.run_e2e("cpu", "fp32", quick=True, model="tiny", progress=False, log=lambda s: None,
+                          on_rows=lambda rows, notes: partial.append(rows))
+    assert [(r["scenario"], r["engine"], r["tok_s"], r["note"]) for r in rows] == [
+        ("4-token prompt", e2e.HF_EAGER, 6.0, "short"), ("4-token prompt", e2e.GPTFAST, 6.0, "short")]
+    assert rows[1]["speedup_hf"] == 1.0 and partial == [rows]
 
 
 def test_bench_runs_every_model_in_every_dtype(monkeypatch, tmp_path, capsys):
@@ -615,8 +738,29 @@ def test_summary_prints_kernel_and_graph_notes(tmp_path):
     results.save("e2e", rows, tmp_path, e2e.COLUMNS, notes=notes, formats=["json"])
     text = summary.summarize(tmp_path, ["e2e suite: ok, 10s"])
     assert "86 kernels" in text and "captured in 3.10 s" in text and "random weights" not in text
-    assert any(line.split()[:2] == ["model", "scenario"] for line in text.splitlines() if line.strip())
+    assert "gpt2 · batch 1" in text.splitlines()  # a heading per model and scenario
+    assert any(line.split()[:3] == ["engine", "dtype", "check"] for line in text.splitlines())
     assert "86 kernels" in (tmp_path / "summary.md").read_text()
+
+
+def test_summary_fits_100_columns(tmp_path):
+    from gptfast.bench import summary
+
+    engines = [e2e.HF_EAGER, e2e.REF_COMPILE, e2e.GPTFAST_NGRAM, e2e.GPTFAST_UNFUSED]
+    rows = [dict(key=f"gpt2-medium | {s} | {e} | bf16", model="gpt2-medium", scenario=s, engine=e, dtype="bf16",
+                 status="PASS", tok_s=12345.6, ttft_ms=1234.5, itl_p50_ms=0.123, itl_p99_ms=12.345, pct_bw=45.6,
+                 speedup_hf=12.34, note="x" * 300)
+            for s in ("batch 1, 128+256 tok", "mixed: 256 req, padded batches of 64") for e in engines]
+    results.save("e2e", rows, tmp_path, e2e.COLUMNS, notes=["decode step at batch 1: " + "k " * 200],
+                 formats=["json"])
+    ops = [dict(key=f"decode_attention | B={b}", op="decode_attention", case=f"B={b} H=12 D=64 ctx=1024 bf16 split",
+                status="PASS", fast_us=123.456, eager_us=1234.5, gbps=1234.5, tflops=12.34, pct_floor=56.7,
+                speedup_eager=10.0, speedup_baselines="sdpa 1.23×, flash 0.98×") for b in (1, 256)]
+    results.save("ops", ops, tmp_path, runner.COLUMNS, formats=["json"])
+    text = summary.summarize(tmp_path, ["e2e suite: ok in 123 s; " + "word " * 40])
+    assert max(map(len, text.splitlines())) <= summary.SUMMARY_WIDTH, max(text.splitlines(), key=len)
+    assert "x" * 50 not in text  # row notes stay in the files
+    assert text.count("gpt2-medium · ") == 2 and "decode_attention" in text.splitlines()
 
 
 # ------------------------------------------------------------------------------ kernel count
@@ -645,9 +789,9 @@ def test_count_device_events_separates_kernels_copies_and_launches():
 
 
 def test_one_decode_step_is_profiled_on_the_cpu():
-    import gptfast
     from torch.profiler import ProfilerActivity
 
+    import gptfast
     from gptfast.bench.kernel_count import kernels_per_decode_step, profile_one_decode_step
 
     model = gptfast.GPT2.from_config("tiny", seed=0)
@@ -672,7 +816,6 @@ def test_one_decode_step_is_profiled_on_the_cpu():
 @pytest.mark.parametrize("batch", [1, 64])
 def test_kernels_per_decode_step_on_cuda(batch):
     import gptfast
-
     from gptfast.bench.kernel_count import kernels_per_decode_step
 
     model = gptfast.GPT2.from_config("gpt2", seed=0, dtype=torch.bfloat16, device="cuda")
@@ -680,7 +823,8 @@ def test_kernels_per_decode_step_on_cuda(batch):
     L = model.config.n_layer
     # at least the four matmuls and the attention of every layer, and the head
     assert eager["kernels"] >= 5 * L + 1, eager
-    assert eager["top"] == sorted(eager["top"], key=lambda t: -t[1]) and sum(n for _, n in eager["top"]) <= eager["kernels"]
+    assert eager["top"] == sorted(eager["top"], key=lambda t: -t[1])
+    assert sum(n for _, n in eager["top"]) <= eager["kernels"]
     graphed = kernels_per_decode_step(model, batch_size=batch, graphs=True)
     assert graphed["kernels"] >= 5 * L + 1, graphed  # the graph's kernels are still seen
     assert graphed["launch_calls"] <= graphed["kernels"] // 4, graphed  # but launched as one graph

@@ -132,8 +132,9 @@ def test_random_weights_only_when_asked_for(tmp_path):
     (["tiny", "--random-weights", "--ids", "5000"], ["5000", "vocabulary [0, 1000)"]),
     (["tiny", "--random-weights", "--prompt", "hi"], ["--prompt needs a tokenizer", "--ids"]),
     (["tiny", "--random-weights", "--bogus"], ["unrecognized arguments: --bogus"]),
-], ids=["missing-path", "preset-typo", "num-samples-0", "num-beams-0", "beams-with-samples", "num-samples-negative", "max-new-tokens-0", "top-p",
-        "temperature", "dtype", "ids-not-int", "ids-outside-vocab", "prompt-without-tokenizer", "unknown-option"])
+], ids=["missing-path", "preset-typo", "num-samples-0", "num-beams-0", "beams-with-samples", "num-samples-negative",
+        "max-new-tokens-0", "top-p", "temperature", "dtype", "ids-not-int", "ids-outside-vocab",
+        "prompt-without-tokenizer", "unknown-option"])
 def test_argument_errors_are_one_line_before_loading(args, expected, tmp_path):
     done = run(["generate", *args], cwd=tmp_path)
     one_error_line(done, *expected)
@@ -344,6 +345,18 @@ def test_a_request_longer_than_the_model_allows_is_one_error_line(tmp_path):
                 "--device", "cpu"], cwd=tmp_path)
     one_error_line(done, "100000")
     assert "Traceback" not in done.stderr
+
+
+def test_kernels_tells_a_usage_error_from_a_failure(tmp_path):
+    """`gptfast kernels`: an argument it cannot take is status 2; a run that cannot work here (the
+    kernels defined for Triton's interpreter) is a failure, status 1; one `error:` line each."""
+    one_error_line(run(["kernels", "--context", "0", "--no-progress", "--out", str(tmp_path / "out")], cwd=tmp_path,
+                       env=dict(TRITON_INTERPRET="")), "context must be in 1..")
+    done = run(["kernels", "--no-progress", "--out", str(tmp_path / "out")], cwd=tmp_path,
+               env=dict(TRITON_INTERPRET="1"))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:] and "TRITON_INTERPRET" in lines[-1]
 
 
 def test_bench_with_an_unknown_op_is_one_error_line_and_writes_nothing(tmp_path):

@@ -37,8 +37,8 @@ def test_partial_results_file_lifecycle(tmp_path):
 
 
 def _stub_e2e_phases(monkeypatch):
-    def batch1(engines, *args, **kwargs):
-        return {e.name: RuntimeError("not timed in this test") for e in engines}
+    def batch1(entrants, *args, **kwargs):
+        return {name: RuntimeError("not timed in this test") for name in entrants}
 
     def cut(*args, **kwargs):
         raise KeyboardInterrupt("cut after batch 1")
@@ -65,7 +65,7 @@ def _bench_args(tmp_path, *extra):
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     return parser.parse_args(["--suite", "e2e", "--device", "cpu", "--model", "tiny", "--out", str(tmp_path),
-                              "--formats", "json", "--no-progress", "--no-reexec", *extra])
+                              "--formats", "json", "--no-progress", *extra])
 
 
 def test_interrupted_bench_leaves_its_rows(monkeypatch, tmp_path):

@@ -71,13 +71,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--compare: a row slower by more than this fraction is a regression "
                              "(default 0.05)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    # Programs that call run_bench themselves (tests) must not have their process replaced.
-    parser.add_argument("--no-reexec", dest="reexec", action="store_false", help=argparse.SUPPRESS)
 
 
 def _dtype_list(text: str) -> list[str]:
     """Comma-separated dtypes in either spelling (bf16 or bfloat16, ...) -> short names."""
-    from ..cli import DTYPE_ALIASES, SHORT_DTYPE
+    from ..cli_common import DTYPE_ALIASES, SHORT_DTYPE
 
     values = [v.strip().lower() for v in text.split(",") if v.strip()]
     bad = [v for v in values if v not in DTYPE_ALIASES]
@@ -100,7 +98,7 @@ def run_bench(args: argparse.Namespace) -> int:
     Returns 0 when every check passed, 1 when a correctness check failed or a case errored (or,
     with --compare, when a regression was flagged), 2 for bad arguments (one `error: ...` line).
     """
-    from ..cli import UsageError
+    from ..cli_common import UsageError
 
     try:
         return _run(args)
@@ -110,7 +108,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..cli import UsageError, resolve_device
+    from ..cli_common import UsageError, resolve_device
 
     if args.compare:
         from .results import compare_files
@@ -126,19 +124,7 @@ def _run(args: argparse.Namespace) -> int:
     if not formats or set(formats) - {"json", "csv", "md"}:
         raise UsageError(f"--formats must list some of json,csv,md; got {args.formats!r}")
     device = resolve_device(args.device)
-    if (device == "cpu" and args.suite in ("ops", "all") and "TRITON_INTERPRET" not in os.environ
-            and _triton_importable()):
-        # On the CPU the kernels can only be checked through Triton's interpreter, which Triton
-        # picks when triton.language and each kernel are defined: too late once triton is loaded
-        # (importing gptfast loads it), so the command restarts itself with the variable set.
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        if "triton" not in sys.modules:
-            os.environ.update(env)
-        elif args.reexec:
-            print("gptfast bench: restarting with TRITON_INTERPRET=1 to check the kernels on the CPU",
-                  flush=True)
-            sys.stderr.flush()
-            os.execve(sys.executable, sys.orig_argv, env)
+    too_late = _choose_triton_interpreter(device, args.suite)
     # lists from the command line; a single string from callers that build the namespace themselves
     dtypes = args.dtype or ["bf16" if device.startswith("cuda") else "fp32"]
     dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
@@ -155,7 +141,9 @@ def _run(args: argparse.Namespace) -> int:
           f"triton {facts['triton']}, transformers {facts['transformers']}", flush=True)
     machine = provenance.machine_note(facts)
     print(machine, flush=True)
-    skipped = []
+    skipped = [] if too_late is None else [too_late]
+    if too_late is not None:
+        print(f"gptfast bench: {too_late}", flush=True)
     if not _triton.AVAILABLE:
         skipped.append(f"{_triton.MISSING_REASON}: the Triton kernels were skipped (not checked, not timed); "
                        "only the eager references ran")
@@ -203,7 +191,7 @@ def _sigterm_as_interrupt():
 
 def _run_suites(args, device, facts, partials, dtypes, models, out_dir, formats, progress,
                 machine: str, skipped: list[str]) -> int:
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from . import ceilings as ceilings_mod
     from . import results
     from .summary import SCREEN, SCREEN_LEGEND, flag_noisy, screen_table
@@ -292,6 +280,28 @@ def _run_suites(args, device, facts, partials, dtypes, models, out_dir, formats,
     return 1 if failed else 0
 
 
+def _choose_triton_interpreter(device: str, suite: str) -> str | None:
+    """On the CPU, have Triton run the kernels in its interpreter, so the ops suite checks them.
+
+    Triton picks its interpreter (`TRITON_INTERPRET=1`) when it is imported and each kernel is
+    defined, so the variable is set here, where the command starts: `gptfast bench` and
+    `python -m gptfast.bench` import neither triton nor gptfast's ops before this point. A
+    program that imported them already and then calls `run_bench` gets the references only (the
+    kernels unchecked) and the note this returns; the process is never restarted behind its back.
+    Returns None when nothing was missed.
+    """
+    if device != "cpu" or suite not in ("ops", "all") or "TRITON_INTERPRET" in os.environ:
+        return None
+    if not _triton_importable():
+        return None  # no Triton: the run says so itself
+    if "triton" in sys.modules:
+        return ("Triton was imported before the bench started, without its CPU interpreter: the kernels are "
+                "not checked in this run, only the eager references are timed (run `gptfast bench`, or set "
+                "TRITON_INTERPRET=1 before importing gptfast)")
+    os.environ["TRITON_INTERPRET"] = "1"
+    return None
+
+
 def _triton_importable() -> bool:
     """Whether `import triton` can work, found without importing it (that would be too early to
     choose the interpreter)."""
@@ -304,7 +314,7 @@ def _triton_importable() -> bool:
 
 def _check_ops_names(names: list[str], device: str, quick: bool) -> None:
     """`--ops` names: each an op or an op module of the ops suite here, else a UsageError."""
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from . import runner
 
     known = set()
@@ -379,7 +389,7 @@ def _print_failures(rows) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks` / `python -m gptfast.bench`."""
-    from ..cli import OneLineErrorParser
+    from ..cli_common import OneLineErrorParser
 
     parser = OneLineErrorParser(prog="gptfast bench", description=__doc__.split("\n\n")[0])
     add_bench_arguments(parser)

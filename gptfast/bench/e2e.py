@@ -26,19 +26,27 @@
      time to first token p50 (every request arrives at t=0, so it includes queueing) and
      inter-token latency p50/p99. Its "× HF" is over HF's padded batches: the
      256-request throughput target.
+   - decode path (CUDA only): gptfast's fused small-batch decode step (GEMV kernels) against
+     the same runtime with that step on the unfused kernels, batch 1 as above; gptfast's row
+     carries `speedup_unfused`. On the CPU every op runs its eager reference, so there is
+     nothing to compare and the scenario is skipped with a note.
    On CUDA the notes also give the kernels one decode step runs at batch 1 (`kernel_count`; the
    headline `kernels_per_step` is the CUDA graph's replay, the eager count beside it), the device
    time of every kernel in one replay (`replay_kernel_us`, longest first, against the replay's
    span `replay_span_us`) and the CUDA-graph capture time
    (`gptfast.graphs.graph_runner(model).capture_seconds`). The rows are handed to `on_rows` after
-   every phase, so a run cut short keeps what it measured.
+   every scenario, so a run cut short keeps what it measured.
+
+The suite is data: `CONTENDERS` (what is timed, each built for a run or left out of it),
+`SCENARIOS` (each a `measure` function and the contenders it takes) and `COMPARISONS`; one row
+builder, `build_rows`, turns whatever was measured into rows. gptfast's runtime options reach it
+as keywords of `generate`/`Engine` (`Options`, mapped in `runtime_keywords`), never through the
+environment. docs/benchmarks.md shows how to add a scenario.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -75,6 +83,8 @@ GPTFAST_SAMPLED = "gptfast, sampling top_p=0.9"
 GPTFAST_PENALTY = "gptfast, repetition_penalty=1.2"
 GPTFAST_MIN_P = "gptfast, sampling min_p=0.05"
 GPTFAST_NGRAM = "gptfast, no_repeat_ngram_size=3"
+# gptfast with its small-batch decode step on the unfused kernels: the fused GEMV path's baseline
+GPTFAST_UNFUSED = "gptfast, unfused decode step"
 VARIANTS = {
     GPTFAST_SAMPLED: (dict(do_sample=True, top_k=0, top_p=0.9, seed=0),
                       "sampled inside the decode graph"),
@@ -85,9 +95,6 @@ VARIANTS = {
     GPTFAST_NGRAM: (dict(no_repeat_ngram_size=3),
                     "graph stops at the logits; n-gram bans from the row's history run eagerly"),
 }
-# Engines timed at batch 1 only: a static cache (and its compiled graph) has one batch shape; the
-# argument variants only show the cost of their path.
-BATCH1_ONLY = (HF_STATIC, REF_COMPILE, *VARIANTS)
 
 
 @dataclass
@@ -169,21 +176,6 @@ class TimingStreamer:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def environment(**values: str):
-    """Environment variables set to `values` for the block, restored after."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -339,13 +331,70 @@ def _near_tie(hf, mask: torch.Tensor, expected: torch.Tensor, got: torch.Tensor,
     return None
 
 
-@dataclass
-class Engine:
-    name: str
-    generate: Callable[..., torch.Tensor]  # (input_ids, attention_mask, max_new_tokens, streamer)
+# ------------------------------------------------------------------------------ gptfast's options
+@dataclass(frozen=True)
+class Options:
+    """How a gptfast contender runs. None keeps gptfast's own default (the environment's value,
+    read by `gptfast.settings`), so the plain contender calls gptfast exactly as a user does."""
+
+    kernels: str | None = None  # the op backend: "auto", "triton" or "reference"
+    cuda_graphs: bool | None = None  # the decode step replayed as CUDA graphs
+    # False: decode steps of 1-8 rows take the unfused kernels (cuBLAS GEMMs with fused epilogues)
+    # instead of the fused GEMV step (`GPT2._forward_gemv`)
+    gemv_decode: bool | None = None
 
 
-def _static_compiled(gpt_model, max_len: int) -> Callable[..., torch.Tensor]:
+def runtime_keywords(options: Options) -> dict[str, Any]:
+    """The keywords that give `gptfast.generate(...)` and `gptfast.Engine(...)` these options.
+
+    NOTE: the one place the suite maps its options onto gptfast's arguments; only the options set
+    are passed, so the default contender's call is a user's call.
+    """
+    names = {"kernels": options.kernels, "cuda_graphs": options.cuda_graphs, "gemv_decode": options.gemv_decode}
+    return {name: value for name, value in names.items() if value is not None}
+
+
+def graphs_replayed(options: Options) -> bool:
+    """Whether a gptfast contender with `options` replays its decode step as CUDA graphs on a CUDA
+    model: its own option, else the environment's (`GPTFAST_CUDA_GRAPHS`), else yes."""
+    if options.cuda_graphs is not None:
+        return options.cuda_graphs
+    from gptfast.settings import RuntimeOptions
+
+    return RuntimeOptions.from_environment().cuda_graphs is not False
+
+
+# `(input_ids [b, T], attention_mask [b, T], max_new_tokens, streamer=None) -> output [b, T + new]`:
+# how every contender generates
+Generate = Callable[..., torch.Tensor]
+Tick = Callable[[str], None]
+
+
+def _hf_generate(hf, device: str) -> Generate:
+    def generate(ids, mask, new, streamer=None, **extra):
+        return hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                           do_sample=False, pad_token_id=PAD_ID, streamer=streamer, **extra)
+
+    return generate
+
+
+def _gptfast_generate(generate, model, device: str, options: Options, **arguments) -> Generate:
+    """`generate(model, ...)` (gptfast.generate) as a contender: greedy unless `arguments` say
+    otherwise, with `options` (see `runtime_keywords`)."""
+    keywords = dict(runtime_keywords(options), **arguments)
+    keywords.setdefault("do_sample", False)
+
+    def call(ids, mask, new, streamer=None):
+        # NOTE: every run computes its prompt: K/V cached by an earlier run of the same prompt
+        # would be a prefill HF does not get to skip
+        model.kv_cache.reset_prefix_cache()
+        return generate(model, input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
+                        pad_token_id=PAD_ID, streamer=streamer, **keywords)
+
+    return call
+
+
+def _static_compiled(gpt_model, max_len: int) -> Generate:
     """`generate` of the eager reference (`static_ref`) compiled with mode="reduce-overhead",
     built on first call (the first call compiles) for that call's batch size."""
     built: dict[str, Any] = {}
@@ -376,10 +425,10 @@ def _placeholder_vocab(folder, vocab_size: int) -> None:
     Path(folder, "merges.txt").write_text("#version: 0.2\n")
 
 
-def ctranslate2_engines(hf, model: str, workdir, threads: int) -> tuple[list[Engine], str]:
+def ctranslate2_generators(hf, model: str, workdir, threads: int) -> tuple[dict[str, Generate], str]:
     """CTranslate2 generators for the HF model `hf`, converted with CTranslate2's own converter
-    to float32 and int8_float32, as suite engines (greedy, EOS never ends a run early); and a note.
-    ([], why) when ctranslate2 is not installed.
+    to float32 and int8_float32, as contenders by name (greedy, EOS never ends a run early); and a
+    note. ({}, why) when ctranslate2 is not installed.
 
     Parameters
     ----------
@@ -391,7 +440,7 @@ def ctranslate2_engines(hf, model: str, workdir, threads: int) -> tuple[list[Eng
     try:
         import ctranslate2
     except ImportError:
-        return [], ("CTranslate2 not installed: its rows are skipped (pip install 'gptfast[ctranslate2]' "
+        return {}, ("CTranslate2 not installed: its rows are skipped (pip install 'gptfast[ctranslate2]' "
                     "adds it)")
     import json
     import shutil
@@ -408,7 +457,7 @@ def ctranslate2_engines(hf, model: str, workdir, threads: int) -> tuple[list[Eng
                 shutil.copy(Path(model, name), src / name)
     else:
         _placeholder_vocab(src, hf.config.vocab_size)
-    engines = []
+    generators = {}
     for name, compute_type in ((CT2_FP32, "float32"), (CT2_INT8, "int8_float32")):
         out = Path(workdir, compute_type)
         ctranslate2.converters.TransformersConverter(str(src)).convert(
@@ -416,15 +465,15 @@ def ctranslate2_engines(hf, model: str, workdir, threads: int) -> tuple[list[Eng
         generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
                                           intra_threads=threads, inter_threads=1)
         names = json.loads(Path(out, "vocabulary.json").read_text())  # token i's name
-        engines.append(Engine(name, _ct2_generate(generator, names)))
+        generators[name] = _ct2_generate(generator, names)
     note = (f"CTranslate2 {ctranslate2.__version__} (converted from the same HF weights by "
             f"ctranslate2.converters.TransformersConverter; {threads} intra-op threads, as torch's): "
             f"{CT2_FP32} beside gptfast fp32, {CT2_INT8} beside {GPTFAST_INT8}")
-    return engines, note
+    return generators, note
 
 
-def _ct2_generate(generator, names: list[str]) -> Callable[..., torch.Tensor]:
-    """`Engine.generate` over a `ctranslate2.Generator` whose vocabulary is `names`: each row's
+def _ct2_generate(generator, names: list[str]) -> Generate:
+    """A contender's generate over a `ctranslate2.Generator` whose vocabulary is `names`: each row's
     prompt without its padding, greedy, exactly `new` tokens (min_length), the output shaped like
     HF's (prompt + new)."""
 
@@ -448,57 +497,18 @@ def _ct2_generate(generator, names: list[str]) -> Callable[..., torch.Tensor]:
     return generate
 
 
-def _engines(hf, gpt_model, gpt_generate, device: str, compile_refs: bool, reference_ops: bool,
-             max_len: int | None = None) -> list[Engine]:
-    """The engines in table order. `compile_refs`: HF static cache + compile and the eager
-    reference + torch.compile (batch 1, prompts + new tokens up to `max_len`). `reference_ops`:
-    gptfast with every op through its eager reference and no CUDA graphs (on the CPU that is
-    gptfast itself, so it is left out there)."""
-    def hf_generate(ids, mask, new, streamer=None, **extra):
-        return hf.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new,
-                           do_sample=False, pad_token_id=PAD_ID, streamer=streamer, **extra)
-
-    def gpt_gen(ids, mask, new, streamer=None, **extra):
-        extra.setdefault("do_sample", False)
-        # NOTE: every run computes its prompt: K/V cached by an earlier run of the same prompt
-        # would be a prefill HF does not get to skip
-        gpt_model.kv_cache.reset_prefix_cache()
-        return gpt_generate(gpt_model, input_ids=ids.to(device), attention_mask=mask.to(device),
-                            max_new_tokens=new, pad_token_id=PAD_ID, streamer=streamer, **extra)
-
-    engines = [Engine(HF_EAGER, hf_generate)]
-    if compile_refs:
-        engines.append(Engine(HF_STATIC, lambda ids, mask, new, streamer=None: hf_generate(
-            ids, mask, new, streamer, cache_implementation="static")))
-    if reference_ops:
-        # gptfast's own eager path (every op through its PyTorch reference, launched one by one):
-        # what the kernels and the CUDA graphs gain over eager PyTorch inside the same runtime.
-        def gpt_reference(ids, mask, new, streamer=None):
-            with environment(GPTFAST_KERNELS="reference", GPTFAST_CUDA_GRAPHS="0"):
-                return gpt_gen(ids, mask, new, streamer)
-
-        engines.append(Engine(REF_OPS, gpt_reference))
-    if compile_refs:
-        engines.append(Engine(REF_COMPILE, _static_compiled(gpt_model, max_len)))
-    engines.append(Engine(GPTFAST, gpt_gen))
-    for name, (kwargs, _) in VARIANTS.items():
-        engines.append(Engine(name, lambda ids, mask, new, streamer=None, _kw=kwargs: gpt_gen(
-            ids, mask, new, streamer, **_kw)))
-    return engines
-
-
-def _each(live: list[Engine], results: dict, fn: Callable[[Engine, dict], None],
-          tick: Callable[[str], None] | None = None) -> None:
-    """`fn(engine, its result dict)` for each live engine; an engine that raises is recorded and dropped.
-    `tick(engine name)` after each run moves the progress bar."""
-    for engine in list(live):
+def _each(live: dict[str, Generate], results: dict, fn: Callable[[str, Generate, dict], None],
+          tick: Tick | None = None) -> None:
+    """`fn(name, generate, its result dict)` for each live contender; one that raises is recorded
+    and dropped. `tick(name)` after each run moves the progress bar."""
+    for name, generate in list(live.items()):
         try:
-            fn(engine, results[engine.name])
+            fn(name, generate, results[name])
         except Exception as exc:
-            results[engine.name] = exc
-            live.remove(engine)
+            results[name] = exc
+            del live[name]
         if tick is not None:
-            tick(engine.name)
+            tick(name)
 
 
 def _timed(device: str, call: Callable[[], Any]) -> tuple[float, float]:
@@ -510,28 +520,28 @@ def _timed(device: str, call: Callable[[], Any]) -> tuple[float, float]:
     return t0, time.perf_counter() - t0
 
 
-def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int, device: str,
-            tick: Callable[[str], None] | None = None) -> dict:
+def _batch1(entrants: dict[str, Generate], prompt: torch.Tensor, new: int, repeats: int, device: str,
+            tick: Tick | None = None) -> dict:
     """Batch 1, engines interleaved run by run (so a burst of load on a shared machine hits all of
     them): a warm-up each, `repeats` rounds of plain runs (tokens/s with prefill: no streamer, no
     per-token host sync), then `repeats` rounds of streamed runs (TTFT, decode tokens/s, ITL).
 
-    Returns {engine name: result dict, or the exception that engine raised}.
+    Returns {contender name: result dict, or the exception that contender raised}.
     """
     ids, mask = prompt[None], torch.ones_like(prompt)[None]
-    results: dict[str, Any] = {e.name: dict(plain=[], runs=[], gaps=[]) for e in engines}
-    live = list(engines)
-    _each(live, results, lambda e, r: r.update(output=e.generate(ids, mask, new).cpu()), tick)
+    results: dict[str, Any] = {name: dict(plain=[], runs=[], gaps=[]) for name in entrants}
+    live = dict(entrants)
+    _each(live, results, lambda name, gen, r: r.update(output=gen(ids, mask, new).cpu()), tick)
 
-    def plain(e: Engine, r: dict) -> None:
-        r["plain"].append(_timed(device, lambda: e.generate(ids, mask, new))[1])
+    def plain(name: str, gen: Generate, r: dict) -> None:
+        r["plain"].append(_timed(device, lambda: gen(ids, mask, new))[1])
 
-    def streamed(e: Engine, r: dict) -> None:
+    def streamed(name: str, gen: Generate, r: dict) -> None:
         streamer = TimingStreamer(len(prompt))
-        t0, _ = _timed(device, lambda: e.generate(ids, mask, new, streamer))
+        t0, _ = _timed(device, lambda: gen(ids, mask, new, streamer))
         stamps = streamer.times
         if len(stamps) != new:
-            raise RuntimeError(f"{e.name} streamed {len(stamps)} tokens, expected {new}")
+            raise RuntimeError(f"{name} streamed {len(stamps)} tokens, expected {new}")
         decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
         r["runs"].append(dict(tok_s=decode, ttft_ms=(stamps[0] - t0) * 1e3))
         r["gaps"] += [(b - a) * 1e3 for a, b in zip(stamps, stamps[1:])]
@@ -540,8 +550,8 @@ def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int,
         _each(live, results, plain, tick)
     for _ in range(repeats):
         _each(live, results, streamed, tick)
-    for e in live:
-        r = results[e.name]
+    for name in live:
+        r = results[name]
         runs = r.pop("runs")
         out = {k: statistics.median(x[k] for x in runs) if runs[0][k] is not None else None for k in runs[0]}
         gaps = r.pop("gaps")
@@ -550,34 +560,33 @@ def _batch1(engines: list[Engine], prompt: torch.Tensor, new: int, repeats: int,
             out["noise_pct"] = (max(plain_s) - min(plain_s)) / min(plain_s) * 100
         out.update(tok_s_prefill=new / statistics.median(plain_s), itl_p50_ms=_percentile(gaps, 0.5),
                    itl_p99_ms=_percentile(gaps, 0.99), output=r["output"])
-        results[e.name] = out
+        results[name] = out
     return results
 
 
-def _mixed(engines: list[Engine], batches, repeats: int, device: str,
-           tick: Callable[[str], None] | None = None) -> dict:
+def _mixed(entrants: dict[str, Generate], batches, repeats: int, device: str, tick: Tick | None = None) -> dict:
     """The mixed set in padded batches: a warm-up each on the first batch (2 tokens, or what fits),
-    then `repeats` rounds, each engine serving every batch in turn. Returns {engine name: result
-    dict or exception}."""
-    results: dict[str, Any] = {e.name: dict(times=[]) for e in engines}
-    live = list(engines)
+    then `repeats` rounds, each contender serving every batch in turn. Returns {contender name:
+    result dict or exception}."""
+    results: dict[str, Any] = {name: dict(times=[]) for name in entrants}
+    live = dict(entrants)
     ids, mask, fits, _ = batches[0]
-    _each(live, results, lambda e, r: e.generate(ids, mask, min(2, fits)), tick)
+    _each(live, results, lambda name, gen, r: gen(ids, mask, min(2, fits)), tick)
 
-    def serve(e: Engine, r: dict) -> None:
-        r["times"].append(_timed(device, lambda: [e.generate(i, m, n) for i, m, n, _ in batches])[1])
+    def serve(name: str, gen: Generate, r: dict) -> None:
+        r["times"].append(_timed(device, lambda: [gen(i, m, n) for i, m, n, _ in batches])[1])
 
     for _ in range(repeats):
         _each(live, results, serve, tick)
     useful = sum(b[3] for b in batches)
     generated = sum(b[0].shape[0] * b[2] for b in batches)
-    for e in live:
-        t = statistics.median(results[e.name]["times"])
-        results[e.name] = dict(tok_s=useful / t, total_s=t, useful_tokens=useful, generated_tokens=generated)
+    for name in live:
+        t = statistics.median(results[name]["times"])
+        results[name] = dict(tok_s=useful / t, total_s=t, useful_tokens=useful, generated_tokens=generated)
     return results
 
 
-def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) -> dict:
+def serve_continuous(model, requests: list[tuple[list[int], int]], device: str, options: Options = Options()) -> dict:
     """Serve every request at once through one `gptfast.Engine` (continuous batching), greedy,
     EOS disabled, and time it end to end (engine creation and `add`s included).
 
@@ -587,6 +596,8 @@ def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) 
     requests : list of (prompt token ids, new tokens)
     device : str
         The model's device (synchronised before the clock starts).
+    options : Options
+        The engine's runtime options (see `runtime_keywords`).
 
     Returns
     -------
@@ -594,12 +605,12 @@ def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) 
     request: from the start until its first token is back on the host), gaps_s (every
     inter-token gap of every request), steps, preemptions (None when the engine keeps no count).
     """
-    from gptfast.engine import Engine as GptEngine, SamplingParams
+    from gptfast.engine import Engine, SamplingParams
 
     model.kv_cache.reset_prefix_cache()  # no prompt K/V left from earlier runs (HF has none)
     _sync(device)
     t0 = time.perf_counter()
-    engine = GptEngine(model)
+    engine = Engine(model, **runtime_keywords(options))
     ids = [engine.add(list(prompt), SamplingParams(max_new_tokens=n), seeds=[i])[0]
            for i, (prompt, n) in enumerate(requests)]
     tokens: dict[int, list[int]] = {sid: [] for sid in ids}
@@ -624,16 +635,16 @@ def serve_continuous(model, requests: list[tuple[list[int], int]], device: str) 
 
 
 def _continuous(model, requests: list[tuple[list[int], int]], repeats: int, device: str,
-                tick: Callable[[str], None] | None = None) -> dict:
+                tick: Tick | None = None, options: Options = Options()) -> dict:
     """The mixed set through continuous batching: a warm-up pass (every prompt, 4 new tokens at
     most: compiles the kernels, captures the CUDA graphs), then `repeats` timed passes; the
     median pass's numbers."""
     tick = tick or (lambda name: None)
-    serve_continuous(model, [(p, min(n, 4)) for p, n in requests], device)
+    serve_continuous(model, [(p, min(n, 4)) for p, n in requests], device, options)
     tick(GPTFAST)
     runs = []
     for _ in range(repeats):
-        runs.append(serve_continuous(model, requests, device))
+        runs.append(serve_continuous(model, requests, device, options))
         tick(GPTFAST)
     runs.sort(key=lambda r: r["seconds"])
     run = runs[len(runs) // 2]
@@ -649,13 +660,14 @@ def _continuous(model, requests: list[tuple[list[int], int]], repeats: int, devi
                 steps=run["steps"], preemptions=run["preemptions"])
 
 
-def cuda_step_facts(model) -> tuple[dict, list[str]]:
+def cuda_step_facts(model, options: Options = Options()) -> tuple[dict, list[str]]:
     """On CUDA: the kernels one decode step launches at batch 1 and the CUDA-graph capture time,
-    as row fields and note lines. Failures become notes (they never fail the suite)."""
+    as row fields and note lines, for a contender with `options`. Failures become notes (they
+    never fail the suite)."""
     config = model.config
     fields: dict[str, Any] = {}
     notes: list[str] = []
-    graphs_on = os.environ.get("GPTFAST_CUDA_GRAPHS", "").strip() != "0"
+    graphs_on = graphs_replayed(options)
     if graphs_on:
         try:
             from gptfast import graphs
@@ -668,7 +680,7 @@ def cuda_step_facts(model) -> tuple[dict, list[str]]:
         except Exception as exc:  # the runner is optional for the suite
             notes.append(f"CUDA-graph capture time unavailable: {type(exc).__name__}: {exc}"[:300])
     else:
-        notes.append("CUDA graphs off (GPTFAST_CUDA_GRAPHS=0): no capture time")
+        notes.append("CUDA graphs off (GPTFAST_CUDA_GRAPHS=0 or cuda_graphs=False): no capture time")
     try:
         from .kernel_count import kernels_per_decode_step
 
@@ -697,6 +709,313 @@ def cuda_step_facts(model) -> tuple[dict, list[str]]:
     return fields, notes
 
 
+def _agreement(reference: torch.Tensor, got: torch.Tensor) -> int:
+    """How many leading tokens of `got` equal `reference`."""
+    n = min(len(reference), len(got))
+    same = (reference[:n] == got[:n]).tolist()
+    return n if all(same) else same.index(False)
+
+
+# ------------------------------------------------------------------------------ one run
+@dataclass
+class Run:
+    """What one (model, dtype) run's contenders and scenarios share."""
+
+    model: str  # the preset or checkpoint folder, as given
+    device: str
+    dtype: str  # "fp32", "bf16" or "fp16": the dtype timed
+    plan: Plan
+    config: Any  # gptfast.GPT2Config
+    hf: Any  # transformers.GPT2LMHeadModel in `dtype`, on `device`
+    hf32: Any  # an fp32 copy on the CPU when `dtype` is lower (the CPU target is stated against it), else None
+    gpt: Any  # gptfast.GPT2 in `dtype`, on `device`
+    generate: Callable  # gptfast.generate
+    prompt: torch.Tensor  # the batch-1 prompt [prompt_len]
+    batches: list  # `padded_batches` of the mixed set
+    requests: list  # `served_requests` of the mixed set
+    reference_tokens: torch.Tensor  # HF's fp32 greedy new tokens for `prompt` (the check's)
+    ceilings: Ceilings | None
+    notes: list[str]
+    log: Callable[[str], None] = print
+    shared: dict = field(default_factory=dict)  # what several contenders build once (CTranslate2)
+
+
+# ------------------------------------------------------------------------------ contenders
+@dataclass(frozen=True)
+class Contender:
+    """An engine the suite times. `build(run, contender)` gives its generate for that run, or None
+    when it takes no part in it (wrong device, dtype or plan)."""
+
+    name: str
+    build: Callable[[Run, "Contender"], Generate | None]
+    status: str = "ref"  # its rows' status: "PASS" (gptfast, checked against HF), "ref", "timed" (not greedy)
+    precision: str | None = None  # its rows' weight precision ("fp32", "int8"); None: the run's dtype
+    batch1_only: bool = False  # a static cache has one batch shape; a variant only shows its path's cost
+    optional: bool = False  # a failure makes its row SKIP (needs torch.compile), not ERROR
+    named_only: bool = False  # timed only by the scenarios that name it
+    options: Options = Options()  # gptfast's runtime options (gptfast contenders)
+    path: str = ""  # what its decode step does on CUDA (a note on its rows)
+
+
+Build = Callable[[Run, Contender], "Generate | None"]
+
+
+def _gptfast(**arguments) -> Build:
+    """gptfast.generate with the contender's options and `arguments` (generate()'s)."""
+    return lambda run, c: _gptfast_generate(run.generate, run.gpt, run.device, c.options, **arguments)
+
+
+def _on_cuda(build: Build) -> Build:
+    return lambda run, c: build(run, c) if run.device.startswith("cuda") else None
+
+
+def _compiled(build: Build) -> Build:
+    return lambda run, c: build(run, c) if run.plan.compile_refs else None
+
+
+def _hf_eager(run: Run, contender: Contender) -> Generate:
+    return _hf_generate(run.hf, run.device)
+
+
+def _hf_fp32(run: Run, contender: Contender) -> Generate | None:
+    return None if run.hf32 is None else _hf_generate(run.hf32, "cpu")
+
+
+def _hf_static(run: Run, contender: Contender) -> Generate:
+    gen = _hf_generate(run.hf, run.device)
+    return lambda ids, mask, new, streamer=None: gen(ids, mask, new, streamer, cache_implementation="static")
+
+
+def _cpu_fp32(run: Run) -> bool:
+    """gptfast int8 and CTranslate2 run in the CPU fp32 runs (the weight precisions they share)."""
+    return run.device == "cpu" and run.dtype == "fp32"
+
+
+def _static_reference(run: Run, contender: Contender) -> Generate:
+    return _static_compiled(run.gpt, run.plan.prompt_len + run.plan.new_tokens)
+
+
+def _gptfast_int8(run: Run, contender: Contender) -> Generate | None:
+    if not _cpu_fp32(run):
+        return None
+    model8 = type(run.gpt).from_pretrained(run.hf, quantize="int8")
+    return _gptfast_generate(run.generate, model8, run.device, contender.options)
+
+
+def _ctranslate2(name: str) -> Build:
+    def build(run: Run, contender: Contender) -> Generate | None:
+        if not _cpu_fp32(run):
+            return None
+        if "ct2" not in run.shared:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:  # the generators hold their weights in memory
+                generators, note = ctranslate2_generators(run.hf, run.model, tmp, torch.get_num_threads())
+            run.shared["ct2"] = generators
+            run.notes.append(note)
+            run.log(f"e2e: {note}")
+        return run.shared["ct2"].get(name)
+
+    return build
+
+
+# The contenders, in table order.
+CONTENDERS: list[Contender] = [
+    Contender(HF_EAGER, _hf_eager),
+    Contender(HF_FP32, _hf_fp32, precision="fp32"),
+    Contender(HF_STATIC, _compiled(_hf_static), batch1_only=True, optional=True),
+    # gptfast's own eager path (every op through its PyTorch reference, launched one by one): what
+    # the kernels and the CUDA graphs gain over eager PyTorch inside the same runtime (on the CPU
+    # that is gptfast itself, so it is left out there)
+    Contender(REF_OPS, _on_cuda(_gptfast()), options=Options(kernels="reference", cuda_graphs=False)),
+    Contender(REF_COMPILE, _compiled(_static_reference), batch1_only=True, optional=True),
+    Contender(GPTFAST, _gptfast(), status="PASS"),
+    *(Contender(name, _gptfast(**arguments), status="timed", batch1_only=True, path=path)
+      for name, (arguments, path) in VARIANTS.items()),
+    Contender(GPTFAST_INT8, _gptfast_int8, precision="int8"),
+    Contender(CT2_FP32, _ctranslate2(CT2_FP32), precision="fp32"),
+    Contender(CT2_INT8, _ctranslate2(CT2_INT8), precision="int8"),
+    # the decode step of 1-8 rows without the fused GEMV kernels: what the fused path gains
+    Contender(GPTFAST_UNFUSED, _on_cuda(_gptfast()), options=Options(gemv_decode=False), named_only=True,
+              path="decode steps of 1-8 rows on the unfused kernels (cuBLAS GEMMs with fused epilogues)"),
+]
+BY_NAME = {c.name: c for c in CONTENDERS}
+
+# Row fields comparing two contenders of one scenario at the same weight precision:
+# (field, contender, the one it is measured against); each adds "N.NNx <other>" to the note.
+COMPARISONS = [
+    ("speedup_compile", GPTFAST, REF_COMPILE),
+    ("speedup_ct2", GPTFAST, CT2_FP32),
+    ("speedup_ct2", GPTFAST_INT8, CT2_INT8),
+    ("speedup_unfused", GPTFAST, GPTFAST_UNFUSED),
+]
+
+
+# ------------------------------------------------------------------------------ scenarios
+# A scenario's `measure(run, {name: generate}, tick)` returns {contender name: row fields (tok_s,
+# ..., note) or the exception it raised}; `tick(name)` after each generate() run.
+
+
+def _greedy_batch1(run: Run, entrants: dict[str, Generate], tick: Tick) -> dict:
+    """Batch 1 timed (see `_batch1`), each row's note saying how far its greedy tokens agree with
+    HF's (fp32, and HF's in this dtype) or, for a sampling variant, what its decode path does."""
+    timed = _batch1(entrants, run.prompt, run.plan.new_tokens, run.plan.repeats, run.device, tick)
+    hf_tokens = None  # HF's batch-1 output in this dtype, to compare the others with
+    for name, r in timed.items():
+        if isinstance(r, Exception):
+            continue
+        tokens = r.pop("output")[0, run.plan.prompt_len:]
+        contender = BY_NAME[name]
+        if contender.status == "timed":
+            # not greedy: nothing to compare tokens with (tests/test_generate_graphs.py checks
+            # these paths against HF); the row is the cost of the path
+            r["note"] = contender.path if run.device.startswith("cuda") else "CPU: every step eager (no graphs)"
+            continue
+        reference = run.reference_tokens
+        agree = [f"first {_agreement(reference, tokens)}/{len(reference)} tokens = HF fp32"]
+        if name == HF_EAGER:
+            hf_tokens = tokens
+        elif hf_tokens is not None:
+            agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {run.dtype}")
+        r["note"] = "greedy: " + ", ".join(agree) + (f"; {contender.path}" if contender.path else "")
+    return timed
+
+
+def measure_batch1(run: Run, entrants: dict[str, Generate], tick: Tick) -> dict:
+    """Batch 1, every contender; then, on CUDA, the kernels of gptfast's decode step and where
+    its time goes (the most revealing figures, right after batch 1)."""
+    results = _greedy_batch1(run, entrants, tick)
+    fast = results.get(GPTFAST)
+    if run.device.startswith("cuda") and isinstance(fast, dict):
+        fields, notes = cuda_step_facts(run.gpt, BY_NAME[GPTFAST].options)
+        if "kernels_per_step" in fields:
+            fast["note"] += f"; {fields['kernels_per_step']} kernels/decode step"
+        if "graph_capture_s" in fields:
+            fast["note"] += f"; CUDA graphs captured in {fields['graph_capture_s']:.1f} s"
+        fast.update(fields)
+        run.notes += notes
+    return results
+
+
+def measure_padded(run: Run, entrants: dict[str, Generate], tick: Tick) -> dict:
+    """The mixed set in left-padded batches (HF style; the same batches for every contender)."""
+    results = _mixed(entrants, run.batches, run.plan.mixed_repeats, run.device, tick)
+    for r in results.values():
+        if not isinstance(r, Exception):
+            r["note"] = (f"{r['useful_tokens']} useful of {r['generated_tokens']} generated tokens "
+                         f"in {r['total_s']:.2f} s")
+    return results
+
+
+def measure_continuous(run: Run, entrants: dict[str, Generate], tick: Tick) -> dict:
+    """The mixed set through gptfast's `Engine` API, every request at once (continuous batching)."""
+    results = {}
+    for name in entrants:
+        r = _continuous(run.gpt, run.requests, run.plan.mixed_repeats, run.device, tick, BY_NAME[name].options)
+        r["note"] = (f"all {len(run.requests)} requests at t=0 through the Engine API: {r['useful_tokens']} "
+                     f"tokens in {r['total_s']:.2f} s, {r['steps']} steps, {r['preemptions']} preemptions; "
+                     f"TTFT p50/p99 {r['ttft_ms']:.0f}/{r['ttft_p99_ms']:.0f} ms (queueing included); "
+                     "× HF is over HF's padded batches")
+        results[name] = r
+    return results
+
+
+def _needs_cuda(what: str) -> Callable[[Run], str | None]:
+    return lambda run: None if run.device.startswith("cuda") else f"{what}: CUDA only, skipped on the CPU"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload every contender it `takes` is timed on, one row each."""
+
+    name: str
+    label: Callable[[Plan], str]  # the rows' scenario column
+    measure: Callable[[Run, dict[str, Generate], Tick], dict]
+    runs: Callable[[Plan, int], int]  # generate() runs it makes for n contenders (the progress bar)
+    takes: Callable[[Contender], bool] = lambda c: not c.named_only
+    hf_from: str | None = None  # the scenario whose HF row "× HF" is over (None: its own)
+    # tok/s is decode steps/s at batch 1: its rows get weight GB/s and % of the copy bandwidth
+    bandwidth: bool = False
+    skip: Callable[[Run], str | None] = lambda run: None  # why it does not run here (a note), else None
+
+
+def _batch1_label(plan: Plan) -> str:
+    return f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
+
+
+# The scenarios, in the order they run (a run cut short keeps the rows of those done).
+SCENARIOS: list[Scenario] = [
+    Scenario("batch1", _batch1_label, measure_batch1, lambda plan, n: n * (1 + 2 * plan.repeats),
+             bandwidth=True),
+    Scenario("padded", lambda plan: f"mixed: {len(plan.requests)} req, padded batches of {plan.batch_size}",
+             measure_padded, lambda plan, n: n * (1 + plan.mixed_repeats),
+             takes=lambda c: not c.named_only and not c.batch1_only),
+    Scenario("continuous", lambda plan: f"mixed: {len(plan.requests)} req, continuous batching",
+             measure_continuous, lambda plan, n: n * (1 + plan.mixed_repeats),
+             takes=lambda c: c.name == GPTFAST, hf_from="padded"),
+    Scenario("decode_path", lambda plan: f"decode path, {_batch1_label(plan)}", _greedy_batch1,
+             lambda plan, n: n * (1 + 2 * plan.repeats), takes=lambda c: c.name in (GPTFAST, GPTFAST_UNFUSED),
+             bandwidth=True,
+             skip=_needs_cuda("the fused decode step (GEMV kernels) against the unfused one (on the CPU every "
+                              "op runs its eager reference: there is no fused path to compare)")),
+]
+
+
+# ------------------------------------------------------------------------------ rows
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+
+
+def build_rows(run: Run, measured: dict[str, dict]) -> list[dict]:
+    """The result rows of the scenarios measured so far, in scenario then contender order, with
+    the comparisons (× HF, `COMPARISONS`) between rows."""
+    rows: list[dict] = []
+    labels = {s.name: s.label(run.plan) for s in SCENARIOS}
+    for scenario in SCENARIOS:
+        label = labels[scenario.name]
+        got = measured.get(scenario.name, {})
+        for contender in [c for c in CONTENDERS if c.name in got]:
+            name, result = contender.name, got[contender.name]
+            dtype = contender.precision or run.dtype
+            row = dict(suite="e2e", key=f"{run.model} | {label} | {name} | {dtype}", model=run.model,
+                       scenario=label, engine=name, dtype=dtype, status=contender.status, primary="tok_s",
+                       higher_is_better=True)
+            if isinstance(result, Exception):
+                row.update(status="SKIP" if contender.optional else "ERROR", note=_error_note(result))
+            else:
+                row.update(result)  # NOTE: a copy: the rows are built again after every scenario
+                if scenario.bandwidth and row.get("tok_s"):
+                    bytes_per_step = weight_bytes_per_step(run.config, _PRECISIONS[dtype])
+                    row["weight_gbps"] = bytes_per_step * row["tok_s"] / 1e9
+                    if run.ceilings is not None:
+                        row["pct_bw"] = row["weight_gbps"] / run.ceilings.copy_gbps * 100
+            rows.append(row)
+    _compare(rows, {labels[s.name]: labels[s.hf_from or s.name] for s in SCENARIOS})
+    return rows
+
+
+def _compare(rows: list[dict], hf_scenario: dict[str, str]) -> None:
+    """Each timed row's `speedup_hf` (over HF eager in `hf_scenario[its scenario]`; HF fp32, where
+    timed, in the note) and the `COMPARISONS` fields."""
+    speed = {(r["scenario"], r["engine"]): r.get("tok_s") for r in rows}
+    dtype = {(r["scenario"], r["engine"]): r["dtype"] for r in rows}
+    for r in rows:
+        if not r.get("tok_s"):
+            continue
+        if r["engine"] not in (HF_EAGER, HF_FP32):
+            where = hf_scenario[r["scenario"]]
+            hf, hf32 = speed.get((where, HF_EAGER)), speed.get((where, HF_FP32))
+            if hf:
+                r["speedup_hf"] = r["tok_s"] / hf
+                if hf32:
+                    padded = "" if where == r["scenario"] else " padded"
+                    r["note"] = (r.get("note") or "") + f"; {r['tok_s'] / hf32:.2f}x HF fp32{padded}"
+        for name, subject, other in COMPARISONS:
+            theirs = speed.get((r["scenario"], other))
+            if r["engine"] == subject and theirs and dtype[(r["scenario"], other)] == r["dtype"]:
+                r[name] = r["tok_s"] / theirs
+                r["note"] = (r.get("note") or "") + f"; {r[name]:.2f}x {other}"
+
+
 def _error_note(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
@@ -708,7 +1027,8 @@ def _fp32_check(hf, gpt, gpt_generate, device: str, prompt, batches, plan: Plan,
     (near-ties noted), else (a report of the first mismatch, None)."""
     from tqdm.auto import tqdm
 
-    ref_engine, gpt_engine = _engines(hf, gpt, gpt_generate, device, compile_refs=False, reference_ops=False)[:2]
+    ref_generate = _hf_generate(hf, device)
+    gpt_engine = _gptfast_generate(gpt_generate, gpt, device, BY_NAME[GPTFAST].options)
     parity_batch = batches[0]
     checks = [("batch 1", prompt[None], torch.ones_like(prompt)[None], plan.parity_tokens),
               (f"padded batch of {parity_batch[0].shape[0]}", parity_batch[0], parity_batch[1],
@@ -716,8 +1036,8 @@ def _fp32_check(hf, gpt, gpt_generate, device: str, prompt, batches, plan: Plan,
     reference_tokens = None
     with torch.inference_mode():
         for label, ids, mask, new in tqdm(checks, desc="e2e fp32 check", leave=False, disable=not progress):
-            expected = ref_engine.generate(ids, mask, new).cpu()
-            got = gpt_engine.generate(ids, mask, new).cpu()
+            expected = ref_generate(ids, mask, new).cpu()
+            got = gpt_engine(ids, mask, new).cpu()
             if reference_tokens is None:
                 reference_tokens = expected[0, ids.shape[1]:]
             tries = [(label, got)]
@@ -741,6 +1061,8 @@ def _fp32_check(hf, gpt, gpt_generate, device: str, prompt, batches, plan: Plan,
     log(f"e2e: fp32 greedy tokens identical to HF ({plan.parity_tokens} new tokens; batch 1 and a "
         f"padded batch of {parity_batch[0].shape[0]}, also through the Engine API)")
     return None, reference_tokens
+
+
 
 
 def _free_device_memory(device: str) -> None:
@@ -776,6 +1098,10 @@ def run_e2e(
         A gptfast preset name (random weights) or an HF checkpoint folder.
     seed : int
         Seed of the random weights and prompts.
+    ceilings : Ceilings or None
+        The measured copy bandwidth (for % BW).
+    on_rows : callable or None
+        `on_rows(rows, notes)` after every scenario, so a run cut short hands over what it measured.
     """
     if dtype not in DTYPES:
         raise ValueError(f"e2e dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -797,14 +1123,14 @@ def run_e2e(
     prompt = _prompt(gen, config.vocab_size, plan.prompt_len)
     batches = padded_batches(plan.requests, plan.batch_size, config.vocab_size, config.n_positions, seed)
     requests = served_requests(plan.requests, plan.batch_size, config.vocab_size, config.n_positions, seed)
-    base = dict(suite="e2e", model=model, dtype=dtype, primary="tok_s", higher_is_better=True)
 
     # 1. correctness in fp32
     report, reference_tokens = _fp32_check(hf, gpt, gpt_generate, device, prompt, batches, plan, notes,
                                            log, progress)
     if report is not None:
-        row = dict(base, key=f"{model} | check | gptfast | fp32", scenario="fp32 check", engine=GPTFAST,
-                   dtype="fp32", status="FAIL", note=report, report=report)
+        row = dict(suite="e2e", key=f"{model} | check | gptfast | fp32", model=model, scenario="fp32 check",
+                   engine=GPTFAST, dtype="fp32", status="FAIL", note=report, report=report, primary="tok_s",
+                   higher_is_better=True)
         return [row], notes
 
     # 2. timing in the requested dtype
@@ -820,196 +1146,46 @@ def run_e2e(
 
             hf32 = copy.deepcopy(hf)
         hf = hf.to(torch_dtype)
-    engines = _engines(hf, gpt, gpt_generate, device, plan.compile_refs, reference_ops=device != "cpu",
-                       max_len=plan.prompt_len + plan.new_tokens)
-    if hf32 is not None:
-        fp32_engine = _engines(hf32, gpt, gpt_generate, device, False, False)[0]
-        engines.insert(1, Engine(HF_FP32, fp32_engine.generate))
-    if device == "cpu" and torch_dtype == torch.float32:
-        # gptfast int8 and CTranslate2 (when installed) at the same weight precisions
-        gpt8 = GPT2.from_pretrained(hf, quantize="int8")
-        engines.append(Engine(GPTFAST_INT8, _engines(hf, gpt8, gpt_generate, device, False, False)[1].generate))
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:  # the generators hold their weights in memory
-            ct2, note = ctranslate2_engines(hf, model, tmp, torch.get_num_threads())
-        engines += ct2
-        notes.append(note)
-        log(f"e2e: {note}")
-    w_bytes = weight_bytes_per_step(config, torch_dtype)
-
-    def build_rows() -> list[dict]:
-        """The rows of the phases measured so far (batch 1, mixed, continuous)."""
-        rows: list[dict] = []
-        hf_speed: dict[str, float] = {}
-        hf_tokens = None  # HF's batch-1 output in this dtype, to compare gptfast's with
-        scenario = f"batch 1, {plan.prompt_len}+{plan.new_tokens} tok"
-        compiled_speed = None
-        for name, r in batch1.items():
-            row_dtype = _row_dtype(name, dtype)
-            row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name,
-                       scenario=scenario, dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
-            if isinstance(r, Exception):
-                row.update(status="SKIP" if name in (HF_STATIC, REF_COMPILE) else "ERROR", note=_error_note(r))
-                rows.append(row)
-                continue
-            r = dict(r)  # NOTE: a copy: the rows are built again after every phase
-            tokens = r.pop("output")[0, plan.prompt_len:]
-            if name in VARIANTS:
-                # not greedy: nothing to compare tokens with (tests/test_generate_graphs.py checks
-                # these paths against HF); the row is the cost of the path
-                path = VARIANTS[name][1] if device.startswith("cuda") else "CPU: every step eager (no graphs)"
-                row.update(r, status="timed", note=path)
-            else:
-                agree = [f"first {_agreement(reference_tokens, tokens)}/{len(reference_tokens)} tokens = HF fp32"]
-                if hf_tokens is None:
-                    hf_tokens = tokens
-                else:
-                    agree.append(f"{_agreement(hf_tokens, tokens)}/{len(tokens)} = HF {dtype}")
-                row.update(r, note="greedy: " + ", ".join(agree))
-            if r["tok_s"] is not None:
-                row_bytes = (weight_bytes_per_step(config, torch.float32) if row_dtype == "fp32" else
-                             weight_bytes_per_step(config, torch.int8) if row_dtype == "int8" else w_bytes)
-                row["weight_gbps"] = row_bytes * r["tok_s"] / 1e9
-                if ceilings is not None:
-                    row["pct_bw"] = row["weight_gbps"] / ceilings.copy_gbps * 100
-            if name == HF_EAGER:
-                hf_speed["batch1"] = r["tok_s"]
-            elif name == HF_FP32:
-                hf_speed["batch1_fp32"] = r["tok_s"]
-            else:
-                if hf_speed.get("batch1") and r["tok_s"]:
-                    row["speedup_hf"] = r["tok_s"] / hf_speed["batch1"]
-                    if hf_speed.get("batch1_fp32"):
-                        row["note"] += f"; {r['tok_s'] / hf_speed['batch1_fp32']:.2f}x HF fp32"
-                if name == REF_COMPILE:
-                    compiled_speed = r["tok_s"]
-                elif name == GPTFAST:
-                    if compiled_speed and r["tok_s"]:
-                        row["speedup_compile"] = r["tok_s"] / compiled_speed
-                        row["note"] += f"; {row['speedup_compile']:.2f}x {REF_COMPILE}"
-                    if "kernels_per_step" in step_fields:
-                        row["note"] += f"; {step_fields['kernels_per_step']} kernels/decode step"
-                    if "graph_capture_s" in step_fields:
-                        row["note"] += f"; CUDA graphs captured in {step_fields['graph_capture_s']:.1f} s"
-                    row.update(step_fields)
-            rows.append(row)
-
-        scenario = f"mixed: {len(plan.requests)} req, padded batches of {plan.batch_size}"
-        for name, r in mixed.items():
-            row_dtype = _row_dtype(name, dtype)
-            row = dict(base, key=f"{model} | {scenario} | {name} | {row_dtype}", engine=name, scenario=scenario,
-                       dtype=row_dtype, status="PASS" if name == GPTFAST else "ref")
-            if isinstance(r, Exception):
-                row.update(status="ERROR", note=_error_note(r))
-                rows.append(row)
-                continue
-            row.update(r, note=f"{r['useful_tokens']} useful of {r['generated_tokens']} generated tokens "
-                               f"in {r['total_s']:.2f} s")
-            if name == HF_EAGER:
-                hf_speed["mixed"] = r["tok_s"]
-            elif name == HF_FP32:
-                hf_speed["mixed_fp32"] = r["tok_s"]
-            elif hf_speed.get("mixed"):
-                row["speedup_hf"] = r["tok_s"] / hf_speed["mixed"]
-                if hf_speed.get("mixed_fp32"):
-                    row["note"] += f"; {r['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32"
-            rows.append(row)
-
-        if continuous is None:  # not measured (yet)
-            return rows
-        scenario = f"mixed: {len(plan.requests)} req, continuous batching"
-        row = dict(base, key=f"{model} | {scenario} | {GPTFAST} | {dtype}", engine=GPTFAST, scenario=scenario,
-                   status="PASS")
-        if isinstance(continuous, Exception):
-            row.update(status="ERROR", note=_error_note(continuous))
+    run = Run(model=model, device=device, dtype=dtype, plan=plan, config=config, hf=hf, hf32=hf32, gpt=gpt,
+              generate=gpt_generate, prompt=prompt, batches=batches, requests=requests,
+              reference_tokens=reference_tokens, ceilings=ceilings, notes=notes, log=log)
+    entrants = {}
+    for contender in CONTENDERS:
+        generate = contender.build(run, contender)
+        if generate is not None:
+            entrants[contender.name] = generate
+    scenarios = []
+    for scenario in SCENARIOS:
+        why = scenario.skip(run)
+        if why is None:
+            scenarios.append((scenario, {n: g for n, g in entrants.items() if scenario.takes(BY_NAME[n])}))
         else:
-            row.update(continuous, note=(
-                f"all {len(requests)} requests at t=0 through the Engine API: {continuous['useful_tokens']} "
-                f"tokens in {continuous['total_s']:.2f} s, {continuous['steps']} steps, "
-                f"{continuous['preemptions']} preemptions; TTFT p50/p99 {continuous['ttft_ms']:.0f}/"
-                f"{continuous['ttft_p99_ms']:.0f} ms (queueing included); × HF is over HF's padded batches"))
-            if hf_speed.get("mixed"):
-                row["speedup_hf"] = continuous["tok_s"] / hf_speed["mixed"]
-                if hf_speed.get("mixed_fp32"):
-                    row["note"] += f"; {continuous['tok_s'] / hf_speed['mixed_fp32']:.2f}x HF fp32 padded"
-        rows.append(row)
-        return rows
+            notes.append(why)
+            log(f"e2e: {why}")
 
-    def emit() -> None:
-        # NOTE: after every phase, so a run cut short still hands over what it measured
-        if on_rows is not None:
-            on_rows(build_rows(), notes + step_notes)
-
-    batch1: dict = {}
-    mixed: dict = {}
-    continuous: dict | Exception | None = None
-    step_fields: dict = {}
-    step_notes: list[str] = []
-    padded_engines = [e for e in engines if e.name not in BATCH1_ONLY]
-    # one step per generate() run (warm-ups included), so the bar and its ETA move with every run
-    runs = (len(engines) * (1 + 2 * plan.repeats) + len(padded_engines) * (1 + plan.mixed_repeats)
-            + 1 + plan.mixed_repeats)
-    bar = tqdm(total=runs, desc="e2e timing", unit="run", leave=False, disable=not progress)
-
-    def ticker(scenario: str) -> Callable[[str], None]:
-        def tick(engine: str) -> None:
-            bar.set_postfix_str(f"{scenario}: {engine}"[:50], refresh=False)
-            bar.update()
-        return tick
-
+    measured: dict[str, dict] = {}
+    bar = tqdm(total=sum(s.runs(plan, len(chosen)) for s, chosen in scenarios), desc="e2e timing", unit="run",
+               leave=False, disable=not progress)
     try:
-        with torch.inference_mode():
-            batch1 = _batch1(engines, prompt, plan.new_tokens, plan.repeats, device, ticker("batch 1"))
-        # right after batch 1, the most revealing figures: the decode graph's kernels and where
-        # the step's time goes (device time of each kernel in one replay)
-        step_fields, step_notes = cuda_step_facts(gpt) if device.startswith("cuda") else ({}, [])
-        emit()
-        with torch.inference_mode():
-            mixed = _mixed(padded_engines, batches, plan.mixed_repeats, device, ticker("padded"))
-            emit()
+        for scenario, chosen in scenarios:
+            def tick(name: str, scenario=scenario) -> None:
+                bar.set_postfix_str(f"{scenario.name}: {name}"[:50], refresh=False)
+                bar.update()
+
             try:
-                continuous = _continuous(gpt, requests, plan.mixed_repeats, device, ticker("continuous"))
-            except Exception as exc:
-                continuous = exc
+                with torch.inference_mode():
+                    measured[scenario.name] = scenario.measure(run, chosen, tick)
+            except Exception as exc:  # the scenario as a whole failed: an ERROR row per contender
+                measured[scenario.name] = {name: exc for name in chosen}
+            if on_rows is not None:
+                on_rows(build_rows(run, measured), list(notes))
     finally:
         bar.close()
-        engines.clear()
+        entrants.clear()
+        scenarios.clear()
         if plan.compile_refs:
             torch._dynamo.reset()  # drops the compiled graphs and their CUDA-graph memory pools
 
-    rows = build_rows()
-    _versus_ctranslate2(rows)
-    notes.append(f"weights read per decode step: {w_bytes / 1e6:.1f} MB ({dtype}, tied head counted once "
-                 f"as the head, one wpe row)")
-    notes += step_notes
-    return rows, notes
-
-
-def _row_dtype(name: str, dtype: str) -> str:
-    """The weight precision an engine's row is timed at."""
-    if name in (GPTFAST_INT8, CT2_INT8):
-        return "int8"
-    return "fp32" if name in (HF_FP32, CT2_FP32) else dtype
-
-
-def _versus_ctranslate2(rows: list[dict]) -> None:
-    """gptfast's rows get `speedup_ct2` (and a note): tokens/s over CTranslate2's at the same
-    weight precision in the same scenario (fp32 over float32, int8 over int8_float32)."""
-    pairs = {GPTFAST: CT2_FP32, GPTFAST_INT8: CT2_INT8}
-    speed = {(r["scenario"], r["engine"]): r.get("tok_s") for r in rows}
-    for r in rows:
-        other = pairs.get(r["engine"])
-        if other is None or (r["engine"] == GPTFAST and r["dtype"] != "fp32"):
-            continue
-        theirs = speed.get((r["scenario"], other))
-        if theirs and r.get("tok_s"):
-            r["speedup_ct2"] = r["tok_s"] / theirs
-            r["note"] = (r.get("note") or "") + f"; {r['speedup_ct2']:.2f}x {other}"
-
-
-def _agreement(reference: torch.Tensor, got: torch.Tensor) -> int:
-    """How many leading tokens of `got` equal `reference`."""
-    n = min(len(reference), len(got))
-    same = (reference[:n] == got[:n]).tolist()
-    return n if all(same) else same.index(False)
+    notes.append(f"weights read per decode step: {weight_bytes_per_step(config, torch_dtype) / 1e6:.1f} MB "
+                 f"({dtype}, tied head counted once as the head, one wpe row)")
+    return build_rows(run, measured), notes

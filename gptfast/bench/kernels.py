@@ -919,7 +919,8 @@ def _save(report: dict, out_dir: Path | None, json_path: Path | None) -> list[Pa
 
 def run_kernels(args) -> int:
     """`gptfast kernels`: compile, count, print the tables, write the files; exit status 1 when
-    `_problems` finds any (listed last)."""
+    `_problems` finds any (listed last) or the tool cannot run here, 2 for an argument it cannot
+    take (one `error: ...` line either way)."""
     progress = (lambda s: None) if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True))
     with contextlib.ExitStack() as stack:
         if args.fresh_cache:
@@ -927,9 +928,12 @@ def run_kernels(args) -> int:
         try:
             report = inspect_kernels(args.model, args.dtype, args.target, args.buckets, context=args.context,
                                      sm_count=args.sm_count, log=progress)
-        except (ValueError, RuntimeError) as e:
+        except ValueError as e:  # an argument it cannot take: a usage error
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except RuntimeError as e:  # it cannot run here (kernels defined for the interpreter, ptxas failed)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     report["triton_cache"] = "fresh" if args.fresh_cache else "reused (compile seconds may be cache hits)"
     print(_tables(report))
     paths = _save(report, args.out, args.json)

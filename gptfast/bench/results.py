@@ -97,7 +97,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> 
     headers = [HEADERS.get(c, c) for c in columns]
     cells = [[format_value(row.get(c)).replace("\n", " ") for c in columns] for row in rows]
     numeric = [
-        all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool) or row.get(c) is None for row in rows)
+        all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool) or row.get(c) is None
+            for row in rows)
         for c in columns
     ]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]

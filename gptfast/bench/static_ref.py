@@ -35,10 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import _activation
-
 __all__ = ["StaticCacheGenerator"]
 
+# `GPT2Config.activation` -> the function, written out here so the reference stays independent of
+# the model's own code
+_ACTIVATIONS = {
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
 
 class _LayerCache(nn.Module):
@@ -92,7 +97,7 @@ class StaticCacheGenerator(nn.Module):
         self.model = model  # a submodule: its weights are static inputs of the compiled step
         self.batch_size = batch_size
         self.max_len = max_len
-        self.act = _activation(config.activation)
+        self.act = _ACTIVATIONS[config.activation]
         shape = (batch_size, config.n_head, max_len, config.head_dim)
         # NOTE: zeros, not empty: masked positions get weight 0 in attention, and 0 * NaN from an
         # uninitialised slot would still poison the output. Slots left by an earlier call are

@@ -2,7 +2,8 @@
 
 Reads every result JSON in OUT_DIR (written by `save`), writes OUT_DIR/summary.md (provenance,
 the check's step statuses, one table per result file) and prints the same tables as aligned
-text, last, so the end of a log shows them.
+text within 100 columns (one heading per op, or per model and scenario), last, so the end of a
+log shows them.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 from . import results
 
 WIDTH = 120  # the terminal width the printed tables fit in
+SUMMARY_WIDTH = 100  # the summary's tables: the end of a log read in a narrower window
 NOISY_PCT = 10.0  # a row whose repeats differ by more than this (%) is flagged noisy
 
 # The short tables: the columns that fit a terminal.
@@ -58,7 +60,7 @@ def flag_noisy(rows: Sequence[dict], threshold: float = NOISY_PCT) -> int:
 
 
 def screen_table(rows: Sequence[dict], columns: Sequence[str], group_by: Sequence[str] = (),
-                 width: int = WIDTH) -> str:
+                 width: int = WIDTH, row_notes: bool = True) -> str:
     """`rows` as aligned text tables that fit in `width` characters.
 
     One table per group of rows sharing the `group_by` values (a heading line names them);
@@ -75,6 +77,8 @@ def screen_table(rows: Sequence[dict], columns: Sequence[str], group_by: Sequenc
         Row keys whose values split the rows into tables.
     width : int
         The widest line allowed (headings and notes are wrapped to it too).
+    row_notes : bool
+        Print each row's note under the table (the moved columns are printed either way).
 
     Examples
     --------
@@ -107,7 +111,7 @@ def screen_table(rows: Sequence[dict], columns: Sequence[str], group_by: Sequenc
         lines.append(table)
         for row, shown in zip(members, screen):
             extra = [f"{n}: {results.format_value(shown[n])}" for n in moved if shown.get(n) is not None]
-            if row.get("note"):
+            if row_notes and row.get("note"):
                 extra.append(str(row["note"]))
             if extra:
                 lines += textwrap.wrap(f"{shown[names[0]]}: " + "; ".join(extra), width,
@@ -115,6 +119,8 @@ def screen_table(rows: Sequence[dict], columns: Sequence[str], group_by: Sequenc
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
+# The short tables' groups: one heading per group instead of a column repeated on every row.
+SHORT_GROUPS = {"ops": ("op",), "e2e": ("model", "scenario")}
 # Notes worth printing under the short table too (matched anywhere in the note).
 SHORT_NOTES = {
     "e2e": ("decode step at batch 1", "CUDA graphs", "kernel count failed", "the e2e run raised"),
@@ -134,7 +140,8 @@ def summarize(out_dir: Path, steps: list[str]) -> str:
     if steps:
         md += ["| step | result |", "|---|---|"] + [f"| {s.split(':', 1)[0]} | {s.split(':', 1)[-1].strip()} |"
                                                     for s in steps]
-        text.append("steps:\n" + "\n".join(f"  {s}" for s in steps))
+        text.append("steps:\n" + "\n".join(line for s in steps for line in textwrap.wrap(
+            s, SUMMARY_WIDTH, initial_indent="  ", subsequent_indent="    ")))
     for path, doc in docs:
         facts = doc.get("provenance", {})
         columns = SHORT.get(doc.get("name"), doc.get("columns"))
@@ -148,8 +155,13 @@ def summarize(out_dir: Path, steps: list[str]) -> str:
         md += [f"\n**{r['status']}** {r.get('key')}: {r.get('report') or r.get('note')}" for r in failures]
         wanted = SHORT_NOTES.get(doc.get("name"), ())
         picked = [n for n in doc.get("notes", []) if any(w in n for w in wanted)]
-        text.append(f"{path.name} ({facts.get('device')}):\n" + results.format_table(doc["rows"], columns)
-                    + "".join(f"\n  {n}" for n in picked))
+        group_by = SHORT_GROUPS.get(doc.get("name"), ())
+        table = screen_table(doc["rows"], [c for c in columns if c not in group_by], group_by,
+                             width=SUMMARY_WIDTH, row_notes=False)
+        notes = [line for n in picked for line in textwrap.wrap(n, SUMMARY_WIDTH, initial_indent="  ",
+                                                               subsequent_indent="    ")]
+        text.append("\n".join(textwrap.wrap(f"{path.name} ({facts.get('device')}):", SUMMARY_WIDTH))
+                    + "\n" + table + "".join(f"\n{line}" for line in notes))
     (out_dir / "summary.md").write_text("\n".join(md) + "\n")
     return "\n\n".join(text)
 

@@ -879,6 +879,14 @@ class _CpuDecodeStages(_Stages):
         return _logits_out(logits, fp32, out)
 
 
+def _logits_out(logits: torch.Tensor, fp32_logits: bool, out: torch.Tensor | None) -> torch.Tensor:
+    """`forward_paged`'s result: the logits cast to fp32 when asked, into `out` when given (one copy,
+    as the cast alone would be)."""
+    if out is not None:
+        return out.copy_(logits)
+    return logits.float() if fp32_logits else logits
+
+
 def _progress(items, total: int, desc: str, enabled: bool):
     if not enabled:
         return items

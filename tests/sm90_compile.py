@@ -100,7 +100,8 @@ def variants():
             ints = dict(stride_out=G if argmax else N, stride_x=768, stride_wpe=768, stride_w=768, N=N, K=K,
                         V=50257, P=1024)
             yield _compile(f"{label} R={R} ({br}x{bn}x{bk})", ln_linear._ln_linear_kernel, pointers, const, ints)
-        for label, N, K, merge in (("K3 merge+c_proj+residual", 768, 768, True), ("K5 c_proj+residual", 768, 3072, False)):
+        for label, N, K, merge in (("K3 merge+c_proj+residual", 768, 768, True),
+                                   ("K5 c_proj+residual", 768, 3072, False)):
             br, bn, bk = gemv.blocks(R, N, K, dev)
             S = attn_decode._decode_num_splits(R, 12, 1024, 64, SM_COUNT)
             S = min(S, attn_decode.PARTIALS_MAX_SPLITS)

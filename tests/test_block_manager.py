@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from block_manager_model import BlockManagerModel, block_hash, ROOT_HASH
+from block_manager_model import ROOT_HASH, BlockManagerModel, block_hash
 
 _C = pytest.importorskip("gptfast._C", reason="the C++ extension is not built (pip install -e .)")
 BlockManager = _C.BlockManager

@@ -255,7 +255,8 @@ def test_without_triton_the_cpu_path_and_the_bench_run(tmp_path):
     assert "Triton is not installed" in done.stdout and "the Triton kernels were skipped" in done.stdout
     assert "ref only" in done.stdout and "restarting" not in done.stdout
     done = run([], cwd=tmp_path, code=NO_TRITON + (
-        "import torch, gptfast.ops as ops\nwith ops.backend('triton'): ops.bias_gelu_(torch.ones(2, 4), torch.ones(4))"))
+        "import torch, gptfast.ops as ops\n"
+        "with ops.backend('triton'): ops.bias_gelu_(torch.ones(2, 4), torch.ones(4))"))
     assert done.returncode == 1 and "GPTFAST_KERNELS=triton), but Triton is not installed" in done.stderr
 
 

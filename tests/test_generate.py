@@ -325,8 +325,7 @@ def test_num_return_sequences_layout(tiny):
 
 
 def _hf_filtered_probs(hf, ids, temperature, top_k, top_p):
-    from transformers.generation.logits_process import (
-        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     with torch.no_grad():
         scores = hf(ids).logits[:, -1].float()

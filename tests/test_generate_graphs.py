@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import make_hf_model
 from test_generate import *  # noqa: F401,F403  (the tests and fixtures, collected again here)
 from test_generate import _batch, _first_mismatch, _hf_generate
 
 import gptfast
 from gptfast import GPT2, get_config, graphs, ops
+
+from checkpoints import make_hf_model
 
 
 @pytest.fixture(autouse=True)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import GPT2, GPT2Config, get_config
-from gptfast import processors
+from gptfast import GPT2, GPT2Config, get_config, processors
 
 from checkpoints import make_hf_model
 

@@ -4,8 +4,9 @@ linear_gelu: cuBLASLt epilogue, or a GEMM + bias_gelu_ for one row).
 Without a GPU the Triton kernels run in the interpreter (tests/conftest.py) on small shapes in
 fp32/fp16/bf16 (no tl.dot, so bf16 interprets; bias_gelu_ only in fp32/fp16, see
 test_add_layernorm_rounds_once on the interpreter's bf16 casts); `gpu` tests cover real sizes,
-the two CUDA paths of linear_gelu (with their kernel counts) and CUDA-graph capture. Kernel results are compared with the eager reference
-computed in fp32 on upcast inputs, and the references with float64 hand computations.
+the two CUDA paths of linear_gelu (with their kernel counts) and CUDA-graph capture. Kernel results
+are compared with the eager reference computed in fp32 on upcast inputs, and the references
+with float64 hand computations.
 """
 
 from __future__ import annotations
@@ -511,7 +512,8 @@ def test_bias_gelu_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
-@pytest.mark.parametrize("sizes", [(1, 768, 3072), (1, 40, 24), (4, 1, 24), (3, 40, 1)], ids=lambda s: "n%d-k%d-m%d" % s)
+@pytest.mark.parametrize("sizes", [(1, 768, 3072), (1, 40, 24), (4, 1, 24), (3, 40, 1)],
+                         ids=lambda s: "n%d-k%d-m%d" % s)
 def test_linear_gelu_two_kernels(sizes, dtype):
     # the CUDA path where cuBLASLt's epilogue is not taken (any of N, K, M is 1), run here with
     # an interpreted bias_gelu_: a bias-less GEMM rounded to the dtype, then bias + GELU

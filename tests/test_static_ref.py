@@ -6,9 +6,10 @@ import re
 import pytest
 import torch
 
-from checkpoints import make_hf_model
 from gptfast import GPT2, generate, get_config
 from gptfast.bench.static_ref import StaticCacheGenerator
+
+from checkpoints import make_hf_model
 
 CONFIG = get_config("tiny-odd")  # vocab 997, 96 positions, 3 layers, 6 heads of 10
 
@@ -35,7 +36,8 @@ def _first_difference(expected: torch.Tensor, got: torch.Tensor) -> str:
     if diff.numel() == 0:
         return "identical"
     row, col = diff[0].tolist()
-    return f"{len(diff)} tokens differ, first at row {row} col {col}: expected {expected[row, col]}, got {got[row, col]}"
+    return (f"{len(diff)} tokens differ, first at row {row} col {col}: "
+            f"expected {expected[row, col]}, got {got[row, col]}")
 
 
 @pytest.mark.parametrize("batch,length,new,max_len", [

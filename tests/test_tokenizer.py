@@ -5,9 +5,10 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import train_tokenizer
 
 from gptfast.tokenizer import has_tokenizer_files, load_tokenizer
+
+from checkpoints import train_tokenizer
 
 TEXTS = [
     "Hello world",

@@ -7,6 +7,11 @@ import re
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
+from gptfast.config import PRESETS
+from gptfast.weights import Checkpoint, config_from_hf, load_checkpoint
+
 from checkpoints import (
     CONV1D_SUFFIXES,
     hf_model_from_state_dict,
@@ -15,10 +20,6 @@ from checkpoints import (
     nanogpt_reference_logits,
     save_hf_checkpoint,
 )
-from safetensors.torch import load_file, save_file
-
-from gptfast.config import PRESETS
-from gptfast.weights import Checkpoint, config_from_hf, load_checkpoint
 
 CONFIG = PRESETS["tiny-odd"]  # vocab 997, n_embd 60, 6 heads, 3 layers
 

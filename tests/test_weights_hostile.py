@@ -9,12 +9,13 @@ import os
 
 import pytest
 import torch
-from checkpoints import make_hf_model, make_nanogpt_checkpoint, save_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
 from gptfast import GPT2
 from gptfast.config import PRESETS, GPT2Config
 from gptfast.weights import load_checkpoint
+
+from checkpoints import make_hf_model, make_nanogpt_checkpoint, save_hf_checkpoint
 
 CONFIG = PRESETS["tiny-odd"]
 

@@ -32,9 +32,8 @@ import torch
 from gptfast.ops import _triton
 from gptfast.ops.common import compare, interpreting, ref_name
 
-from .op_cases import BenchCase
-
 from .ceilings import Ceilings
+from .op_cases import BenchCase
 
 # Rotation: enough fresh argument sets that one pass over them exceeds this many bytes (twice an
 # H100's 50 MB L2), capped in count and in memory.

@@ -132,7 +132,8 @@ def _ln_linear_kernel(
         m = mask_r[:, None] & mask_k[None, :]
         x = tl.load(x_rows + k[None, :], mask=m, other=0.0)
         if EMBED:
-            x = (x.to(tl.float32) + tl.load(p_rows + k[None, :], mask=m, other=0.0).to(tl.float32)).to(s_ptr.dtype.element_ty)
+            pos_emb = tl.load(p_rows + k[None, :], mask=m, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) + pos_emb).to(s_ptr.dtype.element_ty)
         x = x.to(tl.float32)
         if HAS_LN:
             # NOTE: inline, not a helper: the interpreter pays a few ms per nested jit call

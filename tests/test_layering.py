@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("engine", "beam"),
     # HF argument resolution, HF-model conversion, the lock-step collector and generate(); the
     # package's own face (`import gptfast` re-exports generate) sits with them
-    ("generation", "__init__"),
+    ("hf_args", "hf_convert", "collector", "generation", "__init__"),
     # what the `gptfast` subcommands share (dtype spellings, the device check, one-line errors)
     ("cli_common",),
     # the benchmarks: they use every layer below

@@ -81,7 +81,7 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
                 num_return: int, length_penalty: float, early_stopping, fill: int,
                 want_scores: bool = False, want_logits: bool = False,
                 seed: int | None = None, kernels: str | None = None,
-                cuda_graphs: bool | None = None) -> BeamResult:
+                cuda_graphs: bool | None = None, gemv_decode: bool | None = None) -> BeamResult:
     """Run HF's beam search over the model's paged cache.
 
     Parameters
@@ -100,8 +100,9 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     want_scores, want_logits : keep each step's processed log-probs / raw logits.
     seed : int or None
         Beam sampling draws from a generator seeded with it (None: torch's global RNG, as HF).
-    kernels, cuda_graphs : as for `gptfast.Engine` (None: GPTFAST_KERNELS, GPTFAST_CUDA_GRAPHS
-        when the search starts); graphs asked for with the reference ops on CUDA are not used.
+    kernels, cuda_graphs, gemv_decode : as for `gptfast.Engine` (None: GPTFAST_KERNELS,
+        GPTFAST_CUDA_GRAPHS when the search starts, the GEMV decode ops); graphs asked for with
+        the reference ops on CUDA are not used.
 
     Returns
     -------
@@ -114,9 +115,9 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
     reuse cached prefixes, the weights are compared with the ones the prefixes were computed
     from, as an `Engine` does.
     """
-    options = RuntimeOptions.with_defaults(kernels=kernels, cuda_graphs=cuda_graphs)
+    options = RuntimeOptions.with_defaults(kernels=kernels, cuda_graphs=cuda_graphs, gemv_decode=gemv_decode)
     cache = model.kv_cache
-    with cache.lock, ops.backend(options.kernels):
+    with cache.lock, ops.backend(options.kernels, options.gemv_decode):
         cache.check_weights(weights_fingerprint(model))
         return _search(model, cache, prompts, params, num_beams=num_beams, num_return=num_return,
                        length_penalty=length_penalty, early_stopping=early_stopping, fill=fill,

@@ -88,6 +88,10 @@ class Engine:
         The ops' backend for this engine's steps: "auto" (CUDA tensors to the Triton kernels,
         CPU tensors to the references), "triton" or "reference". None: the environment's
         `GPTFAST_KERNELS` when the engine is built, else "auto".
+    gemv_decode : bool or None
+        Decode steps of 1-8 rows on the kernel path take the fused GEMV ops (None or True) or
+        the unfused ones, cuBLAS GEMMs with fused epilogues (False: the benchmarks' baseline for
+        the GEMV path). An engine with False gets a graph runner of its own op set.
     steps_in_flight : int
         Decode steps the graph path keeps queued on the device: 2 (default) launches step t+1
         before reading step t's tokens, so the GPU never waits for the host between steps; 1
@@ -124,12 +128,12 @@ class Engine:
 
     def __init__(self, model, max_num_seqs: int = 256, max_prefill_tokens: int | None = None,
                  keep_scores: bool = False, cuda_graphs: bool | None = None, steps_in_flight: int = 2,
-                 kernels: str | None = None):
+                 kernels: str | None = None, gemv_decode: bool | None = None):
         if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         if steps_in_flight not in (1, 2) or isinstance(steps_in_flight, bool):
             raise ValueError(f"steps_in_flight must be 1 or 2, got {steps_in_flight!r}")
-        self.options = RuntimeOptions.with_defaults(kernels=kernels, cuda_graphs=cuda_graphs)
+        self.options = RuntimeOptions.with_defaults(kernels=kernels, cuda_graphs=cuda_graphs, gemv_decode=gemv_decode)
         self.model = model
         self.cache = model.kv_cache
         self.manager = self.cache.manager
@@ -145,7 +149,7 @@ class Engine:
         # shared by its engines); the engine holds it, and asks for it again when it is stale.
         self._graph_batch = min(max_num_seqs, graphs.MAX_BATCH)
         use_graphs = self.options.use_graphs(self.device.type)
-        with self.cache.lock, ops.backend(self.options.kernels):
+        with self.cache.lock, ops.backend(self.options.kernels, self.options.gemv_decode):
             self.runner = graphs.graph_runner(model, self._graph_batch) if use_graphs else None
         self._weights_version = model.weights_version
         self._inflight: _InFlight | None = None  # a graph step whose tokens are not read yet
@@ -319,7 +323,7 @@ class Engine:
             outs = list(self._pending)
             self._pending.clear()
             return outs
-        with self.cache.lock, ops.backend(self.options.kernels):
+        with self.cache.lock, ops.backend(self.options.kernels, self.options.gemv_decode):
             self.num_steps += 1
             if self.model._kv_cache is not self.cache:
                 raise RuntimeError("the model was moved or cast while this Engine was using it (its "

@@ -100,7 +100,8 @@ class GenerateBeamOutput(GenerateOutput):
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
              generation_config=None, streamer=None, stopping_criteria=None, seed: int | None = None,
-             kernels: str | None = None, cuda_graphs: bool | None = None, **kwargs):
+             kernels: str | None = None, cuda_graphs: bool | None = None, gemv_decode: bool | None = None,
+             **kwargs):
     """Generate continuations like HF's `GPT2LMHeadModel.generate()` (greedy search, sampling or
     beam search).
 
@@ -130,6 +131,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     cuda_graphs : bool or None
         gptfast only: replay the decode steps as CUDA graphs (None: GPTFAST_CUDA_GRAPHS, else on
         for CUDA with the Triton kernels); beam search too.
+    gemv_decode : bool or None
+        gptfast only: False runs decode steps of 1-8 rows on the unfused kernels instead of the
+        fused GEMV ones (a benchmark baseline; None: True); beam search too.
     **kwargs
         `max_new_tokens`, `max_length` (default 20, prompt included), `min_new_tokens`,
         `min_length`, `do_sample`, `temperature`, `top_k` (default 50 when sampling), `top_p`,
@@ -151,6 +155,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     >>> out = gptfast.generate(model, input_ids, attention_mask, max_new_tokens=20)
     >>> out = gptfast.generate(model, input_ids, do_sample=True, top_p=0.9, seed=0)
     """
+    runtime = dict(kernels=kernels, cuda_graphs=cuda_graphs, gemv_decode=gemv_decode)  # the engine's options
     model, hf_defaults = as_gptfast(model)
     defaults = model.generation_defaults if hf_defaults is None else hf_defaults
     request = resolve_request(model.config, defaults, generation_config, kwargs, seed)
@@ -158,9 +163,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     criteria = criteria_list(stopping_criteria)
     params = sampling_params(request, prompts, criteria, model.config)
     if request.num_beams > 1:
-        return _beam_generate(model, request, prompts, params, streamer, criteria, kernels, cuda_graphs)
+        return _beam_generate(model, request, prompts, params, streamer, criteria, runtime)
     seeds = _row_seeds(request, len(prompts.rows) * request.num_return)
-    engine = _engine(model, request, criteria, kernels, cuda_graphs)
+    engine = _engine(model, request, criteria, runtime)
     collector = _run(engine, request, prompts, params, seeds, streamer, criteria)
     return _assemble(request, prompts, collector)
 
@@ -176,10 +181,10 @@ def _row_seeds(request: GenerateRequest, rows: int) -> list[int]:
     return row_seeds(seed, rows, "cpu").tolist()
 
 
-def _engine(model, request: GenerateRequest, criteria: list, kernels, cuda_graphs) -> Engine:
+def _engine(model, request: GenerateRequest, criteria: list, runtime: dict) -> Engine:
     """The engine for one call; it keeps each step's scores when anything reads them."""
     return Engine(model, keep_scores=request.want_scores or request.want_logits or bool(criteria),
-                  kernels=kernels, cuda_graphs=cuda_graphs)
+                  **runtime)
 
 
 def _run(engine: Engine, request: GenerateRequest, prompts: Prompts, params: SamplingParams,
@@ -226,7 +231,7 @@ def _assemble(request: GenerateRequest, prompts: Prompts, collector: LockstepCol
 
 
 def _beam_generate(model, request: GenerateRequest, prompts: Prompts, params: SamplingParams, streamer,
-                   criteria: list, kernels: str | None, cuda_graphs: bool | None):
+                   criteria: list, runtime: dict):
     """Beam search or beam sampling (`gptfast.beam`) and HF's `GenerateBeamDecoderOnlyOutput`
     layout. Beam sampling draws with torch.multinomial like HF: from torch's global RNG, or
     from a generator seeded with `seed`."""
@@ -245,7 +250,7 @@ def _beam_generate(model, request: GenerateRequest, prompts: Prompts, params: Sa
     res = beam_search(model, prompts.rows, params, num_beams=request.num_beams, num_return=n_return,
                       length_penalty=request.length_penalty, early_stopping=request.early_stopping, fill=fill,
                       want_scores=request.want_scores, want_logits=request.want_logits, seed=request.seed,
-                      kernels=kernels, cuda_graphs=cuda_graphs)
+                      **runtime)
     expanded = prompts.input_ids.repeat_interleave(n_return, dim=0).to(torch.long).cpu()
     device = prompts.input_ids.device
     sequences = torch.cat([expanded, res.sequences], dim=1).to(device)

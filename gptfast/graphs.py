@@ -452,8 +452,9 @@ class OutputSlot:
 
 
 def _fingerprint(model) -> tuple:
+    # NOTE: the small-batch op set (`ops.gemv_decode_enabled`) is part of what a graph captured
     cache = model.kv_cache
-    return (id(cache), tuple(p.data_ptr() for p in model.parameters()))
+    return (id(cache), ops.gemv_decode_enabled(), tuple(p.data_ptr() for p in model.parameters()))
 
 
 def graph_runner(model, max_batch: int = MAX_BATCH) -> DecodeGraphRunner:
@@ -466,7 +467,8 @@ def graph_runner(model, max_batch: int = MAX_BATCH) -> DecodeGraphRunner:
     and asks again when the model's weights may have been replaced.
 
     Rebuilt when the KV cache or any parameter tensor was replaced since (the graphs hold their
-    addresses), or when a larger `max_batch` is asked for.
+    addresses), when the op context asks for the other small-batch op set
+    (`ops.backend(..., gemv_decode=...)`), or when a larger `max_batch` is asked for.
     """
     key = _fingerprint(model)
     runner = getattr(model, "_graph_runner", None)

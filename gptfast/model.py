@@ -658,10 +658,11 @@ class GPT2(_Counted, nn.Module):
 
     def _gemv_step(self, tokens: torch.Tensor, meta: AttnMetadata) -> bool:
         """Whether a step on the kernel path takes the small-batch GEMV kernels (`_GemvStages`):
-        decode steps of 1-8 rows, GPT-2's tanh-GELU. Larger batches and prefill keep
-        `_FusedStages` (cuBLAS with fused epilogues)."""
+        decode steps of 1-8 rows, GPT-2's tanh-GELU, unless the op context turns them off
+        (`ops.backend(..., gemv_decode=False)`). Larger batches and prefill keep `_FusedStages`
+        (cuBLAS with fused epilogues)."""
         return (meta.is_decode and 1 <= tokens.shape[0] <= ops.gemv.MAX_ROWS
-                and self.h[0].mlp.gelu_tanh)
+                and self.h[0].mlp.gelu_tanh and ops.gemv_decode_enabled())
 
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **kwargs):

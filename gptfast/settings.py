@@ -33,16 +33,23 @@ class RuntimeOptions:
         "auto", "triton" or "reference" (see the module docstring).
     cuda_graphs : bool or None
         Decode steps through the graph runner: True, False, or None (on for CUDA models only).
+    gemv_decode : bool
+        Decode steps of 1-8 rows on the kernel path take the fused GEMV ops (True) or the unfused
+        ones, cuBLAS GEMMs with fused epilogues (False: the baseline the benchmarks compare the
+        GEMV path with). No environment variable sets it.
     """
 
     kernels: str = "auto"
     cuda_graphs: bool | None = None
+    gemv_decode: bool = True
 
     def __post_init__(self):
         if self.kernels not in KERNEL_BACKENDS:
             raise ValueError(f"kernels must be one of {KERNEL_BACKENDS}, got {self.kernels!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
+        if not isinstance(self.gemv_decode, bool):
+            raise ValueError(f"gemv_decode must be True or False, got {self.gemv_decode!r}")
 
     @classmethod
     def from_environment(cls) -> RuntimeOptions:
@@ -55,11 +62,13 @@ class RuntimeOptions:
         return cls(kernels=_kernels_from_environment(), cuda_graphs=_graphs_from_environment())
 
     @classmethod
-    def with_defaults(cls, kernels: str | None = None, cuda_graphs: bool | None = None) -> RuntimeOptions:
+    def with_defaults(cls, kernels: str | None = None, cuda_graphs: bool | None = None,
+                      gemv_decode: bool | None = None) -> RuntimeOptions:
         """The explicit arguments, the environment's values for those that are None (only those
         variables are read: an explicit argument overrides even a malformed variable)."""
         return cls(kernels=_kernels_from_environment() if kernels is None else kernels,
-                   cuda_graphs=_graphs_from_environment() if cuda_graphs is None else cuda_graphs)
+                   cuda_graphs=_graphs_from_environment() if cuda_graphs is None else cuda_graphs,
+                   gemv_decode=True if gemv_decode is None else gemv_decode)
 
     def use_graphs(self, device_type: str) -> bool:
         """Whether decode steps on a `device_type` model go through the graph runner.

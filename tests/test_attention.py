@@ -483,7 +483,7 @@ def check_append(args, dtype, name, pad_slots=(), run=None, qkv_bias=None):
         k_new = (k_new.float() + bias32[1]).to(dtype)
         v_new = (v_new.float() + bias32[2]).to(dtype)
         if dtype == torch.bfloat16 and q.device.type == "cpu":
-            # the interpreter casts fp32 -> bf16 by truncation, a GPU (and torch) to nearest even
+            # COMPAT(triton 3.6) the interpreter casts fp32 -> bf16 by truncation, a GPU (and torch) to nearest even
             cache_tol = dict(atol=0, rtol=2**-7)
     H, D = q.shape[1], q.shape[2]
     kc_want, vc_want = k_cache.clone(), v_cache.clone()

@@ -5,8 +5,8 @@ and head_argmax (layernorm_head_argmax), and of the model's GEMV decode step bui
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py) on tiny shapes with
 awkward sizes (1 column, 97 columns, K not a power of 2, more than 8 rows); outputs come from
 NaN-poisoned allocations so unwritten elements show. The kernels use no tl.dot, so bf16 runs in
-the interpreter too (its fp32 -> bf16 casts truncate where a GPU rounds: within the bf16
-tolerance). References are computed in fp32 on upcast inputs.
+the interpreter too (COMPAT(triton 3.6): its fp32 -> bf16 casts truncate where a GPU rounds: within
+the bf16 tolerance). References are computed in fp32 on upcast inputs.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ def test_decode_attention_partials_match_reference_and_merge_to_decode_attention
     assert_close(ml[..., 0], rml[..., 0], **TOLERANCES[dtype], name="partials m")
     assert_close(ml[..., 1], rml[..., 1], **TOLERANCES[dtype], name="partials l")
     assert_close(acc, racc, atol=TOLERANCES[dtype]["atol"] * 10, rtol=TOLERANCES[dtype]["rtol"], name="partials acc")
-    if with_bias and dtype == torch.bfloat16:  # K/V + bias rounded: the interpreter truncates
+    if with_bias and dtype == torch.bfloat16:  # COMPAT(triton 3.6) the interpreter truncates K/V + bias
         assert_close(kc, kc_ref, **TOLERANCES[dtype], name="k cache")
         assert_close(vc, vc_ref, **TOLERANCES[dtype], name="v cache")
     else:

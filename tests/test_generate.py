@@ -378,7 +378,7 @@ def test_first_token_distribution_matches_hf_filtered_softmax(tiny, temperature,
 def test_return_dict_scores_and_logits_match_hf(tiny):
     hf, model = tiny
     ids, mask = _batch(hf.config.vocab_size, [5, 3], seed=16)
-    # (no repetition penalty on a padded batch here: transformers 5.17 also penalises the pad id)
+    # (no repetition penalty on a padded batch here: COMPAT(transformers 5.17) HF also penalises the pad id)
     kw = dict(max_new_tokens=6, return_dict_in_generate=True, output_scores=True,
               output_logits=True, pad_token_id=0, eos_token_id=None, min_new_tokens=2)
     ref = _hf_generate(hf, ids, attention_mask=mask, **kw)

@@ -123,6 +123,32 @@ def test_greedy_through_kernels_above_8_rows_keeps_the_cublas_path(hf, monkeypat
     assert calls["decode_attention_append"] == calls["decode_attention_bias"] == layers * steps
 
 
+def test_gemv_decode_off_takes_the_unfused_kernels_with_the_same_tokens(hf, monkeypatch, graphs):
+    """`gemv_decode=False` (the benchmarks' baseline for the GEMV step): 3 rows decode through
+    `_FusedStages` (cuBLAS GEMMs, the attention kernel with the K/V append) and give the tokens
+    of the default GEMV step; an engine with it gets a graph runner of its own op set."""
+    calls = _count_fused_calls(monkeypatch)
+    model = GPT2.from_pretrained(hf, device=_device(), block_size=4)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0, eos_token_id=None, kernels="triton")
+    fused = gptfast.generate(model, ids.to(model.device), **kw).cpu()
+    assert calls["embed_layernorm_linear"] == 3 and calls.get("decode_attention_append", 0) == 0
+    before = dict(calls)
+    unfused = gptfast.generate(model, ids.to(model.device), gemv_decode=False, **kw).cpu()
+    assert torch.equal(unfused, fused), f"unfused: {unfused.tolist()}\nGEMV: {fused.tolist()}"
+    layers = CONFIG.n_layer
+    assert calls["embed_layernorm_linear"] == before["embed_layernorm_linear"]  # no GEMV step ran
+    assert calls["decode_attention_append"] - before.get("decode_attention_append", 0) == 3 * layers
+    if graphs:
+        from gptfast.graphs import graph_runner
+
+        runner = graph_runner(model)
+        with gptfast.ops.backend("triton", gemv_decode=False):
+            assert graph_runner(model) is not runner  # the other op set: another runner
+    with pytest.raises(ValueError, match="gemv_decode must be True or False"):
+        gptfast.Engine(model, gemv_decode="no")
+
+
 def test_sampling_through_kernels_is_seeded_and_top_k_1_is_greedy(hf, monkeypatch, graphs):
     monkeypatch.setenv("GPTFAST_KERNELS", "triton")
     model = GPT2.from_pretrained(hf, device=_device(), block_size=4)

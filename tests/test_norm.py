@@ -184,7 +184,7 @@ def test_add_layernorm_strided_rows(dtype, poison_empty):
 
 def test_add_layernorm_rounds_once():
     # s is the fp32 sum rounded once: bit-identical to rounding the exact fp32 sum. fp16 only
-    # here: Triton 3.6's interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest
+    # here: COMPAT(triton 3.6) the interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest
     # even), so interpreted bf16 is up to 1 ulp low; test_add_layernorm_gpu checks bf16.
     dtype = torch.float16
     x, y, yb, w, b = add_ln_inputs(13, 100, dtype, seed=7)

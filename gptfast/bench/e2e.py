@@ -340,7 +340,7 @@ class Options:
     kernels: str | None = None  # the op backend: "auto", "triton" or "reference"
     cuda_graphs: bool | None = None  # the decode step replayed as CUDA graphs
     # False: decode steps of 1-8 rows take the unfused kernels (cuBLAS GEMMs with fused epilogues)
-    # instead of the fused GEMV step (`GPT2._forward_gemv`)
+    # instead of the fused GEMV step (`gptfast.model._GemvStages`)
     gemv_decode: bool | None = None
 
 

@@ -29,7 +29,7 @@ from . import (  # noqa: F401
     quant_linear,
     sampling,
 )
-from .common import as_cuda, backend, dispatch, kernel_backend, on_cuda, use_triton  # noqa: F401
+from .common import as_cuda, backend, dispatch, gemv_decode_enabled, kernel_backend, on_cuda, use_triton  # noqa: F401
 
 kv_cache_write = dispatch(kv_write.kv_cache_write, kv_write.kv_cache_write_ref)
 prefill_attention = dispatch(attn_prefill.prefill_attention, attn_prefill.prefill_attention_ref)

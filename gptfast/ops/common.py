@@ -23,6 +23,7 @@ from . import _triton
 _BACKENDS = ("auto", "triton", "reference")
 # The backend forced by `backend(...)`; "auto" outside it.
 _BACKEND: contextvars.ContextVar[str] = contextvars.ContextVar("gptfast_backend", default="auto")
+_GEMV_DECODE: contextvars.ContextVar[bool] = contextvars.ContextVar("gptfast_gemv_decode", default=True)
 # The SM count the CUDA branches assume while `as_cuda` is active; None outside it.
 _AS_CUDA: contextvars.ContextVar[int | None] = contextvars.ContextVar("gptfast_as_cuda", default=None)
 
@@ -80,7 +81,7 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
 
 
 @contextlib.contextmanager
-def backend(name: str):
+def backend(name: str, gemv_decode: bool = True):
     """Within this context, the dispatched ops run the backend `name`.
 
     Parameters
@@ -89,6 +90,10 @@ def backend(name: str):
         "auto" (CUDA tensors to Triton, CPU tensors to the reference: what ops do outside any
         context), "triton" (every op that has a kernel runs it; an error where Triton is not
         installed) or "reference" (the eager references everywhere).
+    gemv_decode : bool
+        Whether the model's decode steps of 1-8 rows on the kernel path take the fused GEMV ops
+        (True, the default everywhere) or the unfused ones (cuBLAS GEMMs with fused epilogues,
+        the GEMV path's baseline in the benchmarks). See `gemv_decode_enabled`.
 
     Examples
     --------
@@ -98,11 +103,20 @@ def backend(name: str):
     """
     if name not in _BACKENDS:
         raise ValueError(f"ops.backend: name must be one of {_BACKENDS}, got {name!r}")
-    token = _BACKEND.set(name)
+    if not isinstance(gemv_decode, bool):
+        raise ValueError(f"ops.backend: gemv_decode must be True or False, got {gemv_decode!r}")
+    token, gemv_token = _BACKEND.set(name), _GEMV_DECODE.set(gemv_decode)
     try:
         yield
     finally:
+        _GEMV_DECODE.reset(gemv_token)
         _BACKEND.reset(token)
+
+
+def gemv_decode_enabled() -> bool:
+    """Whether the innermost `backend(...)` context lets small decode steps take the fused GEMV
+    ops (True outside any context)."""
+    return _GEMV_DECODE.get()
 
 
 def kernel_backend() -> str:

@@ -11,7 +11,7 @@ Math (x: [R, K] rows, W: [N, K] nn.Linear layout, LN over K in fp32 with the bia
 write h in the model dtype, then the GEMM reads it); `act` is the identity or tanh-GELU, applied
 to the fp32 accumulator plus bias, rounded once to the output dtype (x's, or `out_dtype`).
 
-In GPT-2's small-batch decode step (the model's `_forward_gemv`) this op is, per block, ln_1 ->
+In GPT-2's small-batch decode step (the model's `_GemvStages`) this op is, per block, ln_1 ->
 c_attn (+ bias) [K1] and ln_2 -> c_fc + bias + GELU [K4]; `embed_layernorm_linear` is block 0's
 K1 with the embedding gathered in its prologue (no separate embedding kernel); and the final ln_f
 -> LM head writing fp32 logits (no separate cast) is `layernorm_linear` without a bias.

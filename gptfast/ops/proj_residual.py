@@ -12,7 +12,7 @@ Math (W: [N, K] nn.Linear layout, residual and out: [R, N])::
 unfused sequence rounds the GEMM output, then the sum). y is rounded to that dtype before the
 product, as the unfused attention writes it.
 
-In GPT-2's small-batch decode step (the model's `_forward_gemv`) these are, per block, the
+In GPT-2's small-batch decode step (the model's `_GemvStages`) these are, per block, the
 attention out-projection c_proj + bias + residual with the merge of `decode_attention_partials`
 folded in [K3] (no merge kernel), and the MLP's c_proj + bias + residual [K5]. The LayerNorm that
 followed them in the unfused step moved into the next GEMV's prologue (`ln_linear`).

@@ -37,7 +37,7 @@ are all greedy, at most `ops.gemv.MAX_ROWS` rows: the step ends in `ops.layernor
 the final LayerNorm, head GEMV and argmax fused, with no logits written; `launch` picks it from
 the rows' temperatures); and "logits" (up to the fp32 logits, for steps whose logits processors
 or score outputs must see the logits before the draw; the sampler then runs eagerly). The
-"greedy" and "logits" graphs are captured on first use.
+graphs are captured on first use, each (bucket, variant) once.
 
 On the CPU there is nothing to capture: the runner runs the same step function on the same static
 buffers eagerly. That is how the CPU tests check the graph path's padding and bookkeeping.
@@ -128,7 +128,7 @@ class DecodeGraphRunner:
     Attributes
     ----------
     buckets : list of int
-        Batch sizes captured.
+        The batch sizes it captures, each on first use.
     capture_seconds : float
         Wall time spent warming up and capturing, all graphs so far.
     num_replays : int
@@ -181,10 +181,9 @@ class DecodeGraphRunner:
             self._uploaded = torch.cuda.Event()
             with self._on_device():
                 self.dev.raw.copy_(self.host.raw)  # padding everywhere before the warm-ups
-                t0 = time.perf_counter()
-                for b in reversed(self.buckets):  # largest first: smaller ones reuse its memory
-                    self._capture(b, "sample")
-                self.capture_seconds += time.perf_counter() - t0
+            # Every graph is captured on first use (`_replay`): a batch-1 generate() captures one
+            # or two graphs, not the 21 buckets' (each a warm-up step and a capture), so the first
+            # call is not slowed by buckets it never runs.
 
     @property
     def model(self):

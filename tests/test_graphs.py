@@ -252,15 +252,20 @@ def test_reference_ops_turn_the_graphs_off_on_gpu(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_runner_captures_every_bucket_once():
+def test_cuda_graph_runner_captures_each_bucket_on_first_use_once():
     model = GPT2.from_config(get_config("tiny"), seed=0, device="cuda")
     runner = graph_runner(model)
-    assert runner.buckets_captured("sample") == buckets_up_to(256)
-    seconds = runner.capture_seconds
+    assert runner.capture_seconds == 0 and runner.buckets_captured("sample") == []
+    assert runner.buckets == buckets_up_to(256)
     out = gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8)
     assert out.shape == (1, 11)
     assert runner.num_replays == 7  # one per decode step (the first token comes from the prefill)
-    assert 1 in runner.buckets_captured("greedy")  # a greedy batch's fused head, captured on first use
+    # a greedy batch of one row: only its fused-head graph
+    assert runner.buckets_captured("greedy") == [1] and runner.buckets_captured("sample") == []
+    prompts = torch.tensor([[1, 2, 3]] * 3, device="cuda")
+    gptfast.generate(model, prompts, max_new_tokens=4, do_sample=True, seed=0)
+    assert runner.buckets_captured("sample") == [3]
     seconds = runner.capture_seconds
     gptfast.generate(model, torch.tensor([[1, 2, 3]], device="cuda"), max_new_tokens=8)
+    gptfast.generate(model, prompts, max_new_tokens=4, do_sample=True, seed=0)
     assert graph_runner(model) is runner and runner.capture_seconds == seconds

@@ -27,42 +27,23 @@ from .config import GPT2Config, get_config
 from .kv_cache import AttnMetadata, KVCache
 
 _KV_CACHE_LOCK = threading.Lock()
-_MKLDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 if TYPE_CHECKING:
     from .weights import Checkpoint
 
 
-# fp32 matmuls with at least this many rows run on oneDNN's prepacked weight (see `linear`)
-_PACKED_FP32_ROWS = 3
-
-
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, holder) -> torch.Tensor:
-    """`F.linear(x, w, b)`; on the CPU, oneDNN's linear on a copy of `w` prepacked for it, kept on
-    `holder._packed`, for bf16 weights and for fp32 weights with at least `_PACKED_FP32_ROWS`
-    rows. Measured single-threaded on an AVX-512 Xeon (GPT-2 124M's decode matmuls): bf16 ~1.5x
-    faster than `F.linear` (the plain bf16 path re-lays the weight out on every call); fp32 at 8
-    rows 2.5-3.5x faster, at 4 rows ~2x, at 1-2 rows 0.8-0.9x (so those keep `F.linear`). The
-    packed copy is rebuilt whenever the weight is replaced, cast or modified in place (its
-    address, dtype or version counter changes). When `holder._quantize` is "int8", the matmul runs
-    on the holder's int8 copy of `w` (`gptfast.quant`), which follows `w` the same way."""
+    """`F.linear(x, w, b)` as the model runs it: on the CPU through `ops.packed_linear` (oneDNN's
+    linear on a prepacked copy of `w`, kept on `holder._packed`, where that is faster). When
+    `holder._quantize` is "int8", the matmul runs on the holder's int8 copy of `w`
+    (`gptfast.quant`), which follows `w` the same way (address, dtype, version counter)."""
     if holder._quantize is not None:
         q = quant.int8_weight(holder, w)
         if x.device.type == "cpu" and not ops.use_triton(x):
             return quant.int8_linear_cpu(x, q, b)
         return ops.int8_linear(x, q.q, q.scale, b)
-    if w.device.type == "cpu" and _MKLDNN_LINEAR and (
-            w.dtype is torch.bfloat16 or (w.dtype is torch.float32 and x.numel() >= _PACKED_FP32_ROWS * w.shape[1])):
-        try:
-            key = (w.data_ptr(), w._version, w.dtype)
-        except RuntimeError:  # an inference tensor keeps no version counter: no cache
-            return F.linear(x, w, b)
-        packed = holder._packed
-        if packed is None or packed[0] != key:
-            # the batch-size hint picks oneDNN's layout: decode batches (1 for bf16, 8 for fp32)
-            packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 1 if w.dtype is torch.bfloat16 else 8))
-            holder._packed = packed
-        return torch.ops.mkldnn._linear_pointwise(x, packed[1], b, "none", [], "")
+    if w.device.type == "cpu":
+        return ops.packed_linear.packed_linear(x, w, b, holder)
     return F.linear(x, w, b)
 
 

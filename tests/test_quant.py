@@ -176,7 +176,7 @@ def test_fp32_cpu_linear_follows_weight_changes(rows):
         assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-4, rtol=1e-4)
 
     check()
-    assert (lin._packed is not None) == (rows >= gmodel._PACKED_FP32_ROWS)
+    assert (lin._packed is not None) == (rows >= gptfast.ops.packed_linear.PACKED_FP32_ROWS)
     with torch.no_grad():
         lin.weight.mul_(-2.0)  # in place
     check()

@@ -8,7 +8,8 @@ Triton, CPU tensors to the reference (see `common.use_triton`).
 Files: `kv_write` (kv_cache_write), `attn_prefill` (prefill_attention), `attn_decode`
 (decode_attention, decode_attention_partials), `layernorm` (add_layernorm, embed_layernorm),
 `gelu` (bias_gelu_, linear_gelu), `sampling` (sample), `decode_inputs` (decode_inputs_),
-`quant_linear` (int8_linear) and the small-batch GEMV ops `ln_linear` (layernorm_linear,
+`quant_linear` (int8_linear), `packed_linear` (the CPU linear on a prepacked weight: no kernel,
+the model calls it directly) and the small-batch GEMV ops `ln_linear` (layernorm_linear,
 embed_layernorm_linear), `proj_residual` (linear_residual, attn_merge_linear_residual),
 `head_argmax` (layernorm_head_argmax). Shared pieces: `checks` (launcher checks), `paged` (the
 K/V layout of the attention ops), `gemv` (the GEMV ops' helpers and tiling), `common` (backend
@@ -25,6 +26,7 @@ from . import (  # noqa: F401
     kv_write,
     layernorm,
     ln_linear,
+    packed_linear,
     proj_residual,
     quant_linear,
     sampling,

@@ -110,7 +110,7 @@ class KVCache:
         # a prompt's blocks become prefix-cache hits for other engines only once the step that
         # allocated them has written their K/V (admission and prefill are one locked step).
         self.lock = threading.RLock()
-        self.engines: weakref.WeakSet = weakref.WeakSet()  # the live engines sharing this cache
+        self.engines: weakref.WeakSet = weakref.WeakSet()  # the schedulers of the live engines sharing it
         # The weights the cached prefixes were computed from (an Engine's fingerprint of them);
         # None: unknown, so no cached prefix is trusted.
         self.weights_fingerprint: tuple | None = None

@@ -160,9 +160,7 @@ def _search(model, cache, prompts, params, *, num_beams, num_return, length_pena
     scores_out = [] if want_scores else None
     logits_out = [] if want_logits else None
 
-    # the eager reference ops sync with the host: they cannot be captured
-    use_graphs = options.cuda_graphs if options.cuda_graphs is not None else device.type == "cuda"
-    use_graphs = use_graphs and not (device.type == "cuda" and options.kernels == "reference")
+    use_graphs = options.use_graphs(device.type)  # as an Engine decides it
     # the model's runner if it has the rows (a smaller one is rebuilt only as large as needed)
     runner = graphs.graph_runner(model, min(graphs.MAX_BATCH, B * nb)) if use_graphs else None
     if runner is not None and B * nb > runner.max_batch:

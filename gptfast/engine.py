@@ -271,7 +271,8 @@ class Engine:
         return beam_search(self.model, [list(p) for p in prompts], params, num_beams=num_beams,
                            num_return=num_return, length_penalty=float(length_penalty),
                            early_stopping=early_stopping, fill=eos[0] if eos else -1,
-                           seed=seed, kernels=self.options.kernels, cuda_graphs=self.runner is not None)
+                           seed=seed, kernels=self.options.kernels, cuda_graphs=self.runner is not None,
+                           gemv_decode=self.options.gemv_decode)
 
     def has_unfinished(self) -> bool:
         """Whether any sequence is still waiting or running, or outputs are still to be returned."""

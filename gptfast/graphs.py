@@ -33,7 +33,7 @@ A batch of B rows replays the smallest bucket >= B; rows B.. of the bucket are p
 (the K/V write is skipped), seq_len 0 (attention outputs zeros), greedy, so they read nothing of
 the cache and cost one row of compute. Each bucket has up to three graphs: "sample" (the whole
 step, the sampled tokens and status come back); "greedy" (the same outputs for a batch whose rows
-are all greedy, at most `ops.gemv.MAX_ROWS` rows: the step ends in `ops.layernorm_head_argmax`,
+are all greedy, at most `ops.gemv.MAX_ROWS` rows on the GEMV ops: it ends in `ops.layernorm_head_argmax`,
 the final LayerNorm, head GEMV and argmax fused, with no logits written; `launch` picks it from
 the rows' temperatures); and "logits" (up to the fp32 logits, for steps whose logits processors
 or score outputs must see the logits before the draw; the sampler then runs eagerly). The
@@ -64,7 +64,8 @@ from . import ops
 from .kv_cache import AttnMetadata
 
 # Batch-size buckets: every size up to 8, then steps of 8 up to 64, then of 32: at most 7 padding
-# rows up to 64 and 31 above (a third of the rows at worst, B = 65 in 96), 21 graphs to capture.
+# rows up to 64 and 31 above (a third of the rows at worst, B = 65 in 96); 21 buckets, each with up
+# to three graphs (sample, greedy, logits) captured on first use.
 # Padding rows cost compute only; the step's weight traffic does not grow with them.
 _BUCKETS = [1, 2, 3, 4, 5, 6, 7, 8, *range(16, 65, 8), *range(96, 257, 32)]
 # The row stride of the step's logits, in elements, is a multiple of this (GPT-2: 50,304 for
@@ -180,7 +181,7 @@ class DecodeGraphRunner:
             self._warm_stream = torch.cuda.Stream(self.device)
             self._uploaded = torch.cuda.Event()
             with self._on_device():
-                self.dev.raw.copy_(self.host.raw)  # padding everywhere before the warm-ups
+                self.dev.raw.copy_(self.host.raw)  # padding rows everywhere to start with
             # Every graph is captured on first use (`_replay`): a batch-1 generate() captures one
             # or two graphs, not the 21 buckets' (each a warm-up step and a capture), so the first
             # call is not slowed by buckets it never runs.
@@ -389,8 +390,12 @@ class DecodeGraphRunner:
 
     def has_greedy_head(self, bucket: int) -> bool:
         """Whether steps of `bucket` rows have the "greedy" graph (the fused head): in the GEMV
-        regime of an unquantised model. Elsewhere the sampler's greedy rows cost no more."""
-        return bucket <= ops.gemv.MAX_ROWS and self.model.quantize is None
+        regime (`ops.gemv.MAX_ROWS` rows, GPT-2's tanh-GELU, the GEMV ops not turned off by
+        `ops.backend(..., gemv_decode=False)`) of an unquantised model. Elsewhere the sampler's
+        greedy rows cost no more."""
+        model = self.model
+        return (bucket <= ops.gemv.MAX_ROWS and model.quantize is None and ops.gemv_decode_enabled()
+                and model.h[0].mlp.gelu_tanh)
 
     def _after_sample(self, bucket: int, variant: str, out: "OutputSlot") -> int:
         launch = self._launches
@@ -451,7 +456,8 @@ class OutputSlot:
 
 
 def _fingerprint(model) -> tuple:
-    # NOTE: the small-batch op set (`ops.gemv_decode_enabled`) is part of what a graph captured
+    # NOTE: the small-batch op set (`ops.gemv_decode_enabled`) is part of what a graph captures:
+    # a runner serves one op set
     cache = model.kv_cache
     return (id(cache), ops.gemv_decode_enabled(), tuple(p.data_ptr() for p in model.parameters()))
 

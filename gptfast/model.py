@@ -116,8 +116,8 @@ class OutputHead(_Counted, nn.Linear):
 
 
 class Linear(_Counted, nn.Linear):
-    """nn.Linear through `linear` (prepacked bf16 weights on the CPU, int8 copies when the
-    model is quantised)."""
+    """nn.Linear through `linear` (prepacked weights on the CPU, `ops.packed_linear`; int8 copies
+    when the model is quantised)."""
 
     _packed: tuple | None = None
     _quantize: str | None = None
@@ -378,6 +378,8 @@ class GPT2(_Counted, nn.Module):
         quant.check_mode(mode)
         changed = mode != self.quantize
         self.quantize = mode
+        if not changed:
+            return self  # the int8 copies stay (the graphs hold their addresses)
         for holder in self._weight_holders():
             holder._quantize = mode
             holder._int8 = None

@@ -499,7 +499,7 @@ def test_cuda_step_facts_wiring(monkeypatch):
     assert fields["replay_kernel_us"] == [("gemv_kernel", 5.0), ("layer_norm", 1.5)]
     assert (fields["replay_kernel_sum_us"], fields["replay_span_us"]) == (6.5, 9.0)
     assert fields["graph_capture_s"] == 0.0  # the CPU runner captures nothing
-    assert any(n.startswith("CUDA graphs: ") and "captured in 0.00 s" in n for n in notes), notes
+    assert any(n.startswith("CUDA graphs captured on first use: none, in 0.00 s") for n in notes), notes
     assert any("eager" in n and "40 kernels" in n and "gemv_kernel ×9" in n for n in notes), notes
     assert any("through the CUDA graph: 39 kernels (19.5 per layer of 2) from 1 host launch calls" in n
                and "6.5 µs of a 9.0 µs replay" in n and "gemv_kernel 5.0" in n for n in notes), notes
@@ -514,12 +514,14 @@ def test_cuda_step_facts_wiring(monkeypatch):
 
 
 def test_graphs_follow_the_option_then_the_environment(monkeypatch):
-    pytest.importorskip("gptfast.settings", reason="gptfast.settings.RuntimeOptions (the environment's one reader)")
     monkeypatch.delenv("GPTFAST_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("GPTFAST_KERNELS", raising=False)
     assert e2e.graphs_replayed(e2e.Options()) is True  # on by default on CUDA
     monkeypatch.setenv("GPTFAST_CUDA_GRAPHS", "0")
     assert e2e.graphs_replayed(e2e.Options()) is False
     assert e2e.graphs_replayed(e2e.Options(cuda_graphs=True)) is True  # an explicit option wins
+    monkeypatch.delenv("GPTFAST_CUDA_GRAPHS")
+    assert e2e.graphs_replayed(e2e.Options(kernels="reference")) is False  # the engine's own rule
 
 
 def test_plans():

@@ -142,9 +142,11 @@ def test_gemv_decode_off_takes_the_unfused_kernels_with_the_same_tokens(hf, monk
     if graphs:
         from gptfast.graphs import graph_runner
 
-        runner = graph_runner(model)
         with gptfast.ops.backend("triton", gemv_decode=False):
-            assert graph_runner(model) is not runner  # the other op set: another runner
+            unfused_runner = graph_runner(model)  # the runner the unfused generate ran on
+        # no fused greedy head without the GEMV ops: the greedy rows take the sampler
+        assert unfused_runner.steps_by_variant == {"sample": 3}
+        assert graph_runner(model) is not unfused_runner  # the other op set: another runner
     with pytest.raises(ValueError, match="gemv_decode must be True or False"):
         gptfast.Engine(model, gemv_decode="no")
 

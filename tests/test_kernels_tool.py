@@ -199,7 +199,7 @@ def test_ctas_per_sm_limits():
 
 def test_as_cuda_takes_the_cuda_branches_on_cpu_tensors():
     x = torch.zeros(3)
-    assert not ops.use_triton(x) or ops.kernel_backend() == "triton"
+    assert not ops.use_triton(x)
     with ops.as_cuda(132):
         assert ops.use_triton(x) and ops.on_cuda(x.device)
         assert attn_decode._sm_count(x.device) == 132

@@ -138,3 +138,28 @@ def test_the_runner_loads_a_decode_batch_and_copies_sampling_rows_only_when_they
     runner.load(batch)
     assert host.seeds[:12].tolist() == [-1] * 12
     engine.abort()
+
+
+def test_gemv_decode_reaches_beam_search_and_nested_contexts_keep_it(monkeypatch):
+    import gptfast.beam
+
+    seen = []
+
+    def spy(model, prompts, params, **options):
+        seen.append(options)
+        return "searched"
+
+    monkeypatch.setattr(gptfast.beam, "beam_search", spy)
+    model = GPT2.from_config(get_config("tiny"), seed=0)
+    engine = Engine(model, gemv_decode=False, cuda_graphs=False)
+    assert engine.beam_search([[1, 2, 3]], SamplingParams(max_new_tokens=2), num_beams=2) == "searched"
+    assert seen[-1]["gemv_decode"] is False and seen[-1]["kernels"] == "auto"
+    assert ops.gemv_decode_enabled()  # outside any context
+    with ops.backend("auto", gemv_decode=False):
+        with ops.backend("triton"):  # None: the enclosing context's choice stays
+            assert not ops.gemv_decode_enabled() and ops.kernel_backend() == "triton"
+        with ops.backend("reference", gemv_decode=True):
+            assert ops.gemv_decode_enabled()
+    with pytest.raises(ValueError, match="gemv_decode must be True, False or None"):
+        with ops.backend("auto", gemv_decode="off"):
+            pass

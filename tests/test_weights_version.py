@@ -102,3 +102,15 @@ def test_another_models_registration_leaves_this_models_runner_alone(monkeypatch
     engine.step()
     assert lookups == [1]
     engine.abort()
+
+
+def test_quantizing_again_to_the_same_mode_keeps_the_int8_copies_and_the_version():
+    model = GPT2.from_config(get_config("tiny"), seed=0).quantize_weights("int8")
+    model(torch.tensor([[1, 2, 3]]))  # builds the int8 copies
+    linear = model.h[0].attn.c_attn
+    copy_before, version = linear._int8, model.weights_version
+    assert copy_before is not None
+    model.quantize_weights("int8")  # nothing changes: the graphs may hold these copies' addresses
+    assert linear._int8 is copy_before and model.weights_version == version
+    model.quantize_weights(None)
+    assert linear._int8 is None and model.weights_version != version

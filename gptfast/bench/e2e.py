@@ -354,14 +354,22 @@ def runtime_keywords(options: Options) -> dict[str, Any]:
     return {name: value for name, value in names.items() if value is not None}
 
 
-def graphs_replayed(options: Options) -> bool:
-    """Whether a gptfast contender with `options` replays its decode step as CUDA graphs on a CUDA
-    model: its own option, else the environment's (`GPTFAST_CUDA_GRAPHS`), else yes."""
-    if options.cuda_graphs is not None:
-        return options.cuda_graphs
+def resolved_options(options: Options):
+    """The `gptfast.settings.RuntimeOptions` a contender with `options` runs with (the
+    environment's values where `options` leaves them None), as its Engine resolves them."""
     from gptfast.settings import RuntimeOptions
 
-    return RuntimeOptions.from_environment().cuda_graphs is not False
+    return RuntimeOptions.with_defaults(kernels=options.kernels, cuda_graphs=options.cuda_graphs,
+                                        gemv_decode=options.gemv_decode)
+
+
+def graphs_replayed(options: Options) -> bool:
+    """Whether a gptfast contender with `options` replays its decode step as CUDA graphs on a CUDA
+    model, as its Engine decides it (`RuntimeOptions.use_graphs`)."""
+    try:
+        return resolved_options(options).use_graphs("cuda")
+    except ValueError:  # graphs asked for with the reference ops: the contender fails on its own
+        return False
 
 
 # `(input_ids [b, T], attention_mask [b, T], max_new_tokens, streamer=None) -> output [b, T + new]`:
@@ -670,13 +678,18 @@ def cuda_step_facts(model, options: Options = Options()) -> tuple[dict, list[str
     graphs_on = graphs_replayed(options)
     if graphs_on:
         try:
-            from gptfast import graphs
+            from gptfast import graphs, ops
 
-            runner = graphs.graph_runner(model)
+            resolved = resolved_options(options)
+            # NOTE: in the contender's op context, so this is the runner it ran on (one per op set)
+            with ops.backend(resolved.kernels, resolved.gemv_decode):
+                runner = graphs.graph_runner(model)
             fields["graph_capture_s"] = runner.capture_seconds
-            notes.append(f"CUDA graphs: {len(runner.buckets)} batch-size buckets ({runner.buckets[0]}.."
-                         f"{runner.buckets[-1]}) captured in {runner.capture_seconds:.2f} s (each "
-                         f"bucket's warm-up step included), {runner.num_replays} replays in this run")
+            captured = {v: runner.buckets_captured(v) for v in ("sample", "greedy", "logits")}
+            shown = ", ".join(f"{v} {b}" for v, b in captured.items() if b)
+            notes.append(f"CUDA graphs captured on first use: {shown or 'none'}, in "
+                         f"{runner.capture_seconds:.2f} s (each graph's warm-up step included), "
+                         f"{runner.num_replays} replays in this run")
         except Exception as exc:  # the runner is optional for the suite
             notes.append(f"CUDA-graph capture time unavailable: {type(exc).__name__}: {exc}"[:300])
     else:

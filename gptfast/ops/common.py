@@ -81,7 +81,7 @@ def sm_count(device: torch.device, off_gpu: int) -> int:
 
 
 @contextlib.contextmanager
-def backend(name: str, gemv_decode: bool = True):
+def backend(name: str, gemv_decode: bool | None = None):
     """Within this context, the dispatched ops run the backend `name`.
 
     Parameters
@@ -90,10 +90,11 @@ def backend(name: str, gemv_decode: bool = True):
         "auto" (CUDA tensors to Triton, CPU tensors to the reference: what ops do outside any
         context), "triton" (every op that has a kernel runs it; an error where Triton is not
         installed) or "reference" (the eager references everywhere).
-    gemv_decode : bool
+    gemv_decode : bool or None
         Whether the model's decode steps of 1-8 rows on the kernel path take the fused GEMV ops
-        (True, the default everywhere) or the unfused ones (cuBLAS GEMMs with fused epilogues,
-        the GEMV path's baseline in the benchmarks). See `gemv_decode_enabled`.
+        (True, the default outside any context) or the unfused ones (False: cuBLAS GEMMs with
+        fused epilogues, the GEMV path's baseline in the benchmarks); None keeps the enclosing
+        context's choice. See `gemv_decode_enabled`.
 
     Examples
     --------
@@ -103,8 +104,10 @@ def backend(name: str, gemv_decode: bool = True):
     """
     if name not in _BACKENDS:
         raise ValueError(f"ops.backend: name must be one of {_BACKENDS}, got {name!r}")
+    if gemv_decode is None:
+        gemv_decode = _GEMV_DECODE.get()
     if not isinstance(gemv_decode, bool):
-        raise ValueError(f"ops.backend: gemv_decode must be True or False, got {gemv_decode!r}")
+        raise ValueError(f"ops.backend: gemv_decode must be True, False or None, got {gemv_decode!r}")
     token, gemv_token = _BACKEND.set(name), _GEMV_DECODE.set(gemv_decode)
     try:
         yield

@@ -8,7 +8,7 @@ skips that. Measured single-threaded on an AVX-512 Xeon, GPT-2 124M's decode mat
 fp32 matmuls of fewer than `PACKED_FP32_ROWS` rows keep `F.linear`). The packed copy costs one
 more copy of the weight in memory.
 
-The copy is cached on a holder object (the model's `Linear`, or the model for its head) and
+The copy is cached on a holder object (the model's `Linear` modules, and a holder for the tied head) and
 keyed by the weight's address, dtype and version counter, so it is rebuilt whenever the weight
 is replaced, cast or modified in place. There is no Triton kernel: on CUDA the model's linears
 are cuBLAS or the GEMV ops. The reference is `F.linear`.

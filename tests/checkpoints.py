@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gptfast.config import GPT2Config
+from gptfast.config import GPT2Config, get_config
+
+# The HF-parity suites' two shapes: an odd vocabulary, and ten heads of width 8 with EOS = BOS
+PARITY_CONFIGS = {
+    "tiny-odd": get_config("tiny-odd"),
+    "h10": GPT2Config(vocab_size=1031, n_positions=200, n_embd=80, n_layer=3, n_head=10,
+                      bos_token_id=1030, eos_token_id=1030),
+}
 
 # gptfast activation -> the name HF's config.json uses for it.
 HF_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}

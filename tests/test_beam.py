@@ -12,13 +12,8 @@ import gptfast
 from gptfast import GPT2, GPT2Config, SamplingParams, get_config
 from gptfast.beam import beam_search
 
+from checkpoints import PARITY_CONFIGS as CONFIGS
 from checkpoints import make_hf_model
-
-CONFIGS = {
-    "tiny-odd": get_config("tiny-odd"),
-    "h10": GPT2Config(vocab_size=1031, n_positions=200, n_embd=80, n_layer=3, n_head=10,
-                      bos_token_id=1030, eos_token_id=1030),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

@@ -7,28 +7,12 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import GPT2, Engine, SamplingParams, get_config
+from gptfast import Engine, SamplingParams
 from gptfast.engine import NonFiniteLogitsError
 
-
-def _model(**kwargs):
-    return GPT2.from_config(get_config("tiny"), seed=0, **kwargs)
-
-
-def _alone(prompt, new, seed=0, **kw):
-    model = _model()
-    engine = Engine(model)
-    [sid] = engine.add(prompt, SamplingParams(max_new_tokens=new, **kw), seeds=[seed])
-    out = []
-    while engine.has_unfinished():
-        out += [o.token for o in engine.step() if o.seq_id == sid]
-    return out
-
-
-def _clean(model):
-    s = model.kv_cache.stats()
-    assert s["free_blocks"] == s["total_blocks"] and s["running_sequences"] == 0, s
-    model.kv_cache.manager.check_invariants()
+from engine_helpers import alone as _alone
+from engine_helpers import assert_clean as _clean
+from engine_helpers import tiny_model as _model
 
 
 def test_requests_joining_over_time_match_each_alone():

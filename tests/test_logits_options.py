@@ -10,15 +10,10 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import GPT2, GPT2Config, get_config, processors
+from gptfast import GPT2, get_config, processors
 
+from checkpoints import PARITY_CONFIGS as CONFIGS
 from checkpoints import make_hf_model
-
-CONFIGS = {
-    "tiny-odd": get_config("tiny-odd"),
-    "h10": GPT2Config(vocab_size=1031, n_positions=200, n_embd=80, n_layer=3, n_head=10,
-                      bos_token_id=1030, eos_token_id=1030),
-}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))

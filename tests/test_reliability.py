@@ -15,35 +15,12 @@ import pytest
 import torch
 
 import gptfast
-from gptfast import GPT2, Engine, SamplingParams, get_config
+from gptfast import Engine, SamplingParams
 
-TINY = get_config("tiny")
-
-
-def _model(**kwargs):
-    return GPT2.from_config(TINY, seed=0, **kwargs)
-
-
-def _alone(prompt, new, model=None, seed=0, **kw):
-    """The request's tokens on a fresh engine and an empty cache of a model with the same weights."""
-    if model is None:
-        model = _model()
-    else:
-        fresh = GPT2(model.config, block_size=model.block_size)
-        fresh.load_state_dict(model.state_dict())
-        model = fresh
-    engine = Engine(model)
-    [sid] = engine.add(prompt, SamplingParams(max_new_tokens=new, **kw), seeds=[seed])
-    out = []
-    while engine.has_unfinished():
-        out += [o.token for o in engine.step() if o.seq_id == sid]
-    return out
-
-
-def _clean(model):
-    s = model.kv_cache.stats()
-    assert s["free_blocks"] == s["total_blocks"] and s["running_sequences"] == 0, s
-    model.kv_cache.manager.check_invariants()
+from engine_helpers import TINY
+from engine_helpers import alone as _alone
+from engine_helpers import assert_clean as _clean
+from engine_helpers import tiny_model as _model
 
 
 def _poison(model):

@@ -150,6 +150,10 @@ class DecodeGraphRunner:
         self.max_batch = max_batch
         self.buckets = buckets_up_to(max_batch)
         self.captured = self.device.type == "cuda"
+        # The small-batch op set its steps run (`ops.backend(..., gemv_decode=...)` where it was
+        # built): a runner serves one op set (`graph_runner` keys runners by it), whatever context
+        # a later call comes from.
+        self.gemv_decode = ops.gemv_decode_enabled()
         self.capture_seconds = 0.0
         self.num_replays = 0
         # The per-sequence sampling constants loaded last (`batch.SamplingRows`): a batch with the
@@ -199,6 +203,10 @@ class DecodeGraphRunner:
 
     # ------------------------------------------------------------------ the step
     def _step(self, batch: int, variant: str):
+        with ops.backend(ops.kernel_backend(), self.gemv_decode):
+            return self._step_ops(batch, variant)
+
+    def _step_ops(self, batch: int, variant: str):
         d = self.dev
         # the slots (and, for rows that continue the last step, the inputs) on the device
         ops.decode_inputs_(d.tokens[:batch], d.positions[:batch], d.seq_lens[:batch], d.offsets[:batch],
@@ -390,11 +398,11 @@ class DecodeGraphRunner:
 
     def has_greedy_head(self, bucket: int) -> bool:
         """Whether steps of `bucket` rows have the "greedy" graph (the fused head): in the GEMV
-        regime (`ops.gemv.MAX_ROWS` rows, GPT-2's tanh-GELU, the GEMV ops not turned off by
-        `ops.backend(..., gemv_decode=False)`) of an unquantised model. Elsewhere the sampler's
+        regime (`ops.gemv.MAX_ROWS` rows, GPT-2's tanh-GELU, a runner built with the GEMV ops:
+        `self.gemv_decode`) of an unquantised model. Elsewhere the sampler's
         greedy rows cost no more."""
         model = self.model
-        return (bucket <= ops.gemv.MAX_ROWS and model.quantize is None and ops.gemv_decode_enabled()
+        return (bucket <= ops.gemv.MAX_ROWS and model.quantize is None and self.gemv_decode
                 and model.h[0].mlp.gelu_tanh)
 
     def _after_sample(self, bucket: int, variant: str, out: "OutputSlot") -> int:

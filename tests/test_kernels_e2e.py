@@ -146,6 +146,8 @@ def test_gemv_decode_off_takes_the_unfused_kernels_with_the_same_tokens(hf, monk
             unfused_runner = graph_runner(model)  # the runner the unfused generate ran on
         # no fused greedy head without the GEMV ops: the greedy rows take the sampler
         assert unfused_runner.steps_by_variant == {"sample": 3}
+        # the runner keeps its op set outside the context it was built in
+        assert not unfused_runner.gemv_decode and not unfused_runner.has_greedy_head(1)
         assert graph_runner(model) is not unfused_runner  # the other op set: another runner
     with pytest.raises(ValueError, match="gemv_decode must be True or False"):
         gptfast.Engine(model, gemv_decode="no")

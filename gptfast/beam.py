@@ -102,7 +102,7 @@ def beam_search(model, prompts: list[list[int]], params: SamplingParams, *, num_
         Beam sampling draws from a generator seeded with it (None: torch's global RNG, as HF).
     kernels, cuda_graphs, gemv_decode : as for `gptfast.Engine` (None: GPTFAST_KERNELS,
         GPTFAST_CUDA_GRAPHS when the search starts, the GEMV decode ops); graphs asked for with
-        the reference ops on CUDA are not used.
+        the reference ops on CUDA are a ValueError, as for an Engine (`RuntimeOptions.use_graphs`).
 
     Returns
     -------

@@ -1,4 +1,5 @@
-"""Build script: package metadata + the C++ extension gptfast._C, built by CMake with Ninja.
+"""Build script: package metadata + the C++ extensions gptfast._C (the block manager) and gptfast._cpu
+(the CPU decode linear), built by CMake with Ninja.
 
 `pip install -e .` (build isolation fetches setuptools, wheel, pybind11, cmake, ninja) and
 `python3 -m pip install --no-build-isolation --no-deps -e .` (those already installed, no index)
@@ -30,7 +31,7 @@ def _tool(module: str, binary: str) -> str:
         pass
     found = shutil.which(binary)
     if found is None:
-        raise RuntimeError(f"building gptfast._C needs {binary!r}: pip install {module}")
+        raise RuntimeError(f"building gptfast's extensions needs {binary!r}: pip install {module}")
     return found
 
 
@@ -69,8 +70,9 @@ class CMakeBuild(build_ext):
             *shlex.split(os.environ.get("CMAKE_ARGS", "")),
         ]
         subprocess.run(configure, check=True)
-        subprocess.run([cmake, "--build", str(build_dir), "--target", "_C"], check=True)
-        built = [p for p in target.parent.glob("_C.*") if p.suffix in (".so", ".pyd")]
+        module = ext.name.rsplit(".", 1)[-1]  # the CMake target: _C or _cpu
+        subprocess.run([cmake, "--build", str(build_dir), "--target", module], check=True)
+        built = [p for p in target.parent.glob(f"{module}.*") if p.suffix in (".so", ".pyd")]
         if target not in built:
             raise RuntimeError(f"CMake did not produce {target}; found {built}")
         # Editable installs import the package from the source tree: the module goes there too.
@@ -87,7 +89,7 @@ setup(
                 "a drop-in generate()",
     python_requires=">=3.10",
     packages=find_packages(include=["gptfast", "gptfast.*"]),
-    ext_modules=[CMakeExtension("gptfast._C")],
+    ext_modules=[CMakeExtension("gptfast._C"), CMakeExtension("gptfast._cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.1",

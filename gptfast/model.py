@@ -41,7 +41,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, holder) -> 
         q = quant.int8_weight(holder, w)
         if x.device.type == "cpu" and not ops.use_triton(x):
             return quant.int8_linear_cpu(x, q, b)
-        return ops.int8_linear(x, q.q, q.scale, b)
+        return ops.int8_linear(x, q.int8(), q.scale, b)
     if w.device.type == "cpu":
         return ops.packed_linear.packed_linear(x, w, b, holder)
     return F.linear(x, w, b)
@@ -149,8 +149,9 @@ _STEP_GATHER_BYTES = 64 << 20
 
 def _plain_decode(meta: AttnMetadata) -> bool:
     """Whether every row of a CPU decode step writes a slot and attends to at least one key (the
-    static runner's padding rows do neither; they take the general path)."""
-    return (meta.slot_mapping.device.type == "cpu" and bool((meta.slot_mapping >= 0).all())
+    static runner's padding rows do neither; they take the general path). CPU tensors standing in
+    for CUDA ones (`ops.as_cuda`, as `gptfast kernels` traces a step) are CUDA here."""
+    return (not ops.on_cuda(meta.slot_mapping.device) and bool((meta.slot_mapping >= 0).all())
             and bool((meta.seq_lens > 0).all()))
 
 

@@ -4,7 +4,7 @@
 parameters as they are (the state dict, HF conversion and every other reader see no change) and
 runs each block's four linears and the output head on int8 copies of their weights:
 
-    scale[n] = max_k |W[n, k]| / 127          (fp32 rounded up to a bf16 value; an all-zero row gets 1)
+    scale[n] = max_k |W[n, k]| / 127          (fp32; an all-zero row gets 1)
     q[n, k]  = round(W[n, k] / scale[n])      (int8 in [-127, 127])
 
 One scale per output channel keeps a large row from crushing the others; symmetric (no zero
@@ -20,16 +20,11 @@ under `torch.inference_mode()` is re-quantised at every call).
 
 How the matmul runs (weight-only: the activations are never quantised):
 
-- CUDA: `gptfast.ops.int8_linear`, a Triton GEMV that reads the int8 weight and dequantises it in
-  registers (the activations stay in the model's dtype): half the bytes of bf16.
-- CPU: PyTorch's int8 weight kernel `torch._weight_int8pack_mm` (per-output-channel scales, the
-  k-sum in fp32) with the activations in bf16: its bf16 kernel is vectorised (AVX-512) and reads
-  the int8 weight at ~2-4x the speed of the fp32 GEMM on the float weight, while its fp32 and
-  fp16 kernels are 3-35x slower than that GEMM (measured single-threaded on an AVX-512 Xeon,
-  GPT-2 124M's decode shapes, batch 1 and 8). Its result is bf16 (rounding adds ~0.3% relative
-  error to the ~0.8% of the int8 weights); the bias is added in the model's dtype. So that the
-  kernel's bf16 scales are exact, every scale is rounded up to a bf16 value at quantisation
-  (rounding up keeps `|W / scale| <= 127`).
+- CUDA: `gptfast.ops.int8_linear`, a Triton GEMV that reads the int8 weight `q` and dequantises it
+  in registers (the activations stay in the model's dtype): half the bytes of bf16.
+- CPU: `gptfast.ops.cpu_linear`, a C++ kernel that streams the int8 weight, kept in its panel
+  layout (`panels`, no row-major copy), widens it to fp32 in registers and sums in fp32 with the
+  activations in fp32: every row of the batch is computed exactly as it would be alone.
 
 Accuracy (README, "Correctness policy"): logits against the fp32 model by relative error,
 greedy agreement over a short horizon, perplexity on held-out text within 1% of fp32
@@ -39,6 +34,8 @@ greedy agreement over a short horizon, perplexity on held-out text within 1% of 
 from __future__ import annotations
 
 import torch
+
+from .ops import cpu_linear
 
 MODES = ("int8",)
 
@@ -59,7 +56,7 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns
     -------
     q : (N, K) int8, values in [-127, 127]
-    scale : (N,) fp32 holding bf16-representable values (rounded up), `w ~= q * scale[:, None]`
+    scale : (N,) fp32, `w ~= q * scale[:, None]`
 
     Examples
     --------
@@ -73,10 +70,6 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w32 = w.detach().float()
     amax = w32.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # (N,) > 0
-    # rounded up to the next bf16 value (the CPU kernel takes bf16 scales): clear the 16 low bits of
-    # the fp32 pattern after adding 0xFFFF, which carries into the kept bits unless they are all zero
-    bits = scale.view(torch.int32)
-    scale = ((bits + 0xFFFF) & ~0xFFFF).view(torch.float32)
     q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
 
@@ -96,22 +89,38 @@ def _key(w: torch.Tensor):
 
 
 class Int8Weight:
-    """An int8 copy of one float weight, ready for the device's matmul.
+    """An int8 copy of one float weight (N, K), laid out for the device's matmul.
 
-    `q`, `scale`: see `quantize_int8`; `scale_bf16`: on the CPU, `scale` in bf16 (exact, see
-    `quantize_int8`) for `torch._weight_int8pack_mm`; None on CUDA, where the Triton op reads `q`
-    and `scale` directly.
+    `scale`: (N,) fp32, see `quantize_int8`. On CUDA `q` is the (N, K) int8 weight the Triton op
+    reads and `panels` is None; on the CPU `panels` is `q` in `ops.cpu_linear`'s panel layout and
+    `q` is None (one int8 copy per weight either way).
     """
 
-    __slots__ = ("key", "q", "scale", "scale_bf16")
+    __slots__ = ("key", "q", "panels", "scale", "n")
 
     def __init__(self, w: torch.Tensor, key):
         self.key = key
+        self.n = w.shape[0]
         # NOTE: normal tensors even when made inside inference mode (the forward paths run in
         # it): a refresh updates them in place, wherever it is called from.
         with torch.inference_mode(False):
-            self.q, self.scale = quantize_int8(w)
-            self.scale_bf16 = self.scale.to(torch.bfloat16) if w.device.type == "cpu" else None
+            q, self.scale = quantize_int8(w)
+            if w.device.type == "cpu":
+                self.q, self.panels = None, cpu_linear.pack_panels(q)
+            else:
+                self.q, self.panels = q, None
+
+    def stored(self) -> torch.Tensor:
+        """The int8 tensor this copy keeps: `q` or `panels`."""
+        return self.q if self.q is not None else self.panels
+
+    def int8(self) -> torch.Tensor:
+        """The (N, K) int8 weight, whatever the layout."""
+        return self.q if self.q is not None else cpu_linear.unpack_panels(self.panels, self.n)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight (N, K) this copy stands for."""
+        return dequantize_int8(self.int8(), self.scale)
 
 
 def int8_weight(holder, w: torch.Tensor) -> Int8Weight:
@@ -121,12 +130,11 @@ def int8_weight(holder, w: torch.Tensor) -> Int8Weight:
     if key is not None and cached is not None and cached.key == key:
         return cached
     fresh = Int8Weight(w, key)
-    if cached is not None and cached.q.shape == fresh.q.shape and cached.q.device == fresh.q.device:
+    if cached is not None and cached.stored().shape == fresh.stored().shape and \
+            cached.stored().device == fresh.stored().device:
         # NOTE: re-quantised into the same tensors: a captured CUDA graph holds their addresses
-        cached.q.copy_(fresh.q)
+        cached.stored().copy_(fresh.stored())
         cached.scale.copy_(fresh.scale)
-        if cached.scale_bf16 is not None:
-            cached.scale_bf16.copy_(fresh.scale_bf16)
         cached.key = key
         return cached
     holder._int8 = fresh if key is not None else None
@@ -134,8 +142,8 @@ def int8_weight(holder, w: torch.Tensor) -> Int8Weight:
 
 
 def int8_linear_cpu(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ (q * scale[:, None]).T + bias` on the CPU through `torch._weight_int8pack_mm` (see the
-    module docstring): x in bf16, the k-sum in fp32, the bias added in its own dtype.
+    """`x @ (q * scale[:, None]).T + bias` on the CPU through `ops.cpu_linear` (see the module
+    docstring): the activations, products and sums in fp32, the result in x's dtype.
 
     Parameters
     ----------
@@ -147,8 +155,12 @@ def int8_linear_cpu(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | No
     -------
     (..., N) in x's dtype.
     """
-    K = weight.q.shape[1]
-    x2 = x.reshape(-1, K).to(torch.bfloat16)
-    y = torch._weight_int8pack_mm(x2, weight.q, weight.scale_bf16)  # (M, N) bf16
-    y = torch.add(bias, y) if bias is not None else y  # promotes to the bias dtype (fp32 model: fp32)
-    return y.to(x.dtype).view(*x.shape[:-1], y.shape[1])
+    K = weight.panels.shape[1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype is not torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    fused_bias = bias if bias is not None and bias.dtype is torch.float32 else None
+    y = cpu_linear.cpu_linear(x2, weight.panels, weight.n, weight.scale, fused_bias)  # (M, N) fp32
+    if bias is not None and fused_bias is None:
+        y = y.add_(bias)
+    return y.to(x.dtype).view(*x.shape[:-1], weight.n)

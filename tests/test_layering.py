@@ -23,7 +23,7 @@ PACKAGE = "gptfast"
 # Lowest first. A name covers the module and, for a package, every module under it that has no
 # entry of its own (`ops` holds the op files, `ops._triton` sits lower than they do).
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "tokenizer", "settings", "hub", "ops._triton", "_C"),
+    ("config", "tokenizer", "settings", "hub", "ops._triton", "_C", "_cpu"),
     ("weights",),
     ("ops",),
     ("kv_cache",),
@@ -218,7 +218,7 @@ def test_an_upward_import_added_to_a_copy_fails(package_copy):
     new = set(problems(package_copy)) - before
     assert sorted(new) == sorted([
         f"upward edge config -> engine ({PACKAGE}/config.py:{_last_line(package_copy / 'config.py')}): layer "
-        "config / tokenizer / settings / hub / ops._triton / _C must not import layer engine / beam",
+        "config / tokenizer / settings / hub / ops._triton / _C / _cpu must not import layer engine / beam",
         f"upward edge kv_cache -> model ({PACKAGE}/kv_cache.py:{_last_line(package_copy / 'kv_cache.py')} in "
         "_Probe.f()): layer kv_cache must not import layer model / quant",
     ]), new

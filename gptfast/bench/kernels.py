@@ -929,7 +929,7 @@ def _tables(report: dict) -> str:
                      "MB moved": p["total_bytes"] / 1e6, "% of floor": None, "host syncs": len(p["host_syncs"])})
     weights = f" with {report['quantize']} weights" if report["quantize"] else ""
     # what the floor counts: every weight once, a quantised matrix as its int8 copy (`_weight_floor`)
-    once = "every weight once, int8 matrices 1 B a weight + fp32 scales" if report["quantize"] else "every weight once"
+    once = "every weight once; int8: 1 B a weight + fp32 scales" if report["quantize"] else "every weight once"
     parts = [f"Decode steps (the function each CUDA graph captures), {report['model']}{weights}, {report['target']} "
              f"({report['sm_count']} SMs), context {report['context']}.",
              "Kernels of the sample graph (of the greedy and logits graphs apart), the MB the sample graph "

@@ -11,6 +11,7 @@ import collections
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +183,133 @@ def test_csv_has_one_row_per_variant(ci_run):
     assert [(r["kernel"], r["dtype"], int(r["registers"])) for r in rows] == [
         (v["kernel"], v["dtype"], v["registers"]) for v in doc["variants"]]
     assert all(r["command"] == doc["provenance"]["command"] for r in rows)
+
+
+# ---------------------------------------------------------------- --quantize int8
+INT8_BUCKETS = (1, 8, 64)  # the int8 GEMV's row blocks: 1 row, 8 rows, 8 of 64 rows
+
+
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("kernels_int8")
+    return _run_tool(tmp, "--model", "gpt2", "--quantize", "int8", "--dtype", "bf16", "--target", "sm_90",
+                     "--buckets", ",".join(map(str, INT8_BUCKETS)))
+
+
+def _gpt2_int8_floor() -> tuple[int, int, int]:
+    """gpt2's weight-read floor with int8 matrices: (int8 weights, scales, other float parameters)
+    in bytes. The int8 matrices: per block c_attn (2304 x 768), attn c_proj (768 x 768), c_fc
+    (3072 x 768), mlp c_proj (768 x 3072), and the tied head (50257 x 768); one byte a weight
+    and a 4-byte scale per output channel. The LayerNorms and biases stay bf16; wte counts as
+    the head's int8 copy (the embedding gathers one row), wpe not at all."""
+    C, L, V = 768, 12, 50257
+    rows = [3 * C, C, 4 * C, C]  # output channels of each block's linears
+    weights = L * C * sum([3 * C, C, 4 * C, 4 * C]) + V * C
+    scales = 4 * (L * sum(rows) + V)
+    others = 2 * (L * (4 * C + sum(rows)) + 2 * C)  # ln_1, ln_2 (weight, bias), biases; ln_f
+    return weights, scales, others
+
+
+def test_int8_step_runs_the_int8_gemv_at_every_bucket(int8_run):
+    """Every matmul of an int8 decode step is the int8 GEMV (4 per block and the head) at every
+    bucket, between the modules' own ops (LayerNorm, residual adds, GELU) and the paged
+    attention kernels: what `GPT2._stages` runs on CUDA for an int8 model, with no greedy graph
+    (the fused greedy head is the float GEMV path's) and no host sync."""
+    done, doc, _ = int8_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "PROBLEM" not in done.stdout and "with int8 weights" in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 120
+    assert doc["quantize"] == "int8"
+    assert {(s["bucket"], s["graph"]) for s in doc["decode_steps"]} == {
+        (b, g) for b in INT8_BUCKETS for g in ("sample", "logits")}
+    for s in doc["decode_steps"] + doc["prefill"]:
+        names = collections.Counter(s["names"])
+        assert names["_int8_linear_kernel"] == 4 * 12 + 1, (s.get("bucket"), names)
+        assert not {"_ln_linear_kernel", "_linear_residual_kernel", "aten.linear", "aten.mm", "aten.addmm",
+                    "aten.scaled_dot_product_attention"} & set(names), (s.get("bucket"), names)
+        assert s["host_syncs"] == []
+        assert s["kernels"] == len(s["names"]) == s["triton"] + s["other"]
+    # batch 1, pinned (153 against the float GEMV path's 64): the device-side step inputs; the
+    # wte + wpe gathers and their sum; per block ln_1, c_attn, the K/V write, split-KV attention
+    # and its merge, c_proj, the residual add, ln_2, c_fc, GELU, c_proj, the residual add; ln_f,
+    # the head; the logits copied into the graph's static buffer; the sampler's two launches
+    step = _step(doc, "bf16", 1)
+    assert collections.Counter(step["names"]) == collections.Counter({
+        "_decode_inputs_kernel": 1, "aten.embedding": 2, "aten.add": 25, "aten.layer_norm": 25,
+        "_int8_linear_kernel": 49, "_kv_cache_write_kernel": 12, "_decode_split_kernel": 12,
+        "_decode_merge_kernel": 12, "aten.gelu": 12, "aten.copy_": 1, "_sample_split_kernel": 1,
+        "_sample_kernel": 1})
+    assert _step(doc, "bf16", 1, "logits")["kernels"] == step["kernels"] - 2
+
+
+def test_int8_bytes_count_one_byte_per_weight(int8_run, ci_run):
+    _, doc, _ = int8_run
+    weights, scales, others = _gpt2_int8_floor()
+    for s in doc["decode_steps"]:
+        assert s["weight_bytes"] == weights + scales + others == 124_307_524
+    # the float model's floor counts the same matrices at 2 bytes a weight
+    assert _step(ci_run[1], "bf16", 1)["weight_bytes"] == 2 * weights + others
+    step = _step(doc, "bf16", 1)
+    gemv = [b for n, b in zip(step["names"], step["bytes"]) if n == "_int8_linear_kernel"]
+    # the head: its int8 copy and scales, one bf16 row of x in, one row of bf16 logits out
+    V, C = 50257, 768
+    assert gemv[-1] == V * C + 4 * V + 2 * C + 2 * V
+    assert weights + scales <= sum(gemv) < weights + scales + 2_000_000
+    # the step: the floor and the K/V it attends to, plus ~2.5 MB of activations, attention
+    # partials, logits and the sampler's reads (the unfused ops read and write the activations)
+    kv = doc["context"] * 12 * 2 * C * 2
+    assert weights + scales + others + kv <= step["total_bytes"] <= weights + scales + others + kv + 3_000_000
+
+
+def test_int8_gemv_compiles_for_sm90_without_spills(int8_run):
+    """Every int8 GEMV variant launched (1 and 8 rows a program, with and without the bias)
+    compiles for sm_90 with the spill bytes ptxas printed, 0 for the shipped tiles."""
+    _, doc, _ = int8_run
+    int8 = [v for v in doc["variants"] if v["kernel"] == "_int8_linear_kernel"]
+    assert {(v["constexprs"]["BLOCK_M"], v["constexprs"]["HAS_BIAS"]) for v in int8} >= {
+        (1, True), (1, False), (8, True), (8, False)}
+    for v in doc["variants"]:
+        assert v["quantize"] == "int8" and v["target"] == "sm_90"
+        # the figures are ptxas's: its resource lines are kept, and the ints are read from them
+        stack, stores, loads = map(int, re.search(
+            r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", v["ptxas"]).groups())
+        assert type(v["spill_bytes"]) is int and v["spill_bytes"] == stores + loads, v
+        assert v["stack_bytes"] == stack
+        assert v["registers"] == int(re.search(r"Used (\d+) registers", v["ptxas"]).group(1)) > 0
+        assert v["spill_bytes"] == 0, f"{v['kernel']} {v['constexprs']} spills: {v['ptxas']}"
+        assert v["smem_bytes"] <= K.TARGETS["sm_90"].smem_per_cta and v["ctas_per_sm"] >= 1, v
+
+
+def test_ptxas_figures_are_read_from_its_log():
+    log = ("ptxas info    : 0 bytes gmem\n"
+           "ptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _k\n"
+           "    24 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n")
+    info = K._parse_ptxas(log)
+    assert (info["stack_bytes"], info["spill_store_bytes"], info["spill_load_bytes"], info["registers"],
+            info["barriers"], info["static_smem_bytes"]) == (24, 16, 12, 255, 1, 1024)
+    assert info["ptxas"] == ("24 bytes stack frame, 16 bytes spill stores, 12 bytes spill loads; "
+                             "Used 255 registers, used 1 barriers, 1024 bytes smem")
+    # a log without the spill figures is an error, not 0 spills
+    with pytest.raises(RuntimeError, match="spill_store_bytes"):
+        K._parse_ptxas(log.replace("16 bytes spill stores", ""))
+
+
+def test_quantize_mode_is_checked():
+    with pytest.raises(ValueError, match="quantize must be None or one of"):
+        K.inspect_kernels("gpt2", ["bf16"], buckets=[1], quantize="int4")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-m", "gptfast", "kernels", "--quantize", "int4"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--quantize" in done.stderr and "int8" in done.stderr, done.stderr
+
+
+def test_int8_results_are_named_apart(tmp_path):
+    report = dict(model="gpt2", target="sm_90", quantize="int8", variants=[])
+    json_path, csv_path = K._save(report, tmp_path, None)
+    assert json_path.name.startswith("kernels-sm_90-gpt2-int8-") and csv_path.exists()
 
 
 def test_ctas_per_sm_limits():

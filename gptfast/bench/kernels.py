@@ -25,6 +25,12 @@ byte crosses DRAM once: the step's memory floor, kernel by kernel. Each kernel's
 shown as a share of the weight-read floor (every weight of the model once, the position table
 apart: a step gathers one row of it per sequence), the least any decode step moves.
 
+With `quantize="int8"` the model is built as `GPT2.from_pretrained(..., quantize="int8")` builds
+it: every block's linears and the head run the int8 GEMV (`gptfast.ops.int8_linear`) on int8
+copies of their weights, made before the walk as a GPU's warm-up step makes them (a replayed
+graph makes none). The weight-read floor then counts each quantised matrix as its int8 copy:
+1 byte per weight and a 4-byte scale per output channel.
+
 Limits: registers and spills are ptxas's for the target; a GPU runs the same binary. Which
 cuBLAS kernel a GEMM picks (split-K adds a reduce kernel) is decided at run time on the GPU: a
 GEMM counts as one kernel here. The SM count (it sizes the split-KV grid) is the target's
@@ -475,14 +481,38 @@ def _op_recorder(session: _Session):
 # ptxas -v
 # ------------------------------------------------------------------------------------------
 
-_PTXAS_RE = {
+# ptxas -v prints, per kernel, "N bytes stack frame, N bytes spill stores, N bytes spill loads" and
+# "Used N registers[, used N barriers][, N bytes smem]": the first four figures are always there
+# (required, so that a changed wording fails instead of reading as 0), the others only when non-zero.
+_PTXAS_REQUIRED = {
     "stack_bytes": re.compile(r"(\d+) bytes stack frame"),
     "spill_store_bytes": re.compile(r"(\d+) bytes spill stores"),
     "spill_load_bytes": re.compile(r"(\d+) bytes spill loads"),
     "registers": re.compile(r"Used (\d+) registers"),
+}
+_PTXAS_OPTIONAL = {
     "barriers": re.compile(r"used (\d+) barriers"),
     "static_smem_bytes": re.compile(r"(\d+) bytes smem"),
 }
+
+
+def _parse_ptxas(log: str) -> dict:
+    """The figures of one kernel's `ptxas -v` log, and its two resource lines as printed (`ptxas`:
+    the record a reader can check the figures against). Raises RuntimeError when a required
+    figure is missing."""
+    info = {}
+    for field, pattern in _PTXAS_REQUIRED.items():
+        m = pattern.search(log)
+        if m is None:
+            raise RuntimeError(f"ptxas -v printed no {field} ({pattern.pattern!r} not found):\n{log[-2000:]}")
+        info[field] = int(m.group(1))
+    for field, pattern in _PTXAS_OPTIONAL.items():
+        m = pattern.search(log)
+        info[field] = int(m.group(1)) if m else 0
+    lines = [line.strip().removeprefix("ptxas info    :").strip() for line in log.splitlines()
+             if "bytes stack frame" in line or "Used " in line]
+    info["ptxas"] = "; ".join(lines)
+    return info
 
 
 def _ptxas_info(ptx: str, capability: int) -> dict:
@@ -492,7 +522,7 @@ def _ptxas_info(ptx: str, capability: int) -> dict:
     from triton.runtime.cache import get_cache_manager
 
     arch = sm_arch_from_capability(capability)
-    key = hashlib.sha256(f"gptfast-ptxas-v1 {arch}\n{ptx}".encode()).hexdigest()
+    key = hashlib.sha256(f"gptfast-ptxas-v2 {arch}\n{ptx}".encode()).hexdigest()
     cache = get_cache_manager(key)
     cached = cache.get_file("ptxas.json")
     if cached is not None:
@@ -506,10 +536,7 @@ def _ptxas_info(ptx: str, capability: int) -> dict:
     log = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"ptxas failed (exit {done.returncode}) for {arch}:\n{log[-2000:]}")
-    info = {}
-    for field, pattern in _PTXAS_RE.items():
-        m = pattern.search(log)
-        info[field] = int(m.group(1)) if m else 0
+    info = _parse_ptxas(log)
     cache.put(json.dumps(info), "ptxas.json", binary=False)
     return info
 
@@ -533,8 +560,10 @@ def _check_jit_kernels() -> None:
             "TRITON_INTERPRET")
 
 
-def _empty_model(model: str, dtype, block_size: int, num_kv_blocks: int):
-    """The model with uninitialised weights on the CPU (nothing reads their values)."""
+def _empty_model(model: str, dtype, block_size: int, num_kv_blocks: int, quantize: str | None = None):
+    """The model with uninitialised weights on the CPU (nothing reads their values); with
+    `quantize`, its int8 copies made already (quantised from those values), as a GPU's warm-up
+    step makes them before a graph is captured: no recorded step makes them."""
     import torch
 
     from gptfast.config import get_config
@@ -544,7 +573,55 @@ def _empty_model(model: str, dtype, block_size: int, num_kv_blocks: int):
     with torch.inference_mode(False):
         with torch.device("meta"):
             net = GPT2(config, block_size=block_size, num_kv_blocks=num_kv_blocks)
-        return net.to(dtype=dtype).to_empty(device="cpu")
+        net = net.to(dtype=dtype).to_empty(device="cpu").quantize_weights(quantize)
+        net.refresh_weight_copies()
+        return net
+
+
+def _weight_floor(net) -> int:
+    """Bytes a decode step must read of the weights: every parameter once, the position table
+    apart (a step gathers one row of it per sequence); in a quantised model each matrix that runs
+    on an int8 copy (every block's linears, the head) counts as that copy, 1 byte per weight and
+    an fp32 scale per output channel (`gptfast.quant`), instead of the float parameter."""
+    import torch
+
+    from gptfast.model import Linear
+
+    quantised = {}
+    if net.quantize is not None:
+        matrices = [m.weight for m in net.modules() if isinstance(m, Linear)] + [net.head_weight()]
+        quantised = {id(w): w for w in matrices}
+    total = 0
+    for p in net.parameters():
+        if p is net.wpe.weight:
+            continue
+        if id(p) in quantised:
+            total += p.numel() * torch.int8.itemsize + p.shape[0] * torch.float32.itemsize
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+@contextlib.contextmanager
+def _model_stages_as_on_cuda():
+    """Within this context the model picks its op set for the tool's CPU tensors as it does for
+    CUDA tensors: `gptfast.model._plain_decode` (which sends a decode step to the CPU fast path,
+    `GPT2._decode_cpu`, by the device's type, and reads two device values to decide) answers
+    False inside `ops.as_cuda`, as it does on a CUDA device without reading anything. Only an
+    int8 model reaches it on the kernel path (`GPT2._stages`)."""
+    from gptfast import model as gmodel
+    from gptfast import ops
+
+    original = gmodel._plain_decode
+
+    def plain_decode(meta):
+        return not ops.on_cuda(meta.slot_mapping.device) and original(meta)
+
+    gmodel._plain_decode = plain_decode
+    try:
+        yield
+    finally:
+        gmodel._plain_decode = original
 
 
 def _step_record(session: _Session, launches: list[Launch], syncs: list[str], extra: dict) -> dict:
@@ -570,7 +647,7 @@ def _recorded(session: _Session, fn: Callable) -> tuple[list[Launch], list[str]]
 def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), target: str = "sm_90",
                     buckets: Iterable[int] | None = None, context: int | None = None,
                     prefill_lens: Iterable[int] = (128, 77), sm_count: int | None = None,
-                    log: Callable[[str], None] = lambda s: None) -> dict:
+                    quantize: str | None = None, log: Callable[[str], None] = lambda s: None) -> dict:
     """Compile every Triton kernel variant of the decode step (every bucket; "sample", "logits"
     and, where the runner has it, "greedy" graphs) and the prefill for a GPU target, and count the
     kernels of each step.
@@ -591,17 +668,21 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
         Prompt lengths of the one prefill step walked.
     sm_count : int, optional
         SMs assumed (sizes the split-KV grid); default: the target's reference GPU.
+    quantize : None or "int8"
+        The model's weights as `GPT2.from_pretrained(..., quantize=)` takes them: "int8" runs every
+        block's linears and the head on int8 copies (the int8 GEMV), for every dtype walked.
     log : callable
         Progress lines.
 
     Returns
     -------
-    dict with target, sm_count, model, dtypes, context, decode_steps (list of dicts: dtype, bucket,
-    graph, kernels, triton, other, names, grids, bytes, total_bytes, weight_bytes (the weight-read
-    floor: every parameter byte once, the position table apart), host_syncs), prefill (one
-    such dict per dtype, with tokens), variants (list of dicts: kernel, dtype, target, hash,
-    constexprs, num_warps, num_stages, registers, spill_bytes, stack_bytes, smem_bytes,
-    barriers, ctas_per_sm, compile_s).
+    dict with target, sm_count, model, dtypes, quantize, context, decode_steps (list of dicts: dtype,
+    bucket, graph, kernels, triton, other, names, grids, bytes, total_bytes, weight_bytes (the
+    weight-read floor, `_weight_floor`: every parameter byte once, the position table apart, int8
+    matrices as their copies), host_syncs), prefill (one such dict per dtype, with tokens),
+    variants (list of dicts: kernel, dtype, quantize, target, hash, constexprs, num_warps,
+    num_stages, registers, spill_bytes, stack_bytes, smem_bytes, barriers, ctas_per_sm,
+    compile_s, ptxas: ptxas's resource lines the figures are read from).
 
     Examples
     --------
@@ -610,13 +691,14 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
     """
     import torch
 
-    from gptfast import ops
+    from gptfast import ops, quant
     from gptfast.config import get_config
     from gptfast.graphs import MAX_BATCH, DecodeGraphRunner, buckets_up_to
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
     tgt = TARGETS[target]
     sm_count = tgt.sm_count if sm_count is None else sm_count
+    quant.check_mode(quantize)
     _check_jit_kernels()
     config = get_config(model)
     all_buckets = buckets_up_to(MAX_BATCH)
@@ -634,21 +716,20 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
     max_blocks = -(-config.n_positions // block_size)
     session = _Session(tgt)
     steps, prefills, variant_dtype = [], [], {}
-    with _compile_only(session), ops.as_cuda(sm_count):
+    with _compile_only(session), ops.as_cuda(sm_count), _model_stages_as_on_cuda():
         for dtype_name in dtypes:
             if dtype_name not in _DTYPE_NAMES:
                 raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype_name!r}")
             dtype = getattr(torch, _DTYPE_NAMES[dtype_name])
             # NOTE: every row's table points at the same blocks: nothing is written, and the pool
             # stays small at any batch (the kernels see the real table width and cache strides).
-            net = _empty_model(model, dtype, block_size, max_blocks + 1)
+            net = _empty_model(model, dtype, block_size, max_blocks + 1, quantize)
             cache = net.kv_cache
             session.cache_ids = {t.untyped_storage().data_ptr() for t in (cache.k, cache.v)}
             # NOTE: the default runner's size: its buffer layout (field offsets) sets the pointer
             # alignment Triton specialises on.
             runner = DecodeGraphRunner(net, MAX_BATCH)
-            wpe = net.wpe.weight
-            weight_bytes = sum(p.numel() * p.element_size() for p in net.parameters() if p is not wpe)
+            weight_bytes = _weight_floor(net)
             runner.load(_decode_rows(MAX_BATCH, context, block_size, max_blocks))
             for bucket in buckets:
                 graphs = ("sample", "greedy", "logits") if runner.has_greedy_head(bucket) else ("sample", "logits")
@@ -678,8 +759,8 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
         info = _ptxas_info(v.ptx, tgt.capability)
         for dtype_name in sorted(variant_dtype.get(v.hash, ())):
             variants.append(dict(
-                kernel=v.kernel, dtype=dtype_name, target=tgt.name, hash=v.hash[:16], constexprs=v.constexprs,
-                specialization=v.specialization,
+                kernel=v.kernel, dtype=dtype_name, quantize=quantize, target=tgt.name, hash=v.hash[:16],
+                constexprs=v.constexprs, specialization=v.specialization,
                 num_warps=v.num_warps, num_stages=v.num_stages, registers=info["registers"],
                 spill_bytes=info["spill_store_bytes"] + info["spill_load_bytes"],
                 spill_store_bytes=info["spill_store_bytes"], spill_load_bytes=info["spill_load_bytes"],
@@ -687,10 +768,11 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
                 smem_limit=tgt.smem_per_cta, barriers=info["barriers"],
                 ctas_per_sm=ctas_per_sm(info["registers"], v.smem_bytes + info["static_smem_bytes"],
                                         v.num_warps, tgt),
-                compile_s=round(v.compile_s, 3)))
+                compile_s=round(v.compile_s, 3), ptxas=info["ptxas"]))
     variants.sort(key=lambda r: (r["kernel"], r["dtype"], json.dumps(r["constexprs"], sort_keys=True)))
-    return dict(model=model, dtypes=list(dtypes), target=tgt.name, target_gpu=tgt.gpu, sm_count=sm_count,
-                context=context, block_size=block_size, decode_steps=steps, prefill=prefills, variants=variants)
+    return dict(model=model, dtypes=list(dtypes), quantize=quantize, target=tgt.name, target_gpu=tgt.gpu,
+                sm_count=sm_count, context=context, block_size=block_size, decode_steps=steps, prefill=prefills,
+                variants=variants)
 
 
 def _decode_rows(rows: int, context: int, block_size: int, max_blocks: int):
@@ -784,6 +866,9 @@ def add_kernels_arguments(parser) -> None:
     parser.add_argument("--model", default="gpt2", help="a gptfast preset: the shapes (default gpt2)")
     parser.add_argument("--dtype", "--dtypes", type=_dtype_list, default=["bf16"], metavar="DTYPE[,DTYPE...]",
                         help="model dtype(s), comma-separated from bf16,fp16,fp32 (default bf16)")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="walk the model with int8 weights, as GPT2.from_pretrained(..., quantize='int8') runs "
+                             "it: every block's linears and the head on the int8 GEMV (default: float weights)")
     parser.add_argument("--target", choices=sorted(TARGETS), default="sm_90",
                         help="GPU architecture to compile for (default sm_90: H100/H200)")
     parser.add_argument("--buckets", type=_bucket_list, default=None, metavar="all|B[,B...]",
@@ -842,10 +927,13 @@ def _tables(report: dict) -> str:
         rows.append({"dtype": p["dtype"], "bucket": f"prefill {p['tokens']}", "kernels": p["kernels"],
                      "triton": p["triton"], "other": p["other"], "greedy graph": None, "logits graph": None,
                      "MB moved": p["total_bytes"] / 1e6, "% of floor": None, "host syncs": len(p["host_syncs"])})
-    parts = [f"Decode steps (the function each CUDA graph captures), {report['model']}, {report['target']} "
+    weights = f" with {report['quantize']} weights" if report["quantize"] else ""
+    # what the floor counts: every weight once, a quantised matrix as its int8 copy (`_weight_floor`)
+    once = "every weight once; int8: 1 B a weight + fp32 scales" if report["quantize"] else "every weight once"
+    parts = [f"Decode steps (the function each CUDA graph captures), {report['model']}{weights}, {report['target']} "
              f"({report['sm_count']} SMs), context {report['context']}.",
              "Kernels of the sample graph (of the greedy and logits graphs apart), the MB the sample graph "
-             "moves and their %", "of the weight-read floor (every weight once):", format_table(rows)]
+             "moves and their %", f"of the weight-read floor ({once}):", format_table(rows)]
     # by kernel: the first bucket's greedy step where it has one (a greedy generate() at batch 1)
     first = report["decode_steps"][0]
     first = by_key.get((first["dtype"], first["bucket"], "greedy"), first)
@@ -859,7 +947,7 @@ def _tables(report: dict) -> str:
             for (name, grid), (n, total) in groups.items()]
     parts += ["", f"One {first['dtype']} step at bucket {first['bucket']} ({first['graph']} graph), by kernel: "
                   f"it moves {first['total_bytes'] / 1e6:.1f} MB, {100 * first['total_bytes'] / floor:.1f}% of the",
-              f"weight-read floor ({floor / 1e6:.1f} MB, every weight once; the % column is each kernel's share):",
+              f"weight-read floor ({floor / 1e6:.1f} MB, {once}; the % column is each kernel's share):",
               format_table(rows)]
     rows = []
     for v in report["variants"]:
@@ -902,12 +990,13 @@ def _save(report: dict, out_dir: Path | None, json_path: Path | None) -> list[Pa
     if json_path is None:
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         out_dir = default_out_dir() if out_dir is None else out_dir
-        json_path = Path(out_dir) / f"kernels-{report['target']}-{report['model']}-{stamp}.json"
+        weights = f"-{report['quantize']}" if report["quantize"] else ""
+        json_path = Path(out_dir) / f"kernels-{report['target']}-{report['model']}{weights}-{stamp}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(_dumps(_jsonable(doc)))
     csv_path = json_path.with_suffix(".csv")
-    columns = ["kernel", "dtype", "target", "num_warps", "num_stages", "registers", "spill_bytes", "stack_bytes",
-               "smem_bytes", "ctas_per_sm", "compile_s", "constexprs", "specialization", "hash"]
+    columns = ["kernel", "dtype", "quantize", "target", "num_warps", "num_stages", "registers", "spill_bytes",
+               "stack_bytes", "smem_bytes", "ctas_per_sm", "compile_s", "constexprs", "specialization", "hash"]
     with csv_path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns + ["git_commit", "command"])
@@ -927,7 +1016,7 @@ def run_kernels(args) -> int:
             stack.enter_context(_fresh_triton_cache())
         try:
             report = inspect_kernels(args.model, args.dtype, args.target, args.buckets, context=args.context,
-                                     sm_count=args.sm_count, log=progress)
+                                     sm_count=args.sm_count, quantize=args.quantize, log=progress)
         except ValueError as e:  # an argument it cannot take: a usage error
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -149,9 +149,12 @@ _STEP_GATHER_BYTES = 64 << 20
 
 def _plain_decode(meta: AttnMetadata) -> bool:
     """Whether every row of a CPU decode step writes a slot and attends to at least one key (the
-    static runner's padding rows do neither; they take the general path). CPU tensors standing in
-    for CUDA ones (`ops.as_cuda`, as `gptfast kernels` traces a step) are CUDA here."""
-    return (not ops.on_cuda(meta.slot_mapping.device) and bool((meta.slot_mapping >= 0).all())
+    static runner's padding rows do neither; they take the general path). A step on the Triton
+    ops (CUDA, the CPU under Triton's interpreter with the "triton" backend, or CPU tensors standing
+    in for CUDA ones as `gptfast kernels` traces a step) is not a CPU step: it takes the op set a
+    CUDA device runs."""
+    slots = meta.slot_mapping
+    return (not ops.on_cuda(slots.device) and not ops.use_triton(slots) and bool((slots >= 0).all())
             and bool((meta.seq_lens > 0).all()))
 
 

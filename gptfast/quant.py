@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from .ops import cpu_linear
+from .ops.common import on_cuda
 
 MODES = ("int8",)
 
@@ -105,10 +106,10 @@ class Int8Weight:
         # it): a refresh updates them in place, wherever it is called from.
         with torch.inference_mode(False):
             q, self.scale = quantize_int8(w)
-            if w.device.type == "cpu":
-                self.q, self.panels = None, cpu_linear.pack_panels(q)
-            else:
+            if on_cuda(w.device):  # CUDA, or CPU tensors standing in for it (`ops.as_cuda`)
                 self.q, self.panels = q, None
+            else:
+                self.q, self.panels = None, cpu_linear.pack_panels(q)
 
     def stored(self) -> torch.Tensor:
         """The int8 tensor this copy keeps: `q` or `panels`."""

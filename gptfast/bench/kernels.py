@@ -602,28 +602,6 @@ def _weight_floor(net) -> int:
     return total
 
 
-@contextlib.contextmanager
-def _model_stages_as_on_cuda():
-    """Within this context the model picks its op set for the tool's CPU tensors as it does for
-    CUDA tensors: `gptfast.model._plain_decode` (which sends a decode step to the CPU fast path,
-    `GPT2._decode_cpu`, by the device's type, and reads two device values to decide) answers
-    False inside `ops.as_cuda`, as it does on a CUDA device without reading anything. Only an
-    int8 model reaches it on the kernel path (`GPT2._stages`)."""
-    from gptfast import model as gmodel
-    from gptfast import ops
-
-    original = gmodel._plain_decode
-
-    def plain_decode(meta):
-        return not ops.on_cuda(meta.slot_mapping.device) and original(meta)
-
-    gmodel._plain_decode = plain_decode
-    try:
-        yield
-    finally:
-        gmodel._plain_decode = original
-
-
 def _step_record(session: _Session, launches: list[Launch], syncs: list[str], extra: dict) -> dict:
     triton = sum(1 for x in launches if x.kind == "triton")
     return dict(**extra, kernels=len(launches), triton=triton, other=len(launches) - triton,
@@ -716,7 +694,7 @@ def inspect_kernels(model: str = "gpt2", dtypes: Iterable[str] = ("bf16",), targ
     max_blocks = -(-config.n_positions // block_size)
     session = _Session(tgt)
     steps, prefills, variant_dtype = [], [], {}
-    with _compile_only(session), ops.as_cuda(sm_count), _model_stages_as_on_cuda():
+    with _compile_only(session), ops.as_cuda(sm_count):
         for dtype_name in dtypes:
             if dtype_name not in _DTYPE_NAMES:
                 raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype_name!r}")

@@ -1,28 +1,32 @@
-"""The CPU decode linear on a panel-packed weight (int8 with per-channel scales, or fp32).
+"""The CPU decode linear on a panel-packed int8 weight with per-output-channel scales.
 
 Motivation. A CPU decode step multiplies 1-8 rows of activations by each weight once: it is bound
 by how fast the weight streams from memory and widens into the multiply. `torch._weight_int8pack_mm`,
-PyTorch's int8-weight kernel, is vectorised only for bf16 activations and re-reads its weight
-rows per output block; an fp32 GEMM sees a problem too thin to block. The kernel here
-(`csrc/cpu_linear.cpp`, the extension `gptfast._cpu`) reads the weight once, as panels of 32
-output columns laid out k-major:
+PyTorch's int8-weight kernel, is vectorised only for bf16 activations and re-reads its weight rows
+per output block. The kernel here (`csrc/cpu_linear.cpp`, the extension `gptfast._cpu`) reads the
+weight once, as panels of 32 output columns laid out k-major:
 
     panels[p, k, c] = W[32 p + c, k]                                     (P = ceil(N / 32), pad 0)
     y[m, n]         = scale[n] * sum_k x[m, k] * panels[n // 32, k, n % 32] + bias[n]
 
-For each k it loads the 32 weights of the panel's row k (32 bytes in int8, one sequential stream
-per panel), widens them to fp32 in registers and adds x[m, k] times them into 32 accumulators per
-row of x, for up to 8 rows at once (AVX-512F; AVX2 + FMA: 4; else portable C++, chosen at run
-time). Activations, products and sums are fp32: quantisation stays weight-only, the activations are
-never rounded. Panels are split between torch's intra-op threads (the same OpenMP runtime), and the
-GIL is released while it runs. Measured on the development machine's AVX-512 Xeon against
-`torch._weight_int8pack_mm` on bf16 activations (its fastest mode), GPT-2 124M's decode shapes:
-1.2-1.7x faster at 1-2 rows, 1.5-5x at 8, ~1.7x at 32 (see docs/benchmarks.md for the e2e figures).
+For each k it loads the 32 weights of the panel's row k (32 bytes, one sequential stream per
+panel, prefetched 2 KB ahead: the hardware prefetchers stop at each 4 KB page), widens them to fp32
+in registers and adds x[m, k] times them into 32 accumulators per row of x, for up to 8 rows at
+once (AVX-512F; AVX2 + FMA: 4; else portable C++, chosen at run time). Activations, products and
+sums are fp32: quantisation stays weight-only, the activations are never rounded. Panels are split
+between torch's intra-op threads (the same OpenMP runtime), and the GIL is released while it runs.
+
+Measured on the development machine's AVX-512 Xeon against `torch._weight_int8pack_mm` on bf16
+activations (its fastest mode), GPT-2 124M's decode shapes: 1.2-1.7x faster at 1-2 rows, 1.5-5x
+at 8, ~1.7x at 32. All 49 int8 matmuls of a GPT-2 decode step after a cache flush stream 16.8 GB/s
+(13.1 without the software prefetch). The kernel is generic over the weight type, but on fp32
+weights it measured no faster than `F.linear` at 1 row or oneDNN's packed linear at 4-8 (see
+`packed_linear`), so only int8 is built.
 
 Each output's sum runs over k in order (one multiply-add per k), so the instruction sets differ
-only in rounding (fused or unfused multiply-add). There is no Triton kernel: on CUDA the int8
-matmul is `quant_linear.int8_linear`. The reference is `F.linear` on the unpacked (dequantised)
-weight.
+only in rounding (fused or unfused multiply-add), and a row's result does not depend on the rows
+beside it or on the thread split. There is no Triton kernel: on CUDA the int8 matmul is
+`quant_linear.int8_linear`. The reference is `F.linear` on the unpacked, dequantised weight.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ except ImportError:  # a source tree whose extensions were not built
 AVAILABLE = _cpu is not None
 PANEL = 32  # output columns per panel (csrc/cpu_linear.cpp: kPanel)
 ISAS = ("auto", "portable", "avx2", "avx512")  # `isa` values; the index is the extension's code
-WEIGHT_DTYPES = (torch.int8, torch.float32)
+WEIGHT_DTYPES = (torch.int8,)
 
 
 def supported_isas() -> list[str]:
@@ -59,7 +63,7 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
 
     Parameters
     ----------
-    w : Tensor [N, K], int8 or fp32, CPU
+    w : Tensor [N, K] int8, CPU
 
     Returns
     -------
@@ -67,7 +71,7 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
     """
     _need_extension()
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.dtype not in WEIGHT_DTYPES or w.device.type != "cpu":
-        raise ValueError(f"pack_panels takes a 2-D int8 or fp32 CPU weight [N, K], got "
+        raise ValueError(f"pack_panels takes a 2-D int8 CPU weight [N, K], got "
                          f"{getattr(w, 'dtype', type(w).__name__)} of shape {tuple(getattr(w, 'shape', ()))} "
                          f"on {getattr(w, 'device', None)}")
     N, K = w.shape
@@ -75,7 +79,7 @@ def pack_panels(w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_panels: the weight is empty (shape {tuple(w.shape)})")
     src = w.detach().contiguous()
     out = torch.empty((-(-N // PANEL), K, PANEL), dtype=w.dtype)
-    (_cpu.pack_int8 if w.dtype is torch.int8 else _cpu.pack_fp32)(src.data_ptr(), N, K, out.data_ptr())
+    _cpu.pack_int8(src.data_ptr(), N, K, out.data_ptr())
     return out
 
 
@@ -91,15 +95,15 @@ def _check(x, panels, n, scale, bias, out) -> None:
                          f"{tuple(getattr(panels, 'shape', ()))}")
     P, K, _ = panels.shape
     if panels.dtype not in WEIGHT_DTYPES or not panels.is_contiguous():
-        raise ValueError(f"cpu_linear: panels must be contiguous int8 or fp32, got {panels.dtype}")
+        raise ValueError(f"cpu_linear: panels must be contiguous int8, got {panels.dtype}")
     if not 0 < n <= P * PANEL or n <= (P - 1) * PANEL:
         raise ValueError(f"cpu_linear: n = {n} does not match {P} panels of {PANEL} columns")
     if (x.dtype is not torch.float32 or x.dim() != 2 or x.shape[1] != K or x.stride(1) != 1
             or (x.shape[0] > 1 and x.stride(0) < K)):
         raise ValueError(f"cpu_linear: x must be fp32 [M, {K}] with unit column stride and rows apart, got {x.dtype} "
                          f"{tuple(x.shape)} strides {x.stride()}")
-    if (scale is None) != (panels.dtype is torch.float32):
-        raise ValueError("cpu_linear: int8 panels need their fp32 scales [n]; fp32 panels take none")
+    if scale is None:
+        raise ValueError("cpu_linear: int8 panels need their fp32 scales [n]")
     for name, t in (("scale", scale), ("bias", bias)):
         if t is not None and (t.dtype is not torch.float32 or t.shape != (n,) or not t.is_contiguous()):
             raise ValueError(f"cpu_linear: {name} must be contiguous fp32 [{n}], got {t.dtype} {tuple(t.shape)}")
@@ -113,18 +117,18 @@ def _check(x, panels, n, scale, bias, out) -> None:
             raise ValueError(f"cpu_linear: {name} must be on the CPU, got {t.device}")
 
 
-def cpu_linear(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None, out: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
+def cpu_linear(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, isa: str = "auto") -> torch.Tensor:
     """`x @ W.T * scale + bias` on the weight W [n, K] packed as `panels` (see the module docstring).
 
     Parameters
     ----------
     x : Tensor [M, K] fp32, CPU, unit column stride (any row stride)
-    panels : Tensor [ceil(n / 32), K, 32] int8 or fp32, from `pack_panels`
+    panels : Tensor [ceil(n / 32), K, 32] int8, from `pack_panels`
     n : int
         The weight's rows (output features).
-    scale : Tensor [n] fp32 or None
-        Per-output-channel scales of int8 panels (W = panels * scale); None for fp32 panels.
+    scale : Tensor [n] fp32
+        Per-output-channel scales (W = panels * scale).
     bias : Tensor [n] fp32 or None
     out : Tensor [M, n] fp32 or None
         Written in place when given (unit column stride, any row stride).
@@ -142,21 +146,18 @@ def cpu_linear(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tenso
     M, K = x.shape
     if out is None:
         out = torch.empty((M, n), dtype=torch.float32)
-    run = _cpu.linear_int8 if panels.dtype is torch.int8 else _cpu.linear_fp32
-    run(x.data_ptr(), x.stride(0) if M > 1 else K, panels.data_ptr(),
-        scale.data_ptr() if scale is not None else 0, bias.data_ptr() if bias is not None else 0,
+    _cpu.linear_int8(x.data_ptr(), x.stride(0) if M > 1 else K, panels.data_ptr(),
+        scale.data_ptr(), bias.data_ptr() if bias is not None else 0,
         out.data_ptr(), out.stride(0) if M > 1 else n, M, n, K, torch.get_num_threads(), ISAS.index(isa))
     return out
 
 
-def cpu_linear_ref(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor | None = None,
+def cpu_linear_ref(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor,
                    bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                    isa: str = "auto") -> torch.Tensor:
     """Eager reference of `cpu_linear` (same signature; `isa` unused): `F.linear` in fp32 on the
     unpacked, dequantised weight."""
     _check(x, panels, n, scale, bias, out)
-    w = unpack_panels(panels, n).float()
-    if scale is not None:
-        w = w * scale[:, None]
+    w = unpack_panels(panels, n).float() * scale[:, None]
     y = F.linear(x, w, bias)
     return out.copy_(y) if out is not None else y

@@ -163,11 +163,15 @@ class TimingStreamer:
 
     def put(self, value) -> None:
         n = value.cpu().numel() if isinstance(value, torch.Tensor) else len(value)
-        now = time.perf_counter()
+        self.stamp(n, time.perf_counter())
+
+    def stamp(self, n: int, when: float) -> None:
+        """`n` tokens arrived at `when` (a `time.perf_counter()` value, from any process of this
+        machine); the prompt, first and recognised by its size, is not counted."""
         if not self._prompt_skipped and not self.times and n == self.prompt_len and n > 1:
             self._prompt_skipped = True
             return
-        self.times.extend([now] * n)
+        self.times.extend([when] * n)
 
     def end(self) -> None:
         self.ended = time.perf_counter()
@@ -436,21 +440,24 @@ def _placeholder_vocab(folder, vocab_size: int) -> None:
 def ctranslate2_generators(hf, model: str, workdir, threads: int) -> tuple[dict[str, Generate], str]:
     """CTranslate2 generators for the HF model `hf`, converted with CTranslate2's own converter
     to float32 and int8_float32, as contenders by name (greedy, EOS never ends a run early); and a
-    note. ({}, why) when ctranslate2 is not installed.
+    note. ({}, why) when ctranslate2 is not installed or its process failed to start.
+
+    CTranslate2 runs in a worker process of its own (`gptfast.bench.ct2_worker`: in this process
+    its OpenMP runtime would slow every PyTorch contender timed after it); the generators talk to
+    it over a pipe, and it exits when they are all collected.
 
     Parameters
     ----------
     hf : transformers.GPT2LMHeadModel (fp32, CPU): the weights every engine runs.
     model : the suite's model argument (a checkpoint folder's tokenizer is reused).
-    workdir : a folder for the HF copy and the converted models.
+    workdir : a folder for the HF copy and the converted models (read while this call runs only).
     threads : CTranslate2's intra-op threads (gptfast's and HF's: torch's thread count).
     """
-    try:
-        import ctranslate2
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("ctranslate2") is None:
         return {}, ("CTranslate2 not installed: its rows are skipped (pip install 'gptfast[ctranslate2]' "
                     "adds it)")
-    import json
     import shutil
     from pathlib import Path
 
@@ -465,42 +472,81 @@ def ctranslate2_generators(hf, model: str, workdir, threads: int) -> tuple[dict[
                 shutil.copy(Path(model, name), src / name)
     else:
         _placeholder_vocab(src, hf.config.vocab_size)
-    generators = {}
-    for name, compute_type in ((CT2_FP32, "float32"), (CT2_INT8, "int8_float32")):
-        out = Path(workdir, compute_type)
-        ctranslate2.converters.TransformersConverter(str(src)).convert(
-            str(out), quantization=compute_type, force=True)
-        generator = ctranslate2.Generator(str(out), device="cpu", compute_type=compute_type,
-                                          intra_threads=threads, inter_threads=1)
-        names = json.loads(Path(out, "vocabulary.json").read_text())  # token i's name
-        generators[name] = _ct2_generate(generator, names)
-    note = (f"CTranslate2 {ctranslate2.__version__} (converted from the same HF weights by "
-            f"ctranslate2.converters.TransformersConverter; {threads} intra-op threads, as torch's): "
-            f"{CT2_FP32} beside gptfast fp32, {CT2_INT8} beside {GPTFAST_INT8}")
+    models = [(CT2_FP32, "float32"), (CT2_INT8, "int8_float32")]
+    try:
+        worker = _CT2Process(str(src), str(workdir), models, threads)
+    except RuntimeError as exc:
+        return {}, f"CTranslate2 rows skipped: {exc}"
+    generators = {name: _ct2_generate(worker, name) for name, _ in models}
+    note = (f"CTranslate2 {worker.version} (converted from the same HF weights by "
+            f"ctranslate2.converters.TransformersConverter; {threads} intra-op threads, as torch's; in a "
+            f"process of its own, see gptfast/bench/ct2_worker.py): {CT2_FP32} beside gptfast fp32, "
+            f"{CT2_INT8} beside {GPTFAST_INT8}")
     return generators, note
 
 
-def _ct2_generate(generator, names: list[str]) -> Generate:
-    """A contender's generate over a `ctranslate2.Generator` whose vocabulary is `names`: each row's
-    prompt without its padding, greedy, exactly `new` tokens (min_length), the output shaped like
-    HF's (prompt + new)."""
+class _CT2Process:
+    """The CTranslate2 worker process (`ct2_worker.serve`) and its pipe; the process is told to
+    exit when this object is collected, and is a daemon (it never outlives the benchmark)."""
+
+    def __init__(self, src: str, workdir: str, models: list[tuple[str, str]], threads: int):
+        import multiprocessing
+        import weakref
+
+        from . import ct2_worker
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with this one
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=ct2_worker.serve, args=(child, src, workdir, models, threads),
+                                       daemon=True, name="gptfast-ct2")
+        self.process.start()
+        child.close()
+        weakref.finalize(self, _CT2Process._stop, self.conn, self.process)
+        status, *payload = self._receive()
+        if status != "ready":
+            raise RuntimeError(f"its worker process failed to start: {payload[0]}")
+        self.version = payload[0]
+
+    def _receive(self) -> tuple:
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the CTranslate2 worker process exited (code {self.process.exitcode})") from None
+
+    def generate(self, name: str, rows: list[list[int]], new: int, stream: bool) -> tuple[list[list[int]], list[float]]:
+        """New token ids per row and, when `stream`, a `time.perf_counter()` stamp per step."""
+        self.conn.send((name, rows, new, stream))
+        status, *payload = self._receive()
+        if status != "ok":
+            raise RuntimeError(f"CTranslate2 failed: {payload[0]}")
+        return payload[0], payload[1]
+
+    @staticmethod
+    def _stop(conn, process) -> None:
+        try:
+            conn.send(None)
+        except (OSError, ValueError):  # already closed
+            pass
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+
+
+def _ct2_generate(worker: _CT2Process, name: str) -> Generate:
+    """A contender's generate over the worker's generator `name`: each row's prompt without its
+    padding, greedy, exactly `new` tokens (min_length), the output shaped like HF's (prompt + new);
+    a streamer gets the prompt, then each step's token with the worker's timestamp."""
 
     def generate(ids, mask, new, streamer=None):
-        # CTranslate2 takes prompts as token names (ids come back as ids)
-        batch = [[names[t] for t in row[m.bool()].tolist()] for row, m in zip(ids, mask)]
-        callback = None
+        rows = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         if streamer is not None:
             streamer.put(ids[0])  # the prompt first, as HF's generate does
-
-            def callback(step):
-                streamer.put(torch.tensor([step.token_id]))
-                return False  # keep going
-        results = generator.generate_batch(batch, max_length=new, min_length=new, sampling_topk=1,
-                                           include_prompt_in_result=False, callback=callback)
+        tokens, stamps = worker.generate(name, rows, new, stream=streamer is not None)
         if streamer is not None:
+            for when in stamps:
+                streamer.stamp(1, when)
             streamer.end()
-        out = torch.tensor([r.sequences_ids[0] for r in results], dtype=ids.dtype)
-        return torch.cat([ids.cpu(), out], dim=1)
+        return torch.cat([ids.cpu(), torch.tensor(tokens, dtype=ids.dtype)], dim=1)
 
     return generate
 

@@ -133,7 +133,8 @@ void tile_portable(const Problem<W>& pb, int64_t p, int64_t m0, int rows) {
 template <typename W>
 inline void prefetch_ahead(const W* wk, int64_t k) {
   constexpr int64_t row_bytes = kPanel * sizeof(W);
-  const char* ahead = reinterpret_cast<const char*>(wk) + kPrefetchK * row_bytes;
+  // integer arithmetic: the address may lie past the end of the weight (a prefetch never faults)
+  const auto ahead = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(wk) + kPrefetchK * row_bytes);
   if constexpr (row_bytes < 64) {
     if (k % (64 / row_bytes) == 0) _mm_prefetch(ahead, _MM_HINT_T0);
   } else {

@@ -127,11 +127,13 @@ class Int8Weight:
 def int8_weight(holder, w: torch.Tensor) -> Int8Weight:
     """`holder`'s int8 copy of `w` (kept on `holder._int8`), re-quantised when `w` changed."""
     key = _key(w)
+    if key is not None:
+        key += (on_cuda(w.device),)  # the layout: `q` for the Triton op, `panels` for the CPU kernel
     cached = holder._int8
     if key is not None and cached is not None and cached.key == key:
         return cached
     fresh = Int8Weight(w, key)
-    if cached is not None and cached.stored().shape == fresh.stored().shape and \
+    if cached is not None and cached.n == fresh.n and cached.stored().shape == fresh.stored().shape and \
             cached.stored().device == fresh.stored().device:
         # NOTE: re-quantised into the same tensors: a captured CUDA graph holds their addresses
         cached.stored().copy_(fresh.stored())

@@ -80,7 +80,9 @@ def test_a_row_is_the_same_alone_as_in_any_batch(isa):
         assert torch.equal(alone[0], batch[m]), f"row {m} differs in a batch of 13"
 
 
-def test_the_thread_split_does_not_change_the_result():
+@pytest.mark.skipif(not _cpu.openmp(), reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_thread_split_does_not_change_the_result(isa):
     gen = torch.Generator().manual_seed(2)
     w, scale = _int8_weight(300, 32, gen)
     panels = cl.pack_panels(w)
@@ -89,7 +91,7 @@ def test_the_thread_split_does_not_change_the_result():
     for threads in (1, 2, 3):
         y = torch.empty(3, 300)
         _cpu.linear_int8(x.data_ptr(), 32, panels.data_ptr(), scale.data_ptr(), 0, y.data_ptr(), 300,
-                         3, 300, 32, threads, 0)
+                         3, 300, 32, threads, cl.ISAS.index(isa))
         outs.append(y)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
@@ -138,6 +140,13 @@ def test_bad_arguments_are_refused():
         cl.cpu_linear(x, panels, 40, scale, out=torch.empty(2, 41))
     with pytest.raises(ValueError, match="panels must be"):
         cl.cpu_linear(x, w, 40, scale)
+    square, square_scale = _int8_weight(40, 40, gen)
+    xs = torch.randn(2, 40)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        cl.cpu_linear(xs, cl.pack_panels(square), 40, square_scale, out=xs)
+    with pytest.raises(ValueError, match="out overlaps bias"):
+        both = torch.zeros(2, 40)
+        cl.cpu_linear(x, panels, 40, scale, both[1], out=both)
     with pytest.raises(ValueError, match="isa must be one of"):
         cl.cpu_linear(x, panels, 40, scale, isa="sse")
     with pytest.raises(ValueError, match="pack_panels takes a 2-D int8 CPU weight"):

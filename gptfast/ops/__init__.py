@@ -9,8 +9,8 @@ Files: `kv_write` (kv_cache_write), `attn_prefill` (prefill_attention), `attn_de
 (decode_attention, decode_attention_partials), `layernorm` (add_layernorm, embed_layernorm),
 `gelu` (bias_gelu_, linear_gelu), `sampling` (sample), `decode_inputs` (decode_inputs_),
 `quant_linear` (int8_linear), `packed_linear` (the CPU linear on a prepacked weight: no kernel,
-the model calls it directly), `cpu_linear` (the CPU decode linear on panel-packed int8 or fp32
-weights: a C++ kernel, gptfast._cpu) and the small-batch GEMV ops `ln_linear` (layernorm_linear,
+the model calls it directly), `cpu_linear` (the CPU decode linear on panel-packed int8 weights:
+a C++ kernel, gptfast._cpu) and the small-batch GEMV ops `ln_linear` (layernorm_linear,
 embed_layernorm_linear), `proj_residual` (linear_residual, attn_merge_linear_residual),
 `head_argmax` (layernorm_head_argmax). Shared pieces: `checks` (launcher checks), `paged` (the
 K/V layout of the attention ops), `gemv` (the GEMV ops' helpers and tiling), `common` (backend

@@ -115,6 +115,24 @@ def _check(x, panels, n, scale, bias, out) -> None:
     for name, t in (("x", x), ("panels", panels), ("scale", scale), ("bias", bias), ("out", out)):
         if t is not None and t.device.type != "cpu":
             raise ValueError(f"cpu_linear: {name} must be on the CPU, got {t.device}")
+    if out is not None:
+        # threads write panels of `out` while others still read the inputs
+        for name, t in (("x", x), ("panels", panels), ("scale", scale), ("bias", bias)):
+            if t is not None and _overlap(out, t):
+                raise ValueError(f"cpu_linear: out overlaps {name} in memory; pass a separate tensor")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of `a` and `b` (first to last element) intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t):
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def cpu_linear(x: torch.Tensor, panels: torch.Tensor, n: int, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -2,5 +2,5 @@ import sys
 
 from .cli import main
 
-if __name__ == "__main__":  # not when a worker process imports the package's main module
+if __name__ == "__main__":  # importing the module runs nothing
     sys.exit(main())

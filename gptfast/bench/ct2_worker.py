@@ -11,8 +11,11 @@ and so do gptfast and HF. The benchmark's process waits on a pipe while CTransla
 used), and the step timestamps come back from here (`time.perf_counter` is the system-wide
 monotonic clock).
 
-This module imports nothing from gptfast: the worker is started by `multiprocessing`'s "spawn"
-and only needs ctranslate2.
+The worker is a plain subprocess, `python -m gptfast.bench.ct2_worker READ_FD WRITE_FD`, that
+talks over two pipes with `multiprocessing.connection.Connection` messages: nothing of the
+benchmark's script is imported again there (as `multiprocessing`'s "spawn" would import an
+unguarded `__main__`). It ignores Ctrl-C (the benchmark's process stops it) and exits when its
+pipe closes.
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ import time
 from pathlib import Path
 
 
-def serve(conn, src: str, workdir: str, models: list[tuple[str, str]], threads: int) -> None:
-    """The worker's loop: convert the HF folder `src` with CTranslate2's own converter to each
+def serve(requests, replies) -> None:
+    """The worker's loop. The first request is (src, workdir, models, threads): convert the HF
+    folder `src` with CTranslate2's own converter to each
     (contender name, compute type) of `models` under `workdir`, load a generator for each with
-    `threads` intra-op threads, send ("ready", ctranslate2 version) (or ("error", message) and
+    `threads` intra-op threads, reply ("ready", ctranslate2 version) (or ("error", message) and
     exit), then answer requests until None or a closed pipe.
 
     A request is (name, rows, new, stream): prompts as lists of token ids (no padding), greedy,
@@ -33,7 +37,9 @@ def serve(conn, src: str, workdir: str, models: list[tuple[str, str]], threads: 
     `time.perf_counter()` stamp per generated step when `stream` (batch 1), else none; or
     ("error", message).
     """
+    conn = replies
     try:
+        src, workdir, models, threads = requests.recv()
         import ctranslate2
 
         generators, vocabularies = {}, {}
@@ -49,7 +55,7 @@ def serve(conn, src: str, workdir: str, models: list[tuple[str, str]], threads: 
     conn.send(("ready", ctranslate2.__version__))
     while True:
         try:
-            request = conn.recv()
+            request = requests.recv()
         except EOFError:  # the benchmark's process is gone
             return
         if request is None:
@@ -70,3 +76,17 @@ def serve(conn, src: str, workdir: str, models: list[tuple[str, str]], threads: 
             conn.send(("ok", [r.sequences_ids[0] for r in results], stamps))
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def main(argv: list[str]) -> None:
+    import signal
+    from multiprocessing.connection import Connection
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark's process decides when this one ends
+    serve(Connection(int(argv[0]), writable=False), Connection(int(argv[1]), readable=False))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -444,7 +444,7 @@ def ctranslate2_generators(hf, model: str, workdir, threads: int) -> tuple[dict[
 
     CTranslate2 runs in a worker process of its own (`gptfast.bench.ct2_worker`: in this process
     its OpenMP runtime would slow every PyTorch contender timed after it); the generators talk to
-    it over a pipe, and it exits when they are all collected.
+    it over pipes, and it exits when they are all collected.
 
     Parameters
     ----------
@@ -486,50 +486,66 @@ def ctranslate2_generators(hf, model: str, workdir, threads: int) -> tuple[dict[
 
 
 class _CT2Process:
-    """The CTranslate2 worker process (`ct2_worker.serve`) and its pipe; the process is told to
-    exit when this object is collected, and is a daemon (it never outlives the benchmark)."""
+    """The CTranslate2 worker process (`python -m gptfast.bench.ct2_worker`) and its two pipes. It
+    is told to exit when this object is collected (and exits by itself when the pipes close)."""
+
+    START_TIMEOUT_S = 900  # conversion and loading of both models
+    CALL_TIMEOUT_S = 900  # one generate call
 
     def __init__(self, src: str, workdir: str, models: list[tuple[str, str]], threads: int):
-        import multiprocessing
+        import os
+        import subprocess
+        import sys
         import weakref
+        from multiprocessing.connection import Connection
 
-        from . import ct2_worker
-
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with this one
-        self.conn, child = context.Pipe()
-        self.process = context.Process(target=ct2_worker.serve, args=(child, src, workdir, models, threads),
-                                       daemon=True, name="gptfast-ct2")
-        self.process.start()
-        child.close()
-        weakref.finalize(self, _CT2Process._stop, self.conn, self.process)
-        status, *payload = self._receive()
+        to_child, from_parent = os.pipe()[::-1]  # (write end, read end)
+        from_child, to_parent = os.pipe()
+        self.process = subprocess.Popen([sys.executable, "-m", "gptfast.bench.ct2_worker", str(from_parent),
+                                         str(to_parent)], pass_fds=(from_parent, to_parent))
+        os.close(from_parent)
+        os.close(to_parent)
+        self.requests = Connection(to_child, readable=False)
+        self.replies = Connection(from_child, writable=False)
+        weakref.finalize(self, _CT2Process._stop, self.requests, self.replies, self.process)
+        self.requests.send((src, workdir, models, threads))
+        status, *payload = self._receive(self.START_TIMEOUT_S)
         if status != "ready":
             raise RuntimeError(f"its worker process failed to start: {payload[0]}")
         self.version = payload[0]
 
-    def _receive(self) -> tuple:
+    def _receive(self, timeout: float) -> tuple:
         try:
-            return self.conn.recv()
+            if self.replies.poll(timeout):
+                return self.replies.recv()
         except EOFError:
-            raise RuntimeError(f"the CTranslate2 worker process exited (code {self.process.exitcode})") from None
+            pass
+        else:
+            self.process.kill()
+            raise RuntimeError(f"the CTranslate2 worker process did not answer within {timeout:.0f} s")
+        raise RuntimeError(f"the CTranslate2 worker process exited (code {self.process.poll()})")
 
     def generate(self, name: str, rows: list[list[int]], new: int, stream: bool) -> tuple[list[list[int]], list[float]]:
         """New token ids per row and, when `stream`, a `time.perf_counter()` stamp per step."""
-        self.conn.send((name, rows, new, stream))
-        status, *payload = self._receive()
+        self.requests.send((name, rows, new, stream))
+        status, *payload = self._receive(self.CALL_TIMEOUT_S)
         if status != "ok":
             raise RuntimeError(f"CTranslate2 failed: {payload[0]}")
         return payload[0], payload[1]
 
     @staticmethod
-    def _stop(conn, process) -> None:
+    def _stop(requests, replies, process) -> None:
         try:
-            conn.send(None)
+            requests.send(None)
         except (OSError, ValueError):  # already closed
             pass
-        process.join(timeout=10)
-        if process.is_alive():
+        requests.close()
+        replies.close()
+        try:
+            process.wait(timeout=10)
+        except Exception:
             process.kill()
+            process.wait()
 
 
 def _ct2_generate(worker: _CT2Process, name: str) -> Generate:

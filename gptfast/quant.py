@@ -159,11 +159,16 @@ def int8_linear_cpu(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | No
     (..., N) in x's dtype.
     """
     K = weight.panels.shape[1]
+    if x.shape[-1] != K or x.device.type != "cpu" or (bias is not None and bias.shape != (weight.n,)):
+        raise ValueError(f"int8 linear: x [..., {K}] and bias [{weight.n}] on the CPU expected, got x "
+                         f"{tuple(x.shape)} on {x.device}, bias {None if bias is None else tuple(bias.shape)}")
     x2 = x.reshape(-1, K)
     if x2.dtype is not torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
-    fused_bias = bias if bias is not None and bias.dtype is torch.float32 else None
-    y = cpu_linear.cpu_linear(x2, weight.panels, weight.n, weight.scale, fused_bias)  # (M, N) fp32
-    if bias is not None and fused_bias is None:
+    fused = bias is not None and bias.dtype is torch.float32 and bias.is_contiguous() and bias.device.type == "cpu"
+    # every operand is built here or by `Int8Weight` as the kernel needs it: no per-call checks
+    y = cpu_linear.cpu_linear(x2, weight.panels, weight.n, weight.scale, bias if fused else None,
+                              check=False)  # (M, N) fp32
+    if bias is not None and not fused:
         y = y.add_(bias)
     return y.to(x.dtype).view(*x.shape[:-1], weight.n)

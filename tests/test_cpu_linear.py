@@ -12,17 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptfast import _cpu
+from gptfast import _cpu, quant
 from gptfast.ops import cpu_linear as cl
 
 ISAS = cl.supported_isas()
 
 
 def _int8_weight(N, K, gen):
-    w = torch.randn(N, K, generator=gen)
-    scale = w.abs().amax(1) / 127
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+    """(q [N, K] int8, scale [N] fp32) of a random weight, as the model quantises it."""
+    return quant.quantize_int8(torch.randn(N, K, generator=gen))
 
 
 def test_the_extension_is_built_and_names_its_instruction_sets():

@@ -180,6 +180,16 @@ def test_a_copy_made_for_cuda_is_remade_for_the_cpu():
     assert cpu.q is None and cpu.panels is not None
 
 
+def test_int8_linear_cpu_refuses_a_mismatched_input():
+    """The CPU path skips the kernel's per-call checks, so it checks what it is handed itself: an
+    input whose features do not match must not be reshaped into the weight's K."""
+    packed = quant.int8_weight(gmodel._PackedHolder(), torch.randn(8, 16))
+    with pytest.raises(ValueError, match=r"x \[\.\.\., 16\] and bias \[8\]"):
+        quant.int8_linear_cpu(torch.randn(4, 8), packed, None)  # 32 values: reshapes to (2, 16)
+    with pytest.raises(ValueError, match="bias"):
+        quant.int8_linear_cpu(torch.randn(2, 16), packed, torch.zeros(9))
+
+
 def test_quantize_weights_off_again_is_the_float_model():
     ids = torch.tensor([[5, 6, 7, 8]])
     model = GPT2.from_config("tiny", seed=0)
